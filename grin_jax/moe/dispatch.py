@@ -1,0 +1,128 @@
+"""Dispatch token-slots to experts and combine their outputs. Axes: T tokens, D model, E experts,
+K slots per token, M = T*K token-slot rows, C capacity per expert.
+
+All backends share one contract:
+    moe_ffn(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, backend, ...) -> (y_TD, metrics)
+    y[t] = sum_k weights[t, k] * Expert_{expert_ids[t, k]}(x[t])
+Backends (`BACKENDS`):
+  dense       every expert on every token, then a weighted sum (the reference; E x FLOPs, [E, T, D] memory).
+  ragged_dot  dropless: sort rows by expert, `jax.lax.ragged_dot`, unsort (the accelerator path).
+  tiled       dropless: sort rows by expert, pad groups to row tiles, one weight per tile (fast on CPU).
+  capacity    GShard-style: each expert has C = ceil(capacity_factor * M / E) rows; slot 1 of every token
+              has priority over slot 2; token-slots past capacity are dropped (metric 'dropped_fraction').
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from grin_jax.moe import experts as _experts
+from grin_jax.moe import gmm as _gmm
+
+SORTED_BACKENDS = tuple(_gmm.GMM_BACKENDS)
+BACKENDS = ("dense",) + SORTED_BACKENDS + ("capacity",)
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: accepted values are {list(BACKENDS)}")
+
+
+def sort_by_expert(expert_ids_TK: jax.Array, num_experts: int):
+    """Stable sort of the M = T*K token-slots by expert.
+
+    Returns (order_M: slot index (t*K + k) of each sorted row, group_sizes_E int32)."""
+    ids_M = expert_ids_TK.reshape(-1)
+    order_M = jnp.argsort(ids_M, stable=True)
+    group_sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
+    return order_M, group_sizes_E
+
+
+def _combine(y_slots_TKD, weights_TK):
+    return jnp.einsum("tkd,tk->td", y_slots_TKD, weights_TK.astype(y_slots_TKD.dtype))
+
+
+def _dense(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation):
+    num_experts = expert_params["w_up"].shape[0]
+    y_ETD = _experts.apply_experts_all(expert_params, x_TD, activation=activation)
+    combine_TE = jnp.einsum("tke,tk->te", jax.nn.one_hot(expert_ids_TK, num_experts, dtype=x_TD.dtype),
+                            weights_TK.astype(x_TD.dtype))
+    return jnp.einsum("etd,te->td", y_ETD, combine_TE), {}
+
+
+def _sorted(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, gmm):
+    num_tokens, top_k = expert_ids_TK.shape
+    num_experts = expert_params["w_up"].shape[0]
+    order_M, group_sizes_E = sort_by_expert(expert_ids_TK, num_experts)
+    x_MD = jnp.take(x_TD, order_M // top_k, axis=0)
+    y_MD = _experts.apply_experts_grouped(expert_params, x_MD, group_sizes_E, activation=activation, gmm=gmm)
+    inverse_M = jnp.argsort(order_M)
+    y_TKD = jnp.take(y_MD, inverse_M, axis=0).reshape(num_tokens, top_k, -1)
+    return _combine(y_TKD, weights_TK), {}
+
+
+def capacity_per_expert(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
+def _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, capacity_factor):
+    num_tokens, top_k = expert_ids_TK.shape
+    num_experts = expert_params["w_up"].shape[0]
+    d_model = x_TD.shape[-1]
+    capacity = capacity_per_expert(num_tokens, top_k, num_experts, capacity_factor)
+    # Priority: slot-major (every token's first choice before any second choice), then token order.
+    ids_M = expert_ids_TK.T.reshape(-1)  # row m = k*T + t
+    order_M = jnp.argsort(ids_M, stable=True)
+    sizes_E = jnp.bincount(ids_M, length=num_experts)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    rank_sorted_M = jnp.arange(ids_M.shape[0]) - starts_E[ids_M[order_M]]
+    position_M = jnp.zeros_like(ids_M).at[order_M].set(rank_sorted_M)
+    kept_M = position_M < capacity
+    buffer_row_M = jnp.where(kept_M, ids_M * capacity + position_M, num_experts * capacity)  # overflow: dropped
+    token_M = jnp.tile(jnp.arange(num_tokens), top_k)
+    buffer_ECD = (jnp.zeros((num_experts * capacity, d_model), x_TD.dtype)
+                  .at[buffer_row_M].set(jnp.take(x_TD, token_M, axis=0), mode="drop")
+                  .reshape(num_experts, capacity, d_model))
+    out_ECD = _experts.apply_experts_batched(expert_params, buffer_ECD, activation=activation)
+    y_MD = jnp.take(out_ECD.reshape(num_experts * capacity, d_model), buffer_row_M, axis=0, mode="fill", fill_value=0)
+    y_TKD = y_MD.reshape(top_k, num_tokens, d_model).transpose(1, 0, 2)
+    dropped = 1.0 - jnp.mean(kept_M.astype(jnp.float32))
+    return _combine(y_TKD, weights_TK), {"dropped_fraction": dropped, "capacity": jnp.int32(capacity)}
+
+
+def moe_ffn(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weights_TK: jax.Array, *,
+            activation: str = "swiglu", backend: str = "tiled", capacity_factor: float = 1.25):
+    """Run each token through its K experts and combine with the routing weights.
+
+    Args:
+      expert_params: stacked expert weights (experts.py).
+      x_TD: [T, D] token activations.
+      expert_ids_TK: [T, K] int expert of each token-slot.
+      weights_TK: [T, K] combine weights.
+      backend: one of BACKENDS.
+      capacity_factor: only for backend='capacity'.
+    Returns:
+      (y_TD [T, D], metrics dict; always has 'dropped_fraction').
+    """
+    check_backend(backend)
+    num_experts, d_model, _ = _experts.check_expert_params(expert_params, activation)
+    if x_TD.ndim != 2 or x_TD.shape[-1] != d_model:
+        raise ValueError(f"x must be [tokens, d_model={d_model}], got shape {x_TD.shape}")
+    if expert_ids_TK.shape != weights_TK.shape or expert_ids_TK.ndim != 2 or expert_ids_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"expert_ids {expert_ids_TK.shape} and weights {weights_TK.shape} must both be "
+                         f"[tokens={x_TD.shape[0]}, top_k]")
+    if backend == "dense":
+        y_TD, metrics = _dense(expert_params, x_TD, expert_ids_TK, weights_TK, activation=activation)
+    elif backend == "capacity":
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: accepted values are > 0")
+        y_TD, metrics = _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, activation=activation,
+                                  capacity_factor=capacity_factor)
+    else:
+        y_TD, metrics = _sorted(expert_params, x_TD, expert_ids_TK, weights_TK, activation=activation,
+                                gmm=_gmm.GMM_BACKENDS[backend])
+    metrics.setdefault("dropped_fraction", jnp.float32(0.0))
+    return y_TD, metrics

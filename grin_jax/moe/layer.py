@@ -1,0 +1,128 @@
+"""The MoE feed-forward layer as one pure function: router matmul -> router -> dispatch -> combine.
+
+Axes: T tokens, D model, E experts, F expert hidden, K slots per token.
+
+Parameters: {'router': [D, E] (no bias), 'experts': stacked expert weights (experts.py)}.
+    y, aux = moe_layer(params, x_TD, config=MoEConfig(...), training=..., rng=...)
+aux holds 'load_balance_loss', 'z_loss' (unscaled) and 'metrics' (expert_load [E], max_load, router_entropy,
+router_grad_fraction, dropped_fraction). The coefficients are applied by the caller (the model / trainer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from grin_jax.moe import dispatch as _dispatch
+from grin_jax.moe import experts as _experts
+from grin_jax.moe import losses as _losses
+from grin_jax.moe import routing as _routing
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Static description of one MoE layer; validated on construction.
+
+    num_experts: E.  top_k: K slots per token.  d_model: D.  d_hidden: F (expert width).
+    router: a name in routing.ROUTERS ('sparsemixer_v2' = GRIN, 'topk_softmax' = GShard/Mixtral/Switch).
+    jitter_eps: SparseMixer-v2's mask eps (GRIN 0.01).  renormalize: top-k softmax renormalisation.
+    input_jitter: multiplicative U(1-eps, 1+eps) jitter of the layer input in training (GRIN 0.01; 0 = off),
+      applied once; the experts see the jittered input.
+    activation: expert activation (experts.ACTIVATIONS).  backend: dispatch.BACKENDS.
+    capacity_factor: for backend='capacity'.  router_dtype: dtype of the router matmul and softmax.
+    load_balance_groups: 1 = global balance over the batch (GRIN); G > 1 = per-group (local) balance.
+    """
+
+    num_experts: int
+    top_k: int
+    d_model: int
+    d_hidden: int
+    router: str = "sparsemixer_v2"
+    jitter_eps: float = 0.01
+    renormalize: bool = True
+    input_jitter: float = 0.0
+    activation: str = "swiglu"
+    backend: str = "tiled"
+    capacity_factor: float = 1.25
+    router_dtype: str = "float32"
+    load_balance_groups: int = 1
+
+    def __post_init__(self):
+        for name in ("num_experts", "top_k", "d_model", "d_hidden", "load_balance_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: accepted values are integers >= 1")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} is invalid: accepted values are 1..num_experts={self.num_experts}")
+        if self.router not in _routing.ROUTERS:
+            raise ValueError(f"router={self.router!r} is unknown: accepted values are {sorted(_routing.ROUTERS)}")
+        _experts.get_activation(self.activation)
+        _dispatch.check_backend(self.backend)
+        if self.jitter_eps < 0:
+            raise ValueError(f"jitter_eps={self.jitter_eps!r} is invalid: accepted values are >= 0")
+        if not 0 <= self.input_jitter < 1:
+            raise ValueError(f"input_jitter={self.input_jitter!r} is invalid: accepted values are in [0, 1)")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor!r} is invalid: accepted values are > 0")
+        if self.router_dtype not in ("float32", "float64", "bfloat16"):
+            raise ValueError(f"router_dtype={self.router_dtype!r} is invalid: accepted values are "
+                             "'float32', 'float64', 'bfloat16'")
+
+    def router_options(self) -> dict:
+        if self.router == "sparsemixer_v2":
+            return {"jitter_eps": self.jitter_eps}
+        if self.router == "topk_softmax":
+            return {"renormalize": self.renormalize}
+        return {}
+
+
+def init_moe_params(key, config: MoEConfig, dtype=jnp.float32) -> dict:
+    k_router, k_experts = jax.random.split(key)
+    router = (jax.random.normal(k_router, (config.d_model, config.num_experts), jnp.float32)
+              / config.d_model ** 0.5).astype(dtype)
+    experts = _experts.init_expert_params(k_experts, num_experts=config.num_experts, d_model=config.d_model,
+                                          d_hidden=config.d_hidden, activation=config.activation, dtype=dtype)
+    return {"router": router, "experts": experts}
+
+
+def apply_input_jitter(x_TD, eps: float, rng):
+    """GRIN's multiplicative input jitter: x * U(1 - eps, 1 + eps), elementwise."""
+    noise = jax.random.uniform(rng, x_TD.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+    return x_TD * noise.astype(x_TD.dtype)
+
+
+def moe_layer(params: dict, x_TD: jax.Array, *, config: MoEConfig, training: bool, rng=None,
+              router_noise: dict | None = None):
+    """One MoE FFN layer. x_TD: [T, D] -> (y_TD [T, D], aux).
+
+    rng: needed in training for the router's sampling and the input jitter.
+    router_noise: optional explicit router noise (e.g. {'gumbel_KTE': ..., 'uniform_KT': ...}) for tests.
+    """
+    if x_TD.ndim != 2 or x_TD.shape[-1] != config.d_model:
+        raise ValueError(f"x must be [tokens, d_model={config.d_model}], got shape {x_TD.shape}")
+    rng_jitter = rng_router = None
+    if rng is not None:
+        rng_jitter, rng_router = jax.random.split(rng)
+    if training and config.input_jitter > 0:
+        if rng_jitter is None:
+            raise ValueError("moe_layer: training with input_jitter > 0 needs rng")
+        x_TD = apply_input_jitter(x_TD, config.input_jitter, rng_jitter)
+    router_dtype = jnp.dtype(config.router_dtype)
+    logits_TE = x_TD.astype(router_dtype) @ params["router"].astype(router_dtype)
+    routing = _routing.route(config.router, logits_TE, top_k=config.top_k, training=training, rng=rng_router,
+                             **config.router_options(), **(router_noise or {}))
+    y_TD, dispatch_metrics = _dispatch.moe_ffn(
+        params["experts"], x_TD, routing.expert_ids, routing.weights.astype(x_TD.dtype),
+        activation=config.activation, backend=config.backend, capacity_factor=config.capacity_factor)
+    metrics = dict(routing.metrics)
+    metrics.update(dispatch_metrics)
+    metrics.update(_losses.routing_metrics(routing.expert_ids, routing.probs))
+    aux = {
+        "load_balance_loss": _losses.load_balance_loss(routing.expert_ids, routing.probs,
+                                                       num_groups=config.load_balance_groups),
+        "z_loss": _losses.router_z_loss(routing.logits),
+        "metrics": metrics,
+    }
+    return y_TD, aux

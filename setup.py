@@ -1,0 +1,29 @@
+"""grin-jax: GRIN, fine-grained MoE scaling laws, DS-MoE and PEER in JAX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="grin-jax",
+    version="0.1.0",
+    description="Mixture-of-Experts language models in JAX: GRIN (SparseMixer-v2), fine-grained MoE scaling laws, DS-MoE, PEER",
+    packages=find_packages(include=["grin_jax", "grin_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+        "scipy>=1.13",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # torch is pinned: 2.13.0 is the CPU build available on the project's machines; an unpinned torch
+        # pulls a multi-GB CUDA build.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
+        "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],
+        "slurm": ["submitit>=1.5"],
+    },
+)
