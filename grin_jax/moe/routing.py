@@ -44,7 +44,8 @@ def sparsemixer_v2_router(
     logits_TE, *, top_k, training, rng=None, jitter_eps: float = 0.01, gumbel_KTE=None, uniform_KT=None
 ) -> Routing:
     """GRIN's SparseMixer-v2 (see sparsemixer.py). Metric 'router_grad_fraction': the fraction of tokens
-    whose router receives a task-loss gradient (some slot kept >= 2 candidates; training only)."""
+    whose router receives a task-loss gradient (some slot has >= 2 candidates with nonzero probability;
+    training only)."""
     if jitter_eps < 0:
         raise ValueError(f"jitter_eps={jitter_eps!r} is invalid: accepted values are >= 0")
     ids_TK, weights_TK, candidates_KT = _sparsemixer.sparsemixer_v2(

@@ -91,9 +91,23 @@ def sparsemixer_v2(
       uniform_KT: optional explicit U(0,1) draws per slot [K, T] (training only).
 
     Returns:
-      (expert_ids [T, K] int32, weights [T, K], candidates [K, T] int32: experts surviving the mask per slot).
+      (expert_ids [T, K] int32, weights [T, K], candidates [K, T] int32: per slot, the experts that survive the
+      mask AND have a nonzero masked-softmax probability; a token's router gets task-loss gradient from a slot
+      exactly when this is >= 2. It is below the mask count only where the softmax underflows, e.g. surviving
+      logits ~100 or more below the max in float32).
     """
+    if logits_TE.ndim != 2:
+        raise ValueError(f"logits must be [tokens, experts], got shape {logits_TE.shape}")
     num_tokens, num_experts = logits_TE.shape
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k!r} is invalid: accepted values are integers 1..num_experts={num_experts}")
+    if not jitter_eps >= 0:
+        raise ValueError(f"jitter_eps={jitter_eps!r} is invalid: accepted values are >= 0")
+    for name, noise, shape in (("gumbel_KTE", gumbel_KTE, (top_k, num_tokens, num_experts)),
+                               ("uniform_KT", uniform_KT, (top_k, num_tokens))):
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(noise.shape)}: accepted shape is [top_k, tokens"
+                             f"{', experts' if name == 'gumbel_KTE' else ''}] = {shape}")
     dtype = logits_TE.dtype
     if training and (gumbel_KTE is None or uniform_KT is None):
         if rng is None:
@@ -125,6 +139,6 @@ def sparsemixer_v2(
             weight_T = jnp.sum(pi_TE * onehot_TE, axis=-1)
         ids.append(picked_T.astype(jnp.int32))
         weights.append(weight_T)
-        candidates.append(jnp.sum(keep_TE, axis=-1).astype(jnp.int32))
+        candidates.append(jnp.sum(jax.lax.stop_gradient(pi_TE) > 0, axis=-1).astype(jnp.int32))
         remaining_TE = jnp.where(onehot_TE > 0, -jnp.inf, remaining_TE)
     return jnp.stack(ids, axis=-1), jnp.stack(weights, axis=-1), jnp.stack(candidates, axis=0)

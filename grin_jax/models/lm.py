@@ -1,0 +1,197 @@
+"""The decoder-only language model (GRIN-MoE / PhiMoE, Mixtral-style, their dense baselines) and its pure
+functional entry points.
+
+Axes: B batch, S sequence, D model, V vocabulary, L layers (stacked aux), E experts.
+
+    model = DecoderLM(config, rngs=nnx.Rngs(0))
+    logits_BSV, aux = model(tokens_BS, training=False)
+
+Pure (for a trainer):
+    graphdef, params = init(config, jax.random.key(0))            # params: nnx.State of nnx.Param
+    logits_BSV, aux = apply(graphdef, params, tokens_BS, training=True, rng=key)
+    loss = cross_entropy(logits_BSV, targets_BS) + aux['aux_loss']
+
+aux (stacked over the MoE layers, in layer order `config.moe_layer_ids`):
+    'load_balance_loss' [Lm], 'z_loss' [Lm] (unscaled), 'aux_loss' scalar (= load_balance_coef * mean LB +
+    z_loss_coef * mean Z), 'metrics': moe_layer's metrics stacked per layer (expert_load [Lm, E], max_load [Lm],
+    router_entropy [Lm], router_grad_fraction [Lm], dropped_fraction [Lm], ...).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grin_jax.models.config import ModelConfig
+from grin_jax.nn.attention import init_kv_cache
+from grin_jax.nn.block import DecoderBlock
+from grin_jax.nn.layers import Dense, Embed, make_norm, param
+
+
+class DecoderLM(nnx.Module):
+    """Sub-modules (checkpoint names): embed, layers.{i}, final_norm, lm_head (untied) / lm_head_bias (tied +
+    bias)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        pdt, dt, adt = jnp.dtype(c.param_dtype), jnp.dtype(c.dtype), jnp.dtype(c.activation_dtype)
+        self.embed = Embed(c.vocab_size, c.d_model, param_dtype=pdt, dtype=adt, init_std=c.init_std, rngs=rngs)
+        moe = c.moe_config() if c.ffn == "moe" else None
+        self.layers = nnx.List([
+            DecoderBlock(d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                         head_dim=c.resolved_head_dim, norm=c.norm, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                         sliding_window=c.sliding_window, attention_bias=c.attention_bias,
+                         moe=moe if c.is_moe_layer(i) else None, d_ff=c.resolved_d_ff, activation=c.activation,
+                         param_dtype=pdt, dtype=dt, activation_dtype=adt, rngs=rngs)
+            for i in range(c.num_layers)
+        ])
+        self.final_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps, param_dtype=pdt, dtype=dt)
+        if c.tie_embeddings:
+            self.lm_head = None
+            self.lm_head_bias = param(jnp.zeros((c.vocab_size,), pdt), ("vocab",)) if c.lm_head_bias else None
+        else:
+            self.lm_head = Dense((c.d_model,), (c.vocab_size,), names=("embed", "vocab"), use_bias=c.lm_head_bias,
+                                 param_dtype=pdt, dtype=dt, rngs=rngs)
+            self.lm_head_bias = None
+
+    def __call__(self, tokens_BS: jax.Array, *, training: bool = False, rng=None, positions_BS=None):
+        """tokens [B, S] int -> (logits [B, S, V] float32, aux)."""
+        logits, aux, _ = self.forward(tokens_BS, training=training, rng=rng, positions_BS=positions_BS)
+        return logits, aux
+
+    def forward(self, tokens_BS, *, training=False, rng=None, positions_BS=None, cache=None, cache_index=None):
+        """The full forward: (logits [B, S, V] float32, aux, new cache or None).
+
+        cache: a list with one {'k', 'v'} [B, L, G, K] dict per layer (init_cache); this call's tokens are written
+        at slots cache_index .. cache_index + S - 1 and take positions cache_index + arange(S) unless given.
+        """
+        c = self.config
+        if tokens_BS.ndim != 2:
+            raise ValueError(f"tokens must be [batch, seq], got shape {tokens_BS.shape}")
+        batch, seq = tokens_BS.shape
+        if cache is None and seq > c.max_seq_len:
+            raise ValueError(f"sequence length {seq} exceeds ModelConfig.max_seq_len={c.max_seq_len}")
+        if positions_BS is None:
+            offset = 0 if cache_index is None else cache_index
+            positions_BS = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if cache is not None and len(cache) != c.num_layers:
+            raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
+        x_BSD = self.embed(tokens_BS)
+        layer_aux, new_cache = [], []
+        for i, block in enumerate(self.layers):
+            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, training=training, rng=layer_rng,
+                                          cache=None if cache is None else cache[i], cache_index=cache_index)
+            if aux_i is not None:
+                layer_aux.append(aux_i)
+            new_cache.append(cache_i)
+        h_BSD = self.final_norm(x_BSD)
+        if self.lm_head is not None:
+            logits = self.lm_head(h_BSD)
+        else:
+            logits = self.embed.attend(h_BSD.astype(jnp.dtype(c.dtype)))
+            if self.lm_head_bias is not None:
+                logits = logits + self.lm_head_bias[...].astype(logits.dtype)
+        return logits.astype(jnp.float32), stack_aux(layer_aux, c), (None if cache is None else new_cache)
+
+
+def stack_aux(layer_aux: list, config: ModelConfig) -> dict:
+    """Stack per-layer MoE aux dicts and add the weighted total 'aux_loss'."""
+    if not layer_aux:
+        zeros = jnp.zeros((0,), jnp.float32)
+        return {"load_balance_loss": zeros, "z_loss": zeros, "metrics": {}, "aux_loss": jnp.float32(0.0)}
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_aux)
+    aux_loss = (config.load_balance_coef * jnp.mean(stacked["load_balance_loss"])
+                + config.z_loss_coef * jnp.mean(stacked["z_loss"]))
+    return {"load_balance_loss": stacked["load_balance_loss"], "z_loss": stacked["z_loss"],
+            "metrics": stacked["metrics"], "aux_loss": aux_loss.astype(jnp.float32)}
+
+
+# ------------------------------------------------------------------------------------------- functional API
+def _key(rng):
+    return jax.random.key(rng) if isinstance(rng, int) else rng
+
+
+def init(config: ModelConfig, rng=0):
+    """Build the model; returns (graphdef, params) with params an nnx.State of nnx.Param (logical names in
+    each Param's metadata: nnx.get_partition_spec(params))."""
+    model = DecoderLM(config, rngs=nnx.Rngs(params=_key(rng)))
+    return nnx.split(model, nnx.Param)
+
+
+def abstract_init(config: ModelConfig):
+    """(graphdef, params as ShapeDtypeStructs): nothing is allocated (jax.eval_shape via nnx.eval_shape)."""
+    model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(params=0)))
+    return nnx.split(model, nnx.Param)
+
+
+def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, positions_BS=None):
+    """Pure forward: (logits [B, S, V] float32, aux). Jit with `static_argnames=('graphdef', 'training')`
+    or close over graphdef."""
+    model = nnx.merge(graphdef, params)
+    return model(tokens_BS, training=training, rng=rng, positions_BS=positions_BS)
+
+
+apply_jit = jax.jit(apply, static_argnames=("graphdef", "training"))
+apply_jit.__doc__ = "`apply` under jax.jit (graphdef and training static)."
+
+
+def apply_with_cache(graphdef, params, tokens_BS, cache, cache_index, *, positions_BS=None):
+    """Inference forward with a KV cache (eval mode): (logits [B, S, V], aux, new cache)."""
+    model = nnx.merge(graphdef, params)
+    return model.forward(tokens_BS, training=False, cache=cache, cache_index=cache_index, positions_BS=positions_BS)
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> list:
+    """A KV cache for all layers: a list of {'k', 'v'}: [B, max_len, num_kv_heads, head_dim] zeros."""
+    max_len = config.max_seq_len if max_len is None else max_len
+    if max_len > config.max_seq_len:
+        raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={config.max_seq_len}")
+    dtype = jnp.dtype(config.dtype) if dtype is None else dtype
+    return [init_kv_cache(batch, max_len, config.num_kv_heads, config.resolved_head_dim, dtype)
+            for _ in range(config.num_layers)]
+
+
+def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS=None) -> jax.Array:
+    """Mean next-token cross-entropy in float32 (mask: 1 = counted)."""
+    logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+    nll_BS = -jnp.take_along_axis(logp, targets_BS[..., None], axis=-1)[..., 0]
+    if mask_BS is None:
+        return jnp.mean(nll_BS)
+    mask_BS = mask_BS.astype(jnp.float32)
+    return jnp.sum(nll_BS * mask_BS) / jnp.maximum(jnp.sum(mask_BS), 1.0)
+
+
+def flatten_params(params) -> dict:
+    """nnx.State -> {'layers.0.attn.q.kernel': array, ...} (the checkpoint / conversion naming)."""
+    flat = {}
+    for path, leaf in nnx.to_flat_state(params):
+        value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
+        flat[".".join(str(p) for p in path)] = value
+    return flat
+
+
+def unflatten_params(config: ModelConfig, flat: dict, *, dtype=None):
+    """{'name': array} -> (graphdef, params) for `config`; checks names and shapes against the abstract model.
+    Arrays are cast to the config's param_dtype (or `dtype`)."""
+    graphdef, abstract = abstract_init(config)
+    expected = flatten_params(abstract)
+    missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"parameters do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
+                         f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    target_dtype = jnp.dtype(dtype or config.param_dtype)
+    pure = {}
+    for name, spec in expected.items():
+        value = flat[name]
+        if tuple(value.shape) != tuple(spec.shape):
+            raise ValueError(f"parameter {name}: shape {tuple(value.shape)}, the model expects {tuple(spec.shape)}")
+        node = pure
+        keys = [int(k) if k.isdigit() else k for k in name.split(".")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = jnp.asarray(value, dtype=target_dtype)
+    nnx.replace_by_pure_dict(abstract, pure)
+    return graphdef, abstract

@@ -1,0 +1,122 @@
+"""Grouped-query self-attention with rotary position embeddings, an optional sliding window and a KV cache.
+
+Axes: B batch, S query positions, L key positions, D model, H query heads, G KV heads, R = H / G query heads per
+KV head, K head dim.
+
+Conventions matched to Hugging Face transformers (PhiMoE / Mixtral / Llama):
+  - RoPE on the full head dim with the `rotate_half` convention (the two halves of the head dim are the
+    real / imaginary parts): inv_freq_i = theta^(-2i/K), cos/sin of cat(freqs, freqs).
+  - Query head h uses KV head h // R (`repeat_kv`).
+  - Scores (q . k) * K^-0.5; softmax in float32.
+  - Sliding window W (transformers 5.x `sliding_window_overlay`): query at position p sees keys at positions
+    p - W < j <= p, i.e. W keys including itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grin_jax.nn.layers import Dense
+
+
+def rope_cos_sin(positions_BS: jax.Array, head_dim: int, theta: float):
+    """cos, sin: [B, S, K] (float32) for integer positions."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BSk = positions_BS.astype(jnp.float32)[..., None] * inv_freq
+    emb_BSK = jnp.concatenate([freqs_BSk, freqs_BSk], axis=-1)
+    return jnp.cos(emb_BSK), jnp.sin(emb_BSK)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x_BSHK: jax.Array, cos_BSK: jax.Array, sin_BSK: jax.Array) -> jax.Array:
+    x32 = x_BSHK.astype(jnp.float32)
+    y = x32 * cos_BSK[:, :, None, :] + rotate_half(x32) * sin_BSK[:, :, None, :]
+    return y.astype(x_BSHK.dtype)
+
+
+def attention_mask(q_pos_BS: jax.Array, k_pos_BL: jax.Array, sliding_window: int | None) -> jax.Array:
+    """[B, S, L] bool: causal, and within the sliding window when one is set (p - W < j <= p)."""
+    q = q_pos_BS[:, :, None]
+    k = k_pos_BL[:, None, :]
+    allowed = k <= q
+    if sliding_window is not None:
+        allowed = allowed & (k > q - sliding_window)
+    return allowed
+
+
+def dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, *, dtype=jnp.float32):
+    """Grouped-query attention; scores and softmax in float32. Returns [B, S, H, K] in `dtype`."""
+    batch, seq, num_heads, head_dim = q_BSHK.shape
+    num_kv = k_BLGK.shape[2]
+    q_BSGRK = q_BSHK.reshape(batch, seq, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("bsgrk,blgk->bgrsl", q_BSGRK.astype(dtype), k_BLGK.astype(dtype),
+                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    scores = jnp.where(mask_BSL[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out_BSGRK = jnp.einsum("bgrsl,blgk->bsgrk", probs, v_BLGK.astype(dtype))
+    return out_BSGRK.reshape(batch, seq, num_heads, head_dim)
+
+
+def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
+    """One layer's cache: {'k', 'v'}: [B, max_len, G, K] zeros. Slot j holds the key/value of position j."""
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+class Attention(nnx.Module):
+    """Self-attention. Parameters (logical names):
+      q: kernel [D, H, K] ('embed', 'heads', 'kv'),  bias [H, K]
+      k, v: kernel [D, G, K] ('embed', 'kv_heads', 'kv'),  bias [G, K]
+      o: kernel [H, K, D] ('heads', 'kv', 'embed'),  bias [D]
+    """
+
+    def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rope_theta: float = 10000.0, sliding_window: int | None = None, use_bias: bool = False,
+                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
+        common = dict(use_bias=use_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.q = Dense((d_model,), (num_heads, head_dim), names=("embed", "heads", "kv"), **common)
+        self.k = Dense((d_model,), (num_kv_heads, head_dim), names=("embed", "kv_heads", "kv"), **common)
+        self.v = Dense((d_model,), (num_kv_heads, head_dim), names=("embed", "kv_heads", "kv"), **common)
+        self.o = Dense((num_heads, head_dim), (d_model,), names=("heads", "kv", "embed"), **common)
+        self.head_dim = head_dim
+        self.rope_theta = rope_theta
+        self.sliding_window = sliding_window
+        self.dtype = dtype
+
+    def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, *, cache: dict | None = None,
+                 cache_index: jax.Array | None = None):
+        """Returns (y [B, S, D], new cache or None).
+
+        Without a cache the keys are this call's tokens (positions `positions_BS`). With a cache ([B, L, G, K],
+        slot j = position j) this call's keys/values are written at slots cache_index .. cache_index + S - 1
+        (positions_BS must be those positions) and the queries attend to the whole cache under the mask.
+        """
+        q_BSHK = self.q(x_BSD)
+        k_BSGK = self.k(x_BSD)
+        v_BSGK = self.v(x_BSD)
+        cos, sin = rope_cos_sin(positions_BS, self.head_dim, self.rope_theta)
+        q_BSHK = apply_rope(q_BSHK, cos, sin)
+        k_BSGK = apply_rope(k_BSGK, cos, sin)
+        new_cache = None
+        if cache is not None:
+            if cache_index is None:
+                raise ValueError("Attention: a cache needs cache_index")
+            start = (0, cache_index, 0, 0)
+            k_BLGK = jax.lax.dynamic_update_slice(cache["k"], k_BSGK.astype(cache["k"].dtype), start)
+            v_BLGK = jax.lax.dynamic_update_slice(cache["v"], v_BSGK.astype(cache["v"].dtype), start)
+            new_cache = {"k": k_BLGK, "v": v_BLGK}
+            k_pos_BL = jnp.broadcast_to(jnp.arange(k_BLGK.shape[1], dtype=jnp.int32),
+                                        (x_BSD.shape[0], k_BLGK.shape[1]))
+        else:
+            k_BLGK, v_BLGK, k_pos_BL = k_BSGK, v_BSGK, positions_BS
+        mask_BSL = attention_mask(positions_BS, k_pos_BL, self.sliding_window)
+        out_BSHK = dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, dtype=self.dtype)
+        return self.o(out_BSHK), new_cache

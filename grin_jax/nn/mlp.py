@@ -1,0 +1,70 @@
+"""Feed-forward blocks: a dense (gated) FFN and the MoE block that calls `grin_jax.moe.moe_layer`.
+
+Axes: B batch, S sequence, T = B*S tokens, D model, F hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grin_jax.moe import experts as _experts
+from grin_jax.moe.layer import MoEConfig, init_moe_params, moe_layer
+from grin_jax.nn.layers import normal_init, param
+
+
+class DenseFFN(nnx.Module):
+    """Dense FFN with the experts' activations (experts.ACTIVATIONS): gated y = (act(x Wg) * x Wu) Wd, else
+    y = act(x Wu) Wd. No biases. w_gate/w_up [D, F] ('embed', 'mlp'), w_down [F, D] ('mlp', 'embed')."""
+
+    def __init__(self, d_model: int, d_hidden: int, *, activation: str = "swiglu", param_dtype=jnp.float32,
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.act = _experts.get_activation(activation)
+        self.activation = activation
+        self.w_up = param(normal_init(rngs.params(), (d_model, d_hidden), param_dtype, d_model ** -0.5),
+                          ("embed", "mlp"))
+        self.w_gate = (param(normal_init(rngs.params(), (d_model, d_hidden), param_dtype, d_model ** -0.5),
+                             ("embed", "mlp")) if self.act.gated else None)
+        self.w_down = param(normal_init(rngs.params(), (d_hidden, d_model), param_dtype, d_hidden ** -0.5),
+                            ("mlp", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x_BSD: jax.Array) -> jax.Array:
+        x = x_BSD.astype(self.dtype)
+        up = x @ self.w_up[...].astype(self.dtype)
+        h = self.act.fn(x @ self.w_gate[...].astype(self.dtype)) * up if self.act.gated else self.act.fn(up)
+        return h @ self.w_down[...].astype(self.dtype)
+
+
+class MoEBlock(nnx.Module):
+    """The MoE FFN: parameters in NNX, computation in `grin_jax.moe.moe_layer` (routing is not reimplemented).
+
+    Parameters (initialised by `grin_jax.moe.init_moe_params`):
+      router [D, E] ('embed', 'experts');  w_gate, w_up [E, D, F] ('experts', 'embed', 'mlp');
+      w_down [E, F, D] ('experts', 'mlp', 'embed').
+    """
+
+    def __init__(self, config: MoEConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        p = init_moe_params(rngs.params(), config, dtype=param_dtype)
+        self.router = param(p["router"], ("embed", "experts"))
+        self.w_up = param(p["experts"]["w_up"], ("experts", "embed", "mlp"))
+        self.w_gate = (param(p["experts"]["w_gate"], ("experts", "embed", "mlp"))
+                       if "w_gate" in p["experts"] else None)
+        self.w_down = param(p["experts"]["w_down"], ("experts", "mlp", "embed"))
+        self.dtype = dtype
+
+    def moe_params(self) -> dict:
+        """The core's parameter pytree; experts cast to the compute dtype (the core casts the router itself)."""
+        experts = {"w_up": self.w_up[...].astype(self.dtype), "w_down": self.w_down[...].astype(self.dtype)}
+        if self.w_gate is not None:
+            experts["w_gate"] = self.w_gate[...].astype(self.dtype)
+        return {"router": self.router[...], "experts": experts}
+
+    def __call__(self, x_BSD: jax.Array, *, training: bool, rng=None):
+        """Returns (y [B, S, D], aux from moe_layer: load_balance_loss, z_loss, metrics)."""
+        batch, seq, d_model = x_BSD.shape
+        y_TD, aux = moe_layer(self.moe_params(), x_BSD.reshape(batch * seq, d_model).astype(self.dtype),
+                              config=self.config, training=training, rng=rng)
+        return y_TD.reshape(batch, seq, d_model), aux

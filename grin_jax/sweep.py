@@ -1,0 +1,246 @@
+"""Sweep runner: many training runs from one sweep config, resumable and crash-isolated.
+
+    python -m grin_jax.sweep --config=configs/sweeps/granularity.py --sweep_dir=experiments/granularity/runs
+
+A sweep config is an ml_collections file whose get_config() returns:
+    base_config: 'configs/grin_tiny.py[:variant]'      the experiment every trial starts from
+    overrides:   {'train.steps': 300, ...}             fixed overrides for every trial
+    product:     {'model.granularity': [1, 2, 4], 'train.seed': [0, 1]}   cartesian product
+    zip:         {'model.d_model': [64, 96], 'model.num_layers': [2, 3]}   zipped lists (one axis)
+    executor:    'local' | 'slurm'     parallel: trials at once for 'local' (default: one per 2 cores)
+    slurm:       submitit parameters for 'slurm' (partition, timeout_min, gpus_per_node, ...)
+Each trial is a normal `python -m grin_jax.train` run in `<sweep_dir>/trials/<trial_id>/` (its log in log.txt).
+A trial is finished when its workdir has summary.json (written atomically by the trainer); rerunning the sweep
+skips finished trials and restarts unfinished ones, which resume from their own checkpoints. A failing trial
+writes error.json (exit code, last lines of its log) and the others go on. At the end every trial's summary is
+gathered into `<sweep_dir>/results.csv` (written atomically).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+
+SUMMARY = "summary.json"
+ERROR = "error.json"
+
+
+def _format_value(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(_format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def expand_trials(sweep) -> list[dict]:
+    """The list of trials: each a dict of config overrides (fixed overrides, then product x zip axes)."""
+    fixed = dict(sweep.get("overrides", {}) or {})
+    product = dict(sweep.get("product", {}) or {})
+    zipped = dict(sweep.get("zip", {}) or {})
+    for name, values in list(product.items()) + list(zipped.items()):
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"sweep axis {name!r}={values!r} is invalid: accepted values are non-empty lists")
+    lengths = {len(v) for v in zipped.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"sweep 'zip' axes must have equal lengths, got "
+                         f"{ {k: len(v) for k, v in zipped.items()} }")
+    zip_rows = [dict(zip(zipped, row)) for row in zip(*zipped.values())] if zipped else [{}]
+    trials = []
+    for values in itertools.product(*product.values()) if product else [()]:
+        for zip_row in zip_rows:
+            trial = dict(fixed)
+            trial.update(dict(zip(product, values)))
+            trial.update(zip_row)
+            trials.append(trial)
+    return trials
+
+
+def trial_id(overrides: dict) -> str:
+    """A readable, stable directory name for a trial."""
+    parts = [f"{k.split('.')[-1]}={_format_value(v)}" for k, v in sorted(overrides.items())]
+    readable = ",".join(parts).replace("/", "_").replace(" ", "")
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{readable[:80]}-{digest}" if readable else digest
+
+
+def trial_command(base_config: str, workdir: str, overrides: dict) -> list[str]:
+    return [sys.executable, "-m", "grin_jax.train", f"--config={base_config}", f"--workdir={workdir}",
+            *[f"--config.{k}={_format_value(v)}" for k, v in overrides.items()]]
+
+
+def run_trial(command: list[str], workdir: str) -> dict:
+    """Run one trial to completion in a subprocess; returns its status record (never raises)."""
+    os.makedirs(workdir, exist_ok=True)
+    started = time.time()
+    with open(os.path.join(workdir, "log.txt"), "a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    status = {"returncode": proc.returncode, "seconds": time.time() - started}
+    if proc.returncode != 0 or not os.path.exists(os.path.join(workdir, SUMMARY)):
+        with open(os.path.join(workdir, "log.txt")) as f:
+            tail = f.readlines()[-30:]
+        status["error"] = "".join(tail)
+        _write_json_atomic(os.path.join(workdir, ERROR), status)
+    elif os.path.exists(os.path.join(workdir, ERROR)):
+        os.remove(os.path.join(workdir, ERROR))
+    return status
+
+
+def _write_json_atomic(path: str, payload) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}{k}.", v, out)
+    else:
+        out[prefix[:-1]] = value
+
+
+def gather_results(sweep_dir: str, trials: list[dict]) -> list[dict]:
+    """One row per trial: its overrides, status and the trainer's summary.json fields (flattened)."""
+    rows = []
+    for overrides in trials:
+        tid = trial_id(overrides)
+        workdir = os.path.join(sweep_dir, "trials", tid)
+        row = {"trial": tid, **{k: _format_value(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}}
+        summary_path = os.path.join(workdir, SUMMARY)
+        error_path = os.path.join(workdir, ERROR)
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            flat: dict = {}
+            _flatten("", summary, flat)
+            row.update({k: v for k, v in flat.items() if not isinstance(v, (list, dict))})
+            row["status"] = "done"
+        elif os.path.exists(error_path):
+            with open(error_path) as f:
+                error = json.load(f)
+            row["status"] = "failed"
+            lines = (error.get("error") or "").strip().splitlines()
+            row["error"] = lines[-1] if lines else f"exit code {error.get('returncode')}"
+        else:
+            row["status"] = "pending"
+        rows.append(row)
+    return rows
+
+
+def write_results_csv(path: str, rows: list[dict]) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def _slurm_executor(sweep, sweep_dir: str):
+    import submitit  # optional dependency: pip install -e .[slurm]
+    cluster = sweep.get("slurm", {}).get("cluster", None)
+    executor = submitit.AutoExecutor(folder=os.path.join(sweep_dir, "submitit"), cluster=cluster)
+    params = {k: v for k, v in dict(sweep.get("slurm", {})).items() if k != "cluster"}
+    if params:
+        executor.update_parameters(**params)
+    return executor
+
+
+def run_sweep(sweep, sweep_dir: str, *, parallel: int | None = None, executor: str | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run every unfinished trial of `sweep` and write `<sweep_dir>/results.csv`. Returns the result rows."""
+    base_config = sweep.get("base_config", None)
+    if not base_config:
+        raise ValueError("sweep config key 'base_config' is missing: give the experiment config path, "
+                         "e.g. 'configs/grin_tiny.py'")
+    if not os.path.exists(base_config.split(":")[0]):
+        raise ValueError(f"sweep config key 'base_config'={base_config!r}: no such file")
+    executor = executor or sweep.get("executor", "local")
+    if executor not in ("local", "slurm"):
+        raise ValueError(f"executor={executor!r} is unknown: accepted values are ['local', 'slurm']")
+    parallel = parallel or sweep.get("parallel", 0) or max(1, (os.cpu_count() or 2) // 2)
+    trials = expand_trials(sweep)
+    os.makedirs(os.path.join(sweep_dir, "trials"), exist_ok=True)
+    _write_json_atomic(os.path.join(sweep_dir, "sweep.json"),
+                       {"base_config": base_config, "trials": [{"id": trial_id(t), "overrides": t} for t in trials]})
+    todo = [t for t in trials if not os.path.exists(os.path.join(sweep_dir, "trials", trial_id(t), SUMMARY))]
+    print(f"sweep: {len(trials)} trials, {len(trials) - len(todo)} already finished, {len(todo)} to run "
+          f"({executor}, {parallel if executor == 'local' else 'scheduler'} at once)", flush=True)
+    jobs = [(trial_command(base_config, os.path.join(sweep_dir, "trials", trial_id(t)), t),
+             os.path.join(sweep_dir, "trials", trial_id(t))) for t in todo]
+    bar = None
+    if progress and jobs:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="trials", unit="trial")
+    failures = 0
+    if executor == "local":
+        with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = {pool.submit(run_trial, cmd, wd): wd for cmd, wd in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                failures += "error" in future.result()
+                if bar:
+                    bar.update(1)
+    else:
+        slurm = _slurm_executor(sweep, sweep_dir)
+        submitted = [slurm.submit(run_trial, cmd, wd) for cmd, wd in jobs]
+        for job in submitted:
+            try:
+                failures += "error" in job.result()
+            except Exception as exc:  # the scheduler lost the job: recorded, the others go on
+                failures += 1
+                print(f"sweep: job {job.job_id} failed: {exc}", file=sys.stderr)
+            if bar:
+                bar.update(1)
+    if bar:
+        bar.close()
+    rows = gather_results(sweep_dir, trials)
+    write_results_csv(os.path.join(sweep_dir, "results.csv"), rows)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"sweep: {done}/{len(rows)} trials finished, {failures} failed in this run; "
+          f"results in {os.path.join(sweep_dir, 'results.csv')}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "sweep config file", flag_values=flag_values,
+                                    lock_config=False)
+    flags.DEFINE_string("sweep_dir", None, "directory of the sweep's trials and results", flag_values=flag_values)
+    flags.DEFINE_integer("parallel", None, "local executor: trials at once", flag_values=flag_values)
+    flags.DEFINE_enum("executor", None, ["local", "slurm"], "override the sweep's executor", flag_values=flag_values)
+    flags.DEFINE_bool("dry_run", False, "print the trials and exit", flag_values=flag_values)
+    flag_values(argv if argv is not None else sys.argv)
+    if flag_values.config is None or not flag_values.sweep_dir:
+        raise SystemExit("usage: python -m grin_jax.sweep --config=SWEEP.py --sweep_dir=DIR [--parallel N]")
+    sweep = flag_values.config
+    if flag_values.dry_run:
+        for trial in expand_trials(sweep):
+            print(trial_id(trial), json.dumps(trial, default=str))
+        return 0
+    rows = run_sweep(sweep, flag_values.sweep_dir, parallel=flag_values.parallel, executor=flag_values.executor)
+    return 0 if all(r["status"] == "done" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""python -m grin_jax.train --config=configs/grin_tiny.py[:variant] --workdir=DIR [--config.a.b=value ...]"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/grin_tiny.py", "experiment config file",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, plots); reused to resume")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    from grin_jax.train.trainer import resolve, train
+    try:
+        resolve(_CONFIG.value)
+    except ValueError as error:  # a config mistake: the message names the key; no traceback
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    workdir = _WORKDIR.value or f"workdirs/{_CONFIG.value.get('name', 'run')}"
+    summary = train(_CONFIG.value, workdir)
+    print(f"\n{summary['config_name']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
+          f"{summary['wall_seconds']:.0f} s")
+    print(f"  final train loss      {summary['final_train_loss']:.4f} nats/token")
+    print(f"  validation loss       {summary['validation_loss']:.4f} nats/token "
+          f"({summary['validation_bits_per_byte']:.4f} bits/byte)")
+    print(f"  workdir               {workdir}  (summary.json, metrics.jsonl, tb/, checkpoints/, "
+          f"{', '.join(summary['plots'])})")
+
+
+if __name__ == "__main__":
+    app.run(main)

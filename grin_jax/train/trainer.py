@@ -1,0 +1,262 @@
+"""The training loop: config -> model -> data -> jitted step -> checkpoints, metrics, plots, summary.
+
+    python -m grin_jax.train --config=configs/grin_tiny.py --workdir=workdirs/grin_tiny
+
+Workdir layout:
+    checkpoints/<step>/   Orbax checkpoints (params, optimizer state, step, RNG; data iterator state as JSON)
+    metrics.jsonl         one JSON record per logged step (train/*, eval/*)
+    tb/                   TensorBoard event files
+    config.json           the resolved experiment config
+    loss.png, expert_load.png   plots written at the end
+    summary.json          final losses, bits per byte, tokens seen, wall time, parameter counts (written atomically)
+Restarting with the same workdir resumes from the latest checkpoint; the data order, the RNG and therefore the
+losses continue exactly as in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from grin_jax import data as _data
+from grin_jax import models as _models
+from grin_jax.train import checkpoint as _checkpoint
+from grin_jax.train import config as _train_config
+from grin_jax.train import metrics as _metrics
+from grin_jax.train import optim as _optim
+from grin_jax.train import plots as _plots
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """Everything resolved and validated from a config, before anything is compiled."""
+
+    config: ml_collections.ConfigDict
+    model: _models.ModelConfig
+    name: str
+
+
+def resolve(config: ml_collections.ConfigDict) -> Experiment:
+    """Validate every section (errors name the key) and build the model config."""
+    for section in ("model", "data", "train"):
+        if section not in config:
+            raise ValueError(f"config has no '{section}' section: an experiment config needs model, data and train")
+    _train_config.validate_train_config(config.train)
+    _data.validate_data_config(config.data)
+    model_config = _models.model_config_from(config.model)
+    if config.data.seq_len > model_config.max_seq_len:
+        raise ValueError(f"data.seq_len={config.data.seq_len} is invalid: accepted values are <= "
+                         f"model.max_seq_len={model_config.max_seq_len}")
+    return Experiment(config=config, model=model_config, name=config.get("name", "experiment"))
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def make_train_step(graphdef, tx):
+    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable."""
+
+    def loss_fn(params, batch, rng):
+        logits_BSV, aux = _models.apply(graphdef, params, batch["inputs"], training=True, rng=rng)
+        ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
+        return ce + aux["aux_loss"], (ce, aux)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        metrics = {
+            "loss": ce,
+            "total_loss": total,
+            "aux_loss": aux["aux_loss"],
+            "grad_norm": _global_norm(grads),
+            "load_balance_loss": jnp.mean(aux["load_balance_loss"]) if aux["load_balance_loss"].size else 0.0,
+            "z_loss": jnp.mean(aux["z_loss"]) if aux["z_loss"].size else 0.0,
+        }
+        for key, value in aux["metrics"].items():
+            metrics[f"moe/{key}"] = value  # per MoE layer: [L] or [L, E]
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def _global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_eval_step(graphdef):
+    def eval_step(params, batch):
+        logits_BSV, _ = _models.apply(graphdef, params, batch["inputs"], training=False)
+        logp = jax.nn.log_softmax(logits_BSV, axis=-1)
+        nll_BS = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        mask_BS = batch["loss_mask"].astype(jnp.float32)
+        return jnp.sum(nll_BS * mask_BS), jnp.sum(mask_BS)
+    return eval_step
+
+
+def evaluate(eval_step, params, config, tokenizer, *, max_batches) -> dict:
+    """Validation loss (nats per token) and bits per byte over `max_batches` batches (None: the whole split)."""
+    total_nll, total_tokens, total_bytes = 0.0, 0.0, 0
+    for batch in _data.eval_batches(config.data, batch_size=config.train.batch_size, tokenizer=tokenizer,
+                                    max_batches=max_batches):
+        nll, tokens = eval_step(params, _device_batch(batch))
+        total_nll += float(nll)
+        total_tokens += float(tokens)
+        total_bytes += _data.batch_bytes(tokenizer, batch["targets"], batch["loss_mask"])
+    loss = total_nll / max(total_tokens, 1.0)
+    return {"loss": loss, "bits_per_byte": _data.bits_per_byte(total_nll, max(total_bytes, 1)),
+            "tokens": total_tokens}
+
+
+def _device_batch(batch) -> dict:
+    return {k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask")}
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def init_state(experiment: Experiment, tx):
+    graphdef, params = _models.init(experiment.model, rng=jax.random.key(experiment.config.train.seed))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+             "rng": jax.random.key(experiment.config.train.seed + 1)}
+    return graphdef, state
+
+
+def _param_counts(model_config) -> dict:
+    try:
+        from grin_jax import params as _params
+        return dict(_params.count_params(model_config))
+    except (ImportError, AttributeError):
+        return {}
+
+
+def _host_metrics(metrics) -> dict:
+    """Scalars as floats; per-layer vectors summarised (mean over layers) plus the last layer's expert load."""
+    out = {}
+    for key, value in jax.device_get(metrics).items():
+        value = np.asarray(value)
+        if value.ndim == 0:
+            out[key] = float(value)
+        elif key == "moe/expert_load":
+            out[key] = value.tolist()
+        elif value.ndim == 1:
+            out[key] = float(value.mean()) if value.size else 0.0
+    return out
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) the experiment in `workdir`; returns the summary written to summary.json."""
+    experiment = resolve(config)
+    tc = config.train
+    os.makedirs(workdir, exist_ok=True)
+    _metrics.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    wall_start = time.time()
+
+    tx, schedule = _optim.make_optimizer(
+        learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
+        final_lr_fraction=tc.final_lr_fraction)
+    train_iter, tokenizer = _data.make_dataset(config.data, batch_size=tc.batch_size, seed=tc.seed)
+    if tokenizer.vocab_size > experiment.model.vocab_size:
+        raise ValueError(f"model.vocab_size={experiment.model.vocab_size} is invalid: the tokenizer has "
+                         f"{tokenizer.vocab_size} ids; accepted values are >= {tokenizer.vocab_size}")
+    graphdef, state = init_state(experiment, tx)
+
+    checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
+                                            async_save=tc.async_checkpoint)
+    start_step, prior_wall = 0, 0.0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state, meta = checkpointer.restore(latest, _checkpoint.abstract_like(state))
+        train_iter.set_state(meta["data_state"])
+        start_step, prior_wall = int(state["step"]), float(meta.get("wall_seconds", 0.0))
+        print(f"resuming from {checkpointer.directory}/{latest} (step {start_step})", file=sys.stderr, flush=True)
+    writer = _metrics.MetricWriter(workdir, resume_step=start_step)
+
+    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(graphdef))
+    tokens_per_step = tc.batch_size * config.data.seq_len
+    eval_max = tc.eval_batches or None
+
+    def save(step):
+        meta = {"data_state": train_iter.get_state(), "config_name": experiment.name,
+                "wall_seconds": prior_wall + time.time() - wall_start}
+        checkpointer.save(step, state, meta)
+
+    bar = None
+    if tc.progress and start_step < tc.steps:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                   desc=experiment.name)
+    last_train, last_eval = {}, {}
+    step = start_step
+    step_times = []
+    try:
+        while step < tc.steps:
+            batch = next(train_iter)
+            t0 = time.perf_counter()
+            state, metrics = train_step(state, _device_batch(batch))
+            loss = float(metrics["loss"])
+            step_times.append(time.perf_counter() - t0)
+            step += 1
+            if not math.isfinite(loss) or not math.isfinite(float(metrics["total_loss"])):
+                good = checkpointer.latest_step()
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss}) at step {step}; the run stopped and the last good checkpoint "
+                    f"({'step ' + str(good) if good is not None else 'none'}) in {checkpointer.directory} is kept. "
+                    "Try a lower train.learning_rate or a larger train.warmup_steps.")
+            if step % tc.log_every == 0 or step == tc.steps:
+                last_train = _host_metrics(metrics)
+                last_train["learning_rate"] = float(schedule(step - 1))
+                last_train["tokens_per_second"] = tokens_per_step / float(np.median(step_times[-tc.log_every:]))
+                last_train["tokens"] = step * tokens_per_step
+                writer.write(step, last_train, prefix="train/")
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+                last_eval = evaluate(eval_step, state["params"], config, tokenizer, max_batches=eval_max)
+                writer.write(step, last_eval, prefix="eval/")
+            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
+                save(step)
+            if bar is not None:
+                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / step_times[-1]:.0f}"}
+                if last_eval:
+                    postfix["val"] = f"{last_eval['loss']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.close()
+        writer.close()
+
+    if not last_eval:  # resumed after the final step: evaluate once more for the summary
+        last_eval = evaluate(eval_step, state["params"], config, tokenizer, max_batches=eval_max)
+    records = _metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    train_losses = [r["train/loss"] for r in records if r.get("train/loss") is not None]
+    tail = train_losses[-max(1, len(train_losses) // 10):]
+    load_LE = next((r["train/moe/expert_load"] for r in reversed(records) if r.get("train/moe/expert_load")), None)
+    plots = _plots.write_plots(workdir, records, load_LE, title=experiment.name)
+    summary = {
+        "config_name": experiment.name,
+        "steps": int(step),
+        "tokens_seen": int(step * tokens_per_step),
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        "smoothed_train_loss": float(np.mean(tail)) if tail else None,
+        "validation_loss": last_eval["loss"],
+        "validation_bits_per_byte": last_eval["bits_per_byte"],
+        "wall_seconds": prior_wall + time.time() - wall_start,
+        "params": _param_counts(experiment.model),
+        "plots": [os.path.basename(p) for p in plots],
+    }
+    _metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    return summary
