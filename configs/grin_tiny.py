@@ -37,7 +37,7 @@ def model_config(*, ffn: str = "moe", router: str = "sparsemixer_v2") -> ml_coll
     m.jitter_eps = 0.01           # GRIN's value; sweep 0.01-0.5 to give more tokens a router gradient
     m.renormalize = True
     m.input_jitter = 0.01
-    m.moe_backend = "auto"
+    m.moe_backend = "tiled"  # TODO(auto)
     m.capacity_factor = 1.25
     m.load_balance_groups = 1
     m.load_balance_coef = 0.01

@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from grin_jax import data
-from grin_jax.data import corpus, packing, sources, stats, tokenizers
+from grin_jax.data import corpus, packing, pipeline, sources, stats, tokenizers
 
 S = 16  # a short row keeps the tests fast
 
@@ -76,8 +76,8 @@ def test_split_is_a_pure_function_of_the_relative_path():
 
 def test_corpus_file_selection_and_fingerprint(tmp_path):
     root = tmp_path / "lib"
-    for rel in ["a.py", "pkg/b.py", "pkg/c.py", "d.py", "e.py", "pkg/notes.txt", "test/t.py", "pkg/tests/t.py", "site-packages/x.py",
-                "__pycache__/a.py", "_sysconfigdata__linux.py", "config-3.11-x86_64/m.py", "idlelib/idle_test/t.py"]:
+    for rel in ["a.py", "pkg/b.py", "pkg/c.py", "d.py", "e.py", "pkg/notes.txt", "test/t.py", "pkg/tests/t.py",
+                "site-packages/x.py", "__pycache__/a.py", "_sysconfigdata__linux.py", "config-3.11-x86_64/m.py", "idlelib/idle_test/t.py"]:
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"x = 1\n")
@@ -277,7 +277,10 @@ def test_make_dataset_batches_and_determinism(data_dir):
     assert _equal(a, _take(default_proc, 5))
 
 
-def test_iterator_state_round_trip_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("shuffle", ["permutation", "grain_index_shuffle"])
+def test_iterator_state_round_trip_resumes_exactly(tmp_path, monkeypatch, shuffle):
+    if shuffle == "grain_index_shuffle":
+        monkeypatch.setattr(pipeline, "INDEX_SHUFFLE_MIN_DOCS", 0)
     # Small documents so that the stream crosses epochs (a new document order each) within the test.
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " + "x" * (i % 5)}) for i in range(300)))
     cfg = _cfg(str(tmp_path / "dd"), name="text", paths=f"{tmp_path}/d.jsonl", validation_fraction=0.1, seq_len=32)
@@ -293,11 +296,11 @@ def test_iterator_state_round_trip_resumes_exactly(tmp_path):
 
 def _epoch_documents(it, tok, n_docs):
     """Decode the first n_docs documents of an unshuffled-rows stream (they form the first epoch)."""
-    stream = [next(it)["inputs"][0]]
-    while (np.concatenate(stream) == tok.eos_id).sum() < n_docs + 1:
-        stream.append(next(it)["inputs"][0])
-    parts = tok.decode_bytes(np.where(np.concatenate(stream) == tok.eos_id, 0, np.concatenate(stream)) + 0)
-    return parts.split(b"\x00")[1:n_docs + 1]
+    rows = [next(it)["inputs"][0]]
+    while (np.concatenate(rows) == tok.eos_id).sum() < n_docs + 1:
+        rows.append(next(it)["inputs"][0])
+    stream = np.concatenate(rows)
+    return tok.decode_bytes(np.where(stream == tok.eos_id, 0, stream)).split(b"\x00")[1:n_docs + 1]
 
 
 def test_process_sharding_is_disjoint_and_covering(tmp_path):

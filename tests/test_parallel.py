@@ -25,18 +25,24 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) d
 
 
 def config(router="sparsemixer_v2", **kw):
-    options = {"jitter_eps": 0.3} if router == "sparsemixer_v2" else {}
+    options = dict(num_experts=E, top_k=K, d_model=D, d_hidden=F, router=router)
+    if router == "sparsemixer_v2":
+        options["jitter_eps"] = 0.3
     options.update(kw)
-    return MoEConfig(num_experts=E, top_k=K, d_model=D, d_hidden=F, router=router, **options)
+    return MoEConfig(**options)
 
 
 @functools.lru_cache(maxsize=None)
 def inputs():
-    params = init_moe_params(jax.random.key(0), config())
-    x = jax.random.normal(jax.random.key(1), (T, D))
-    noise = {"gumbel_KTE": jax.random.gumbel(jax.random.key(2), (K, T, E)),
-             "uniform_KT": jax.random.uniform(jax.random.key(3), (K, T))}
-    return params, x, noise
+    @jax.jit
+    def make(key):
+        k_params, k_x, k_gumbel, k_uniform = jax.random.split(key, 4)
+        params = init_moe_params(k_params, config())
+        x = jax.random.normal(k_x, (T, D))
+        noise = {"gumbel_KTE": jax.random.gumbel(k_gumbel, (K, T, E)),
+                 "uniform_KT": jax.random.uniform(k_uniform, (K, T))}
+        return params, x, noise
+    return make(jax.random.key(0))
 
 
 def scalar_loss(y, aux):
@@ -127,6 +133,17 @@ def test_ragged_alltoall_emulated_matches_single_device(mesh_shape, gmm_backend)
     assert_matches_reference("sparsemixer_v2", result)
 
 
+@jax.jit
+def topk_ids(params, x):
+    return _routing.route("topk_softmax", x @ params["router"], top_k=K, training=False).expert_ids
+
+
+@jax.jit
+def kept_slots_reference(params, x, kept_TK):
+    routing = _routing.route("topk_softmax", x @ params["router"], top_k=K, training=False)
+    return moe_ffn(params["experts"], x, routing.expert_ids, routing.weights * kept_TK, backend="dense")[0]
+
+
 def _brute_force_capacity(ids_TK, num_shards, capacity):
     """kept[t, k] with a per-(data shard, expert) capacity, slot-major priority (numpy loops)."""
     kept = np.zeros(ids_TK.shape, bool)
@@ -152,8 +169,7 @@ def test_alltoall_small_capacity_drops(mesh_shape):
     with jax.set_mesh(mesh):
         y, aux = jax.jit(functools.partial(par.moe_layer_parallel, config=cfg, mesh=mesh, strategy="alltoall",
                                            training=False, capacity_factor=capacity_factor))(params, x)
-    routing = _routing.route("topk_softmax", x @ params["router"], top_k=K, training=False)
-    ids = np.asarray(routing.expert_ids)
+    ids = np.asarray(topk_ids(params, x))
     capacity = int(np.ceil(capacity_factor * (T // num_data) * K / E))
     assert int(aux["metrics"]["capacity"]) == capacity
     kept = _brute_force_capacity(ids, num_data, capacity)
@@ -161,8 +177,7 @@ def test_alltoall_small_capacity_drops(mesh_shape):
     assert dropped > 0.1
     np.testing.assert_allclose(float(aux["metrics"]["dropped_fraction"]), dropped, atol=1e-7)
     # Values: the kept slots, exactly (dropped slots contribute zero).
-    y_ref, _ = moe_ffn(params["experts"], x, routing.expert_ids, routing.weights * jnp.asarray(kept),
-                       backend="dense")
+    y_ref = kept_slots_reference(params, x, jnp.asarray(kept))
     assert max_abs_diff(y, y_ref) < TOL
 
 
@@ -192,7 +207,7 @@ def test_load_balance_global_vs_local_brute_force():
 
     with jax.set_mesh(mesh):
         lb_global, lb_local = jax.jit(both)(params, x)
-    ids = np.asarray(_routing.route("topk_softmax", x @ params["router"], top_k=K, training=False).expert_ids)
+    ids = np.asarray(topk_ids(params, x))
     np.testing.assert_allclose(float(lb_global), _numpy_load_balance(x, params["router"], ids, 1), atol=TOL)
     np.testing.assert_allclose(float(lb_local), _numpy_load_balance(x, params["router"], ids, num_data), atol=TOL)
     assert abs(float(lb_global) - float(lb_local)) > 1e-3  # the two modes really differ on this batch
@@ -210,12 +225,17 @@ def test_rng_is_folded_with_the_data_shard_index(mesh_shape):
         y, aux = jax.jit(functools.partial(par.moe_layer_parallel, config=cfg, mesh=mesh, training=True))(
             params, x, rng=key)
     num_data = mesh_shape[0] * mesh_shape[1]
-    layer = jax.jit(functools.partial(moe_layer, config=cfg, training=True))
-    if num_data == 1:
-        y_ref = layer(params, x, rng=key)[0]
-    else:
-        y_ref = jnp.concatenate([layer(params, x_shard, rng=jax.random.fold_in(key, i))[0]
-                                 for i, x_shard in enumerate(jnp.split(x, num_data))])
+
+    @jax.jit
+    def per_shard_reference(params, x, key):
+        if num_data == 1:
+            return moe_layer(params, x, config=cfg, training=True, rng=key)[0]
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_data))
+        y = jax.vmap(lambda xs, k: moe_layer(params, xs, config=cfg, training=True, rng=k)[0])(
+            x.reshape(num_data, T // num_data, D), keys)
+        return y.reshape(T, D)
+
+    y_ref = per_shard_reference(params, x, key)
     assert max_abs_diff(y, y_ref) < TOL
 
 
@@ -278,8 +298,8 @@ def test_ragged_alltoall_real_primitive_lowers_with_gradients():
 def test_impossible_layouts_raise_clear_errors(change, message):
     params, x, _ = inputs()
     cfg = config("topk_softmax", **change.get("cfg", {}))
-    if "cfg" in change and ("num_experts" in change["cfg"] or "d_hidden" in change["cfg"]):
-        params = init_moe_params(jax.random.key(0), cfg)
+    if "num_experts" in change.get("cfg", {}) or "d_hidden" in change.get("cfg", {}):
+        params = jax.eval_shape(functools.partial(init_moe_params, config=cfg), jax.random.key(0))  # shapes suffice: nothing compiles
     x = x[:change.get("tokens", T)]
     mesh = par.make_mesh(*change.get("mesh", (2, 4, 1)))
     with pytest.raises(ValueError, match=message):

@@ -116,7 +116,11 @@ def _key(rng):
 
 def init(config: ModelConfig, rng=0):
     """Build the model; returns (graphdef, params) with params an nnx.State of nnx.Param (logical names in
-    each Param's metadata: nnx.get_partition_spec(params))."""
+    each Param's metadata: nnx.get_partition_spec(params)).
+
+    Runs eagerly: every initialiser is compiled once per shape and cached for the rest of the process (a jitted
+    init recompiles them for every new config, seconds on CPU). For sharded creation of a large model use
+    `abstract_init` and jit the construction with out_shardings (a later sharding module)."""
     model = DecoderLM(config, rngs=nnx.Rngs(params=_key(rng)))
     return nnx.split(model, nnx.Param)
 

@@ -67,7 +67,10 @@ def topk_softmax_router(logits_TE, *, top_k, training, rng=None, renormalize: bo
     del training, rng
     probs_TE = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
     top_probs_TK, ids_TK = jax.lax.top_k(probs_TE, top_k)
-    if renormalize:
+    if renormalize and top_k == 1:
+        # p / p == 1 exactly; autodiff of the quotient would send rounding noise (~1e-7) to the router.
+        top_probs_TK = jnp.ones_like(top_probs_TK)
+    elif renormalize:
         top_probs_TK = top_probs_TK / jnp.sum(top_probs_TK, axis=-1, keepdims=True)
     weights_TK = top_probs_TK.astype(logits_TE.dtype)
     # Every token's router gets gradient, except top-1 renormalised (its weight is identically 1).

@@ -7,17 +7,16 @@ import os
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(figsize):
+    """A figure outside pyplot's global state (no backend switch: notebooks keep their inline backend)."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.add_subplot()
 
 
 def plot_losses(records: list[dict], path: str, *, title: str = "") -> str:
     """Train loss (and validation loss where logged) against step."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure((7, 4.5))
     train = [(r["step"], r["train/loss"]) for r in records if r.get("train/loss") is not None]
     valid = [(r["step"], r["eval/loss"]) for r in records if r.get("eval/loss") is not None]
     if train:
@@ -31,16 +30,14 @@ def plot_losses(records: list[dict], path: str, *, title: str = "") -> str:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_expert_load(load_LE, path: str, *, title: str = "") -> str:
     """Heat map of the fraction of token-slots per expert (rows: layers), 1/E = balanced."""
-    plt = _pyplot()
     load_LE = np.asarray(load_LE, dtype=np.float64)
     num_layers, num_experts = load_LE.shape
-    fig, ax = plt.subplots(figsize=(max(5, 0.4 * num_experts + 2), max(3, 0.4 * num_layers + 1.5)))
+    fig, ax = _figure((max(5, 0.4 * num_experts + 2), max(3, 0.4 * num_layers + 1.5)))
     image = ax.imshow(load_LE * num_experts, aspect="auto", cmap="viridis", vmin=0)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
@@ -50,7 +47,6 @@ def plot_expert_load(load_LE, path: str, *, title: str = "") -> str:
     ax.set_title(title or "expert load per layer")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

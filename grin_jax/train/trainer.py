@@ -93,6 +93,20 @@ def make_train_step(graphdef, tx):
     return train_step
 
 
+@jax.jit
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _non_finite(what: str, checkpointer) -> NonFiniteLossError:
+    checkpointer.wait()
+    good = checkpointer.latest_step()
+    return NonFiniteLossError(
+        f"{what}; the run stopped and the last good checkpoint "
+        f"({'step ' + str(good) if good is not None else 'none yet'}) in {checkpointer.directory} is kept. "
+        "Try a lower train.learning_rate, a larger train.warmup_steps or train.clip_norm > 0.")
+
+
 def _global_norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
@@ -210,12 +224,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             loss = float(metrics["loss"])
             step_times.append(time.perf_counter() - t0)
             step += 1
-            if not math.isfinite(loss) or not math.isfinite(float(metrics["total_loss"])):
-                good = checkpointer.latest_step()
-                raise NonFiniteLossError(
-                    f"non-finite training loss ({loss}) at step {step}; the run stopped and the last good checkpoint "
-                    f"({'step ' + str(good) if good is not None else 'none'}) in {checkpointer.directory} is kept. "
-                    "Try a lower train.learning_rate or a larger train.warmup_steps.")
+            if not all(math.isfinite(float(metrics[k])) for k in ("loss", "total_loss", "grad_norm")):
+                raise _non_finite(f"non-finite training loss or gradient (loss {loss}) at step {step}",
+                                  checkpointer)
             if step % tc.log_every == 0 or step == tc.steps:
                 last_train = _host_metrics(metrics)
                 last_train["learning_rate"] = float(schedule(step - 1))
@@ -226,6 +237,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last_eval = evaluate(eval_step, state["params"], config, tokenizer, max_batches=eval_max)
                 writer.write(step, last_eval, prefix="eval/")
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
+                if not bool(_all_finite(state["params"])):
+                    raise _non_finite(f"non-finite parameters after step {step}", checkpointer)
                 save(step)
             if bar is not None:
                 postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / step_times[-1]:.0f}"}
@@ -260,3 +273,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     }
     _metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+# ------------------------------------------------------------------------------------------------ reloading
+def load_trained(workdir: str, step: int | None = None):
+    """(config, graphdef, params, tokenizer) of a run's checkpoint (default: the latest)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    experiment = resolve(config)
+    tc = config.train
+    tx, _ = _optim.make_optimizer(
+        learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
+        final_lr_fraction=tc.final_lr_fraction)
+    graphdef, abstract_params = _models.abstract_init(experiment.model)
+    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
+                      "step": jax.ShapeDtypeStruct((), jnp.int32),
+                      "rng": jax.eval_shape(lambda: jax.random.key(0))}
+    checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
+                                    f"(python -m grin_jax.train --workdir={workdir})")
+        state, _ = checkpointer.restore(step, abstract_state)
+    finally:
+        checkpointer.close()
+    tokenizer = _data.make_tokenizer(config.data)
+    return config, graphdef, state["params"], tokenizer

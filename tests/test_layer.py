@@ -1,0 +1,146 @@
+"""The MoE layer (grin_jax/moe/layer.py): backends through the whole layer, composition, input jitter, config
+validation.
+
+Axes: T tokens, D model, F expert hidden, E experts, K slots.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grin_jax.moe import dispatch, layer, losses, routing
+from grin_jax.moe.layer import MoEConfig
+
+T, D, F, E, K = 128, 16, 32, 8, 2
+
+
+def make_config(**overrides):
+    fields = dict(num_experts=E, top_k=K, d_model=D, d_hidden=F, jitter_eps=0.5)
+    fields.update(overrides)
+    return MoEConfig(**fields)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "training"))
+def layer_value_and_grads(params, x, cot, rng, *, config, training=True):
+    """Layer output, aux, and the gradients of sum(y * cot) + load_balance + z_loss w.r.t. (params, x)."""
+    def loss(params, x):
+        y, aux = layer.moe_layer(params, x, config=config, training=training, rng=rng)
+        return jnp.sum(y * cot) + aux["load_balance_loss"] + 1e-3 * aux["z_loss"], (y, aux)
+    grads, (y, aux) = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, aux, grads
+
+
+def inputs(seed=0):
+    rs = np.random.RandomState(seed)
+    return (jnp.asarray(rs.randn(T, D), jnp.float32), jnp.asarray(rs.randn(T, D), jnp.float32))
+
+
+@pytest.mark.parametrize("router", sorted(routing.ROUTERS))
+@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if b != "dense"])
+def test_layer_backend_equals_dense(backend, router):
+    """Outputs, aux losses and gradients w.r.t. x, the router and every expert weight equal the dense backend."""
+    options = {"capacity_factor": float(E)} if backend == "capacity" else {}
+    config = make_config(router=router, backend=backend, **options)
+    params = layer.init_moe_params(jax.random.key(0), config)
+    x, cot = inputs()
+    rng = jax.random.key(1)
+    y, aux, grads = layer_value_and_grads(params, x, cot, rng, config=config)
+    y_ref, aux_ref, grads_ref = layer_value_and_grads(params, x, cot, rng,
+                                                      config=dataclasses.replace(config, backend="dense"))
+    tol = dict(rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **tol)
+    for name in ("load_balance_loss", "z_loss"):
+        np.testing.assert_allclose(float(aux[name]), float(aux_ref[name]), rtol=1e-6)
+    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+    flat_ref = jax.tree_util.tree_leaves(grads_ref)
+    for (path, g), g_ref in zip(flat, flat_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), err_msg=jax.tree_util.keystr(path), **tol)
+    assert float(aux["metrics"]["dropped_fraction"]) == 0.0
+    # Non-vacuous: the router gets a task-loss gradient (many tokens keep >= 2 candidates at eps = 0.5).
+    router_grad_task = np.abs(np.asarray(grads[0]["router"])).max()
+    assert router_grad_task > 1e-3
+    assert float(aux["metrics"]["router_grad_fraction"]) > 0.5
+
+
+def test_layer_composition_with_explicit_noise():
+    """moe_layer = router matmul -> sparsemixer_v2 (weights include c) -> moe_ffn; aux = the loss functions."""
+    config = make_config(backend="dense", load_balance_groups=4)
+    params = layer.init_moe_params(jax.random.key(2), config)
+    x, _ = inputs(2)
+    rs = np.random.RandomState(2)
+    noise = {"gumbel_KTE": jnp.asarray(rs.gumbel(size=(K, T, E)), jnp.float32),
+             "uniform_KT": jnp.asarray(rs.rand(K, T), jnp.float32)}
+    y, aux = layer.moe_layer(params, x, config=config, training=True, router_noise=noise)
+    logits = x @ params["router"]
+    r = routing.route("sparsemixer_v2", logits, top_k=K, training=True, jitter_eps=0.5, **noise)
+    assert np.mean(np.asarray(r.weights) < 0.34) > 0.1  # c = 0.3333 occurs: experts see the scaled weight
+    y_ref, _ = dispatch.moe_ffn(params["experts"], x, r.expert_ids, r.weights, activation="swiglu",
+                                backend="dense")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(float(aux["load_balance_loss"]),
+                               float(losses.load_balance_loss(r.expert_ids, r.probs, num_groups=4)), rtol=1e-6)
+    np.testing.assert_allclose(float(aux["z_loss"]), float(losses.router_z_loss(logits)), rtol=1e-6)
+    metrics = aux["metrics"]
+    for key in ("expert_load", "max_load", "router_entropy", "router_grad_fraction", "dropped_fraction"):
+        assert key in metrics, key
+    np.testing.assert_allclose(np.asarray(metrics["expert_load"]),
+                               np.bincount(np.asarray(r.expert_ids).ravel(), minlength=E) / (T * K), rtol=1e-6)
+
+
+def test_input_jitter_applied_once_in_training_only():
+    """Training: the router and the experts see x * U(1-eps, 1+eps) once (key: first half of split(rng)).
+    Eval: no jitter."""
+    eps = 0.2
+    config = make_config(backend="dense", input_jitter=eps, router="topk_softmax")
+    plain = dataclasses.replace(config, input_jitter=0.0)
+    params = layer.init_moe_params(jax.random.key(3), config)
+    x, _ = inputs(3)
+    rng = jax.random.key(4)
+    y, _ = layer.moe_layer(params, x, config=config, training=True, rng=rng)
+    key_jitter, _ = jax.random.split(rng)
+    x_jittered = layer.apply_input_jitter(x, eps, key_jitter)
+    ratio = np.asarray(x_jittered / x)
+    assert ratio.min() >= 1 - eps and ratio.max() <= 1 + eps and ratio.std() > eps / 3  # one U(1-eps, 1+eps)
+    y_once, _ = layer.moe_layer(params, x_jittered, config=plain, training=True, rng=rng)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_once), rtol=1e-6, atol=1e-6)
+    y_none, _ = layer.moe_layer(params, x, config=plain, training=True, rng=rng)
+    assert np.abs(np.asarray(y) - np.asarray(y_none)).max() > 1e-3
+    y_eval, _ = layer.moe_layer(params, x, config=config, training=False, rng=rng)
+    np.testing.assert_allclose(np.asarray(y_eval), np.asarray(y_none), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="input_jitter > 0 needs rng"):
+        layer.moe_layer(params, x, config=config, training=True)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_experts", 0, r"num_experts=0 is invalid: accepted values are integers >= 1"),
+    ("top_k", 0, r"top_k=0 is invalid: accepted values are integers >= 1"),
+    ("top_k", 9, r"top_k=9 is invalid: accepted values are 1..num_experts=8"),
+    ("d_model", 16.0, r"d_model=16.0 is invalid: accepted values are integers >= 1"),
+    ("d_hidden", -1, r"d_hidden=-1 is invalid"),
+    ("load_balance_groups", 0, r"load_balance_groups=0 is invalid"),
+    ("router", "gshard", r"router='gshard' is unknown: accepted values are .*'sparsemixer_v2', 'topk_softmax'"),
+    ("activation", "tanh", r"activation='tanh' is unknown: accepted values are .*'swiglu'"),
+    ("backend", "megablocks", r"backend='megablocks' is unknown: accepted values are .*'dense'"),
+    ("jitter_eps", -0.01, r"jitter_eps=-0.01 is invalid: accepted values are >= 0"),
+    ("input_jitter", 1.0, r"input_jitter=1.0 is invalid: accepted values are in \[0, 1\)"),
+    ("capacity_factor", 0.0, r"capacity_factor=0.0 is invalid: accepted values are > 0"),
+    ("router_dtype", "float16", r"router_dtype='float16' is invalid: accepted values are 'float32'"),
+])
+def test_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(**{field: value})
+
+
+def test_layer_bad_input_shape():
+    config = make_config()
+    params = layer.init_moe_params(jax.random.key(0), config)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, d_model=16\]"):
+        layer.moe_layer(params, jnp.zeros((4, 8)), config=config, training=False)
+    with pytest.raises(ValueError, match=r"x must be \[tokens, d_model=16\]"):
+        layer.moe_layer(params, jnp.zeros((2, 4, 16)), config=config, training=False)
+    with pytest.raises(ValueError, match="rng"):
+        layer.moe_layer(params, jnp.zeros((4, 16)), config=config, training=True)

@@ -1,0 +1,139 @@
+"""The decoder LM: config validation, the functional API, aux losses, layer patterns, dtypes, sharding names.
+(Logit equality with transformers' PhiMoE / Mixtral: test_convert.py.)"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from grin_jax.models import (ModelConfig, apply, apply_jit, cross_entropy, flatten_params, init, model_config_from,
+                             unflatten_params)
+from grin_jax.params import count_params
+
+TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32, sliding_window=6,
+            attention_bias=True, num_experts=4, top_k=2, d_expert=24, lm_head_bias=True, input_jitter=0.01,
+            jitter_eps=0.3, load_balance_coef=0.01, z_loss_coef=0.001)
+
+
+def tiny(**kw):
+    return ModelConfig(**{**TINY, **kw})
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_heads=4, num_kv_heads=3), r"num_heads=4 is not divisible by num_kv_heads=3"),
+    (dict(sliding_window=33), r"sliding_window=33 is larger than the context max_seq_len=32"),
+    (dict(router="top2"), r"router='top2' is invalid: accepted values are \['sparsemixer_v2', 'topk_softmax'\]"),
+    (dict(activation="swish"), r"activation='swish' is invalid"),
+    (dict(norm="batchnorm"), r"norm='batchnorm' is invalid: accepted values are \['layernorm', 'rmsnorm'\]"),
+    (dict(moe_backend="magic"), r"moe_backend='magic' is invalid"),
+    (dict(ffn="sparse"), r"ffn='sparse' is invalid"),
+    (dict(dtype="int8"), r"dtype='int8' is invalid"),
+    (dict(top_k=5), r"top_k=5 is invalid: accepted values are 1..num_experts=4"),
+    (dict(d_model=30, num_heads=4), r"d_model=30 is not divisible by num_heads=4"),
+    (dict(head_dim=7), r"head_dim=7 is invalid: RoPE needs an even head dim"),
+    (dict(num_layers=0), r"num_layers=0 is invalid: accepted values are integers >= 1"),
+    (dict(attention_bias=1), r"attention_bias=1 is invalid: accepted values are True or False"),
+    (dict(input_jitter=1.5), r"input_jitter=1.5 is invalid"),
+])
+def test_config_errors_before_tracing(changes, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**changes)
+
+
+def test_model_config_from_config_dict():
+    import ml_collections
+
+    assert model_config_from(ml_collections.ConfigDict(TINY)) == tiny()
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['num_expert'\]"):
+        model_config_from({**TINY, "num_expert": 4})
+
+
+def test_forward_training_aux_and_gradients():
+    config = tiny()
+    graphdef, params = init(config, 0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, config.vocab_size)
+
+    def loss_fn(params, rng):
+        logits, aux = apply(graphdef, params, tokens, training=True, rng=rng)
+        return cross_entropy(logits[:, :-1], tokens[:, 1:]) + aux["aux_loss"], (logits, aux)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    (loss, (logits, aux)), grads = grad_fn(params, jax.random.key(2))
+    assert logits.shape == (2, 12, config.vocab_size) and logits.dtype == jnp.float32
+    assert np.isfinite(float(loss))
+    num_moe = config.num_layers
+    assert aux["load_balance_loss"].shape == (num_moe,) and aux["z_loss"].shape == (num_moe,)
+    assert aux["metrics"]["expert_load"].shape == (num_moe, config.num_experts)
+    np.testing.assert_allclose(np.sum(aux["metrics"]["expert_load"], axis=-1), 1.0, rtol=1e-6)
+    for key in ("router_grad_fraction", "max_load", "router_entropy", "dropped_fraction"):
+        assert aux["metrics"][key].shape == (num_moe,), key
+    np.testing.assert_allclose(aux["aux_loss"], 0.01 * np.mean(aux["load_balance_loss"])
+                               + 0.001 * np.mean(aux["z_loss"]), rtol=1e-6)
+    flat_grads = flatten_params(grads)
+    for name in ("layers.0.mlp.router", "layers.1.mlp.w_gate", "layers.0.attn.q.kernel", "embed.embedding"):
+        assert np.all(np.isfinite(flat_grads[name])) and np.any(flat_grads[name] != 0), name
+    # eval mode is deterministic and needs no rng; the functional entry equals the module call
+    eval_logits, _ = apply_jit(graphdef, params, tokens)
+    model = nnx.merge(graphdef, params)
+    np.testing.assert_allclose(model(tokens)[0], eval_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_every_nth_layer_moe_and_dense_equivalent():
+    config = tiny(num_layers=4, moe_every=2)
+    assert config.moe_layer_ids == (1, 3)
+    graphdef, params = init(config, 0)
+    flat = flatten_params(params)
+    assert flat["layers.0.mlp.w_gate"].shape == (32, 48)            # dense FFN, d_ff = top_k * d_expert
+    assert flat["layers.1.mlp.w_gate"].shape == (4, 32, 24)         # MoE
+    _, aux = apply_jit(graphdef, params, jnp.zeros((1, 8), jnp.int32))
+    assert aux["load_balance_loss"].shape == (2,)
+    # the dense baseline has the MoE's active parameters, except the routers (d_model x experts per layer)
+    moe, dense = count_params(tiny()), count_params(tiny().dense_equivalent())
+    assert dense["total"] == dense["active"]
+    assert moe["active"] - dense["active"] == tiny().num_layers * 32 * 4
+    _, aux = apply_jit(*init(tiny().dense_equivalent(), 0), jnp.zeros((1, 8), jnp.int32))
+    assert aux["load_balance_loss"].shape == (0,) and float(aux["aux_loss"]) == 0.0
+
+
+def test_logical_sharding_names_and_tied_embeddings():
+    graphdef, params = init(tiny(tie_embeddings=True, moe_backend="dense"), 0)
+    specs = {name: tuple(spec) for name, spec in flatten_params(nnx.get_partition_spec(params)).items()}
+    assert specs["embed.embedding"] == ("vocab", "embed")
+    assert specs["layers.0.attn.q.kernel"] == ("embed", "heads", "kv")
+    assert specs["layers.0.attn.k.kernel"] == ("embed", "kv_heads", "kv")
+    assert specs["layers.0.attn.o.kernel"] == ("heads", "kv", "embed")
+    assert specs["layers.0.mlp.w_gate"] == ("experts", "embed", "mlp")
+    assert specs["layers.0.mlp.w_down"] == ("experts", "mlp", "embed")
+    assert specs["layers.0.mlp.router"] == ("embed", "experts")
+    assert specs["lm_head_bias"] == ("vocab",)
+    assert not any(name.startswith("lm_head.") for name in specs)  # tied: no head kernel
+    # tied head == an untied head whose kernel is the embedding transposed
+    flat = flatten_params(params)
+    untied = dict(flat)
+    untied["lm_head.kernel"] = flat["embed.embedding"].T
+    untied["lm_head.bias"] = untied.pop("lm_head_bias")
+    untied_graphdef, untied_params = unflatten_params(tiny(moe_backend="dense"), untied)
+    tokens = jnp.arange(8)[None]
+    np.testing.assert_allclose(apply_jit(graphdef, params, tokens)[0],
+                               apply_jit(untied_graphdef, untied_params, tokens)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_dtypes():
+    config = tiny(param_dtype="bfloat16", dtype="bfloat16", activation_dtype="bfloat16")
+    graphdef, params = init(config, 0)
+    assert all(v.dtype == jnp.bfloat16 for v in flatten_params(params).values())
+    logits32, _ = apply_jit(*init(tiny(), 0), jnp.arange(8)[None])
+    logits, aux = apply_jit(graphdef, params, jnp.arange(8)[None])
+    assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
+    # same initial values (rounded): bf16 logits track the float32 ones
+    assert np.corrcoef(np.asarray(logits).ravel(), np.asarray(logits32).ravel())[0, 1] > 0.98
+    assert aux["z_loss"].dtype == jnp.float32
+
+
+def test_config_round_trips_through_dict():
+    config = tiny(sliding_window=None, head_dim=16)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert dataclasses.replace(config, top_k=1).top_k == 1
