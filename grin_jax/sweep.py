@@ -4,9 +4,10 @@
 
 A sweep config is an ml_collections file whose get_config() returns:
     base_config: 'configs/grin_tiny.py[:variant]'      the experiment every trial starts from
-    overrides:   {'train.steps': 300, ...}             fixed overrides for every trial
-    product:     {'model.granularity': [1, 2, 4], 'train.seed': [0, 1]}   cartesian product
-    zip:         {'model.d_model': [64, 96], 'model.num_layers': [2, 3]}   zipped lists (one axis)
+    overrides:   {'train': {'steps': 300}}                 fixed overrides for every trial
+    product:     {'model': {'granularity': [1, 2, 4]}, 'train': {'seed': [0, 1]}}   cartesian product
+    zip:         {'model': {'d_model': [64, 96], 'num_layers': [2, 3]}}            zipped lists (one axis)
+(nested like the experiment config, since ConfigDict keys cannot contain dots; trials name fields dotted).
     executor:    'local' | 'slurm'     parallel: trials at once for 'local' (default: one per 2 cores)
     slurm:       submitit parameters for 'slurm' (partition, timeout_min, gpus_per_node, ...)
 Each trial is a normal `python -m grin_jax.train` run in `<sweep_dir>/trials/<trial_id>/` (its log in log.txt).
@@ -41,11 +42,27 @@ def _format_value(value) -> str:
     return repr(value)
 
 
+def _dotted(tree, *, leaves_are_lists: bool, prefix: str = "") -> dict:
+    """{'model': {'top_k': [1, 2]}} -> {'model.top_k': [1, 2]} (ConfigDict keys cannot contain dots)."""
+    if hasattr(tree, "to_dict"):
+        tree = tree.to_dict()
+    out = {}
+    for key, value in (tree or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and not (leaves_are_lists and not value):
+            out.update(_dotted(value, leaves_are_lists=leaves_are_lists, prefix=name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def expand_trials(sweep) -> list[dict]:
-    """The list of trials: each a dict of config overrides (fixed overrides, then product x zip axes)."""
-    fixed = dict(sweep.get("overrides", {}) or {})
-    product = dict(sweep.get("product", {}) or {})
-    zipped = dict(sweep.get("zip", {}) or {})
+    """The list of trials: each a dict of dotted config overrides (fixed overrides, then product x zip axes).
+
+    `overrides`, `product` and `zip` are nested like the experiment config: {'model': {'top_k': [1, 2]}}."""
+    fixed = _dotted(sweep.get("overrides", {}), leaves_are_lists=False)
+    product = _dotted(sweep.get("product", {}), leaves_are_lists=True)
+    zipped = _dotted(sweep.get("zip", {}), leaves_are_lists=True)
     for name, values in list(product.items()) + list(zipped.items()):
         if not isinstance(values, (list, tuple)) or not values:
             raise ValueError(f"sweep axis {name!r}={values!r} is invalid: accepted values are non-empty lists")

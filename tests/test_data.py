@@ -46,6 +46,7 @@ def _equal(a, b):
 
 def test_full_corpus_build_splits_and_contents(data_dir):
     b = corpus.python_stdlib_builder(data_dir)  # reused, not rebuilt
+    assert b.is_prepared()
     files = corpus.list_corpus_files()
     assert len(files) > 300
     assert not any(f.startswith(("test/", "site-packages/")) or "/tests/" in f or "_sysconfigdata" in f

@@ -54,8 +54,7 @@ def make_inputs(load, seed=0):
     return jnp.asarray(x), jnp.asarray(ids), jnp.asarray(w), jnp.asarray(cot)
 
 
-@functools.partial(jax.jit, static_argnames=("activation", "backend", "capacity_factor"))
-def value_and_grads(params, x, ids, w, cot, *, activation, backend, capacity_factor=1.25):
+def _value_and_grads(params, x, ids, w, cot, *, activation, backend, capacity_factor=1.25):
     """y, metrics and the gradients of sum(y * cot) w.r.t. (expert params, x, weights)."""
     def loss(params, x, w):
         y, metrics = dispatch.moe_ffn(params, x, ids, w, activation=activation, backend=backend,
@@ -63,6 +62,17 @@ def value_and_grads(params, x, ids, w, cot, *, activation, backend, capacity_fac
         return jnp.sum(y * cot), (y, metrics)
     grads, (y, metrics) = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(params, x, w)
     return y, metrics, grads
+
+
+value_and_grads = jax.jit(_value_and_grads, static_argnames=("activation", "backend", "capacity_factor"))
+
+
+@functools.partial(jax.jit, static_argnames="activation")
+def all_backends_value_and_grads(params, x, ids, w, cot, *, activation):
+    """{backend: (y, metrics, grads)} for every backend in one compilation (capacity: C = M, nothing dropped)."""
+    return {backend: _value_and_grads(params, x, ids, w, cot, activation=activation, backend=backend,
+                                      capacity_factor=float(E))
+            for backend in dispatch.BACKENDS}
 
 
 def assert_trees_close(actual, desired, what, **tol):
@@ -81,25 +91,25 @@ def test_registry():
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if b != "dense"])
-def test_backend_equals_dense(backend, activation):
+def test_every_backend_equals_dense(activation):
+    """Every backend (capacity with a factor large enough that nothing overflows: C = M >= any load) equals dense
+    in y and in the gradients w.r.t. x, the combine weights and every expert weight, under jit."""
     params = make_params(activation)
-    # capacity: a factor large enough that no expert overflows (C = M >= any load) makes it exact.
-    options = {"capacity_factor": float(E)} if backend == "capacity" else {}
     for load in ("balanced", "skewed"):
         x, ids, w, cot = make_inputs(load)
-        y_ref, _, grads_ref = value_and_grads(params, x, ids, w, cot, activation=activation, backend="dense")
-        y, metrics, grads = value_and_grads(params, x, ids, w, cot, activation=activation, backend=backend,
-                                            **options)
-        where = f"{backend}/{activation}/{load}: "
-        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), err_msg=where + "y", **TOL)
-        assert_trees_close(grads, grads_ref, where + "grad")
-        assert float(metrics["dropped_fraction"]) == 0.0
-        # Non-vacuous: unused experts get exactly zero gradient, used ones do not.
-        counts = np.bincount(np.asarray(ids).ravel(), minlength=E)
-        g_down = np.abs(np.asarray(grads[0]["w_down"])).sum(axis=(1, 2))
-        np.testing.assert_array_equal(g_down == 0, counts == 0)
-    assert np.abs(np.asarray(y_ref)).mean() > 0.05
+        results = all_backends_value_and_grads(params, x, ids, w, cot, activation=activation)
+        y_ref, _, grads_ref = results["dense"]
+        assert np.abs(np.asarray(y_ref)).mean() > 0.05
+        for backend in dispatch.BACKENDS:
+            y, metrics, grads = results[backend]
+            where = f"{backend}/{activation}/{load}: "
+            np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), err_msg=where + "y", **TOL)
+            assert_trees_close(grads, grads_ref, where + "grad")
+            assert float(metrics["dropped_fraction"]) == 0.0, where
+            # Non-vacuous: unused experts get exactly zero gradient, used ones do not.
+            counts = np.bincount(np.asarray(ids).ravel(), minlength=E)
+            g_down = np.abs(np.asarray(grads[0]["w_down"])).sum(axis=(1, 2))
+            np.testing.assert_array_equal(g_down == 0, counts == 0, err_msg=where)
 
 
 def dense_reference_np(params, x, ids, w, activation):

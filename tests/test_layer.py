@@ -24,14 +24,20 @@ def make_config(**overrides):
     return MoEConfig(**fields)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "training"))
-def layer_value_and_grads(params, x, cot, rng, *, config, training=True):
+def _value_and_grads(params, x, cot, rng, *, config):
     """Layer output, aux, and the gradients of sum(y * cot) + load_balance + z_loss w.r.t. (params, x)."""
     def loss(params, x):
-        y, aux = layer.moe_layer(params, x, config=config, training=training, rng=rng)
+        y, aux = layer.moe_layer(params, x, config=config, training=True, rng=rng)
         return jnp.sum(y * cot) + aux["load_balance_loss"] + 1e-3 * aux["z_loss"], (y, aux)
     grads, (y, aux) = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
     return y, aux, grads
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def all_backends_value_and_grads(params, x, cot, rng, *, config):
+    """{backend: (y, aux, grads)}, every backend in one compilation (the routing is shared: same rng)."""
+    return {backend: _value_and_grads(params, x, cot, rng, config=dataclasses.replace(config, backend=backend))
+            for backend in dispatch.BACKENDS}
 
 
 def inputs(seed=0):
@@ -40,30 +46,29 @@ def inputs(seed=0):
 
 
 @pytest.mark.parametrize("router", sorted(routing.ROUTERS))
-@pytest.mark.parametrize("backend", [b for b in dispatch.BACKENDS if b != "dense"])
-def test_layer_backend_equals_dense(backend, router):
-    """Outputs, aux losses and gradients w.r.t. x, the router and every expert weight equal the dense backend."""
-    options = {"capacity_factor": float(E)} if backend == "capacity" else {}
-    config = make_config(router=router, backend=backend, **options)
+def test_layer_every_backend_equals_dense(router):
+    """Training, under jit: outputs, aux losses and gradients w.r.t. x, the router and every expert weight equal
+    the dense backend's (capacity with C = M: nothing dropped)."""
+    config = make_config(router=router, capacity_factor=float(E))
     params = layer.init_moe_params(jax.random.key(0), config)
     x, cot = inputs()
-    rng = jax.random.key(1)
-    y, aux, grads = layer_value_and_grads(params, x, cot, rng, config=config)
-    y_ref, aux_ref, grads_ref = layer_value_and_grads(params, x, cot, rng,
-                                                      config=dataclasses.replace(config, backend="dense"))
+    results = all_backends_value_and_grads(params, x, cot, jax.random.key(1), config=config)
+    y_ref, aux_ref, grads_ref = results["dense"]
     tol = dict(rtol=2e-5, atol=2e-5)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), **tol)
-    for name in ("load_balance_loss", "z_loss"):
-        np.testing.assert_allclose(float(aux[name]), float(aux_ref[name]), rtol=1e-6)
-    flat, _ = jax.tree_util.tree_flatten_with_path(grads)
-    flat_ref = jax.tree_util.tree_leaves(grads_ref)
-    for (path, g), g_ref in zip(flat, flat_ref):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), err_msg=jax.tree_util.keystr(path), **tol)
-    assert float(aux["metrics"]["dropped_fraction"]) == 0.0
-    # Non-vacuous: the router gets a task-loss gradient (many tokens keep >= 2 candidates at eps = 0.5).
-    router_grad_task = np.abs(np.asarray(grads[0]["router"])).max()
-    assert router_grad_task > 1e-3
-    assert float(aux["metrics"]["router_grad_fraction"]) > 0.5
+    for backend in dispatch.BACKENDS:
+        y, aux, grads = results[backend]
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), err_msg=backend, **tol)
+        for name in ("load_balance_loss", "z_loss"):
+            np.testing.assert_allclose(float(aux[name]), float(aux_ref[name]), rtol=1e-6, err_msg=backend)
+        flat, _ = jax.tree_util.tree_flatten_with_path(grads)
+        for (path, g), g_ref in zip(flat, jax.tree_util.tree_leaves(grads_ref)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), err_msg=backend + jax.tree_util.keystr(path),
+                                       **tol)
+        assert float(aux["metrics"]["dropped_fraction"]) == 0.0
+    # Non-vacuous: the router gets gradient (at eps = 0.5 most tokens keep >= 2 candidates), every expert is used.
+    assert np.abs(np.asarray(grads_ref[0]["router"])).max() > 1e-3
+    assert np.all(np.asarray(aux_ref["metrics"]["expert_load"]) > 0)
+    assert float(aux_ref["metrics"]["router_grad_fraction"]) > 0.5
 
 
 def test_layer_composition_with_explicit_noise():
@@ -74,16 +79,22 @@ def test_layer_composition_with_explicit_noise():
     rs = np.random.RandomState(2)
     noise = {"gumbel_KTE": jnp.asarray(rs.gumbel(size=(K, T, E)), jnp.float32),
              "uniform_KT": jnp.asarray(rs.rand(K, T), jnp.float32)}
-    y, aux = layer.moe_layer(params, x, config=config, training=True, router_noise=noise)
-    logits = x @ params["router"]
-    r = routing.route("sparsemixer_v2", logits, top_k=K, training=True, jitter_eps=0.5, **noise)
+
+    @jax.jit
+    def both(params, x, noise):
+        y, aux = layer.moe_layer(params, x, config=config, training=True, router_noise=noise)
+        logits = x @ params["router"]
+        r = routing.route("sparsemixer_v2", logits, top_k=K, training=True, jitter_eps=0.5, **noise)
+        y_ref, _ = dispatch.moe_ffn(params["experts"], x, r.expert_ids, r.weights, activation="swiglu",
+                                    backend="dense")
+        lb = losses.load_balance_loss(r.expert_ids, r.probs, num_groups=4)
+        return y, aux, r, y_ref, lb, losses.router_z_loss(logits)
+
+    y, aux, r, y_ref, lb, z_loss = both(params, x, noise)
     assert np.mean(np.asarray(r.weights) < 0.34) > 0.1  # c = 0.3333 occurs: experts see the scaled weight
-    y_ref, _ = dispatch.moe_ffn(params["experts"], x, r.expert_ids, r.weights, activation="swiglu",
-                                backend="dense")
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(float(aux["load_balance_loss"]),
-                               float(losses.load_balance_loss(r.expert_ids, r.probs, num_groups=4)), rtol=1e-6)
-    np.testing.assert_allclose(float(aux["z_loss"]), float(losses.router_z_loss(logits)), rtol=1e-6)
+    np.testing.assert_allclose(float(aux["load_balance_loss"]), float(lb), rtol=1e-6)
+    np.testing.assert_allclose(float(aux["z_loss"]), float(z_loss), rtol=1e-6)
     metrics = aux["metrics"]
     for key in ("expert_load", "max_load", "router_entropy", "router_grad_fraction", "dropped_fraction"):
         assert key in metrics, key
@@ -100,16 +111,21 @@ def test_input_jitter_applied_once_in_training_only():
     params = layer.init_moe_params(jax.random.key(3), config)
     x, _ = inputs(3)
     rng = jax.random.key(4)
-    y, _ = layer.moe_layer(params, x, config=config, training=True, rng=rng)
-    key_jitter, _ = jax.random.split(rng)
-    x_jittered = layer.apply_input_jitter(x, eps, key_jitter)
+
+    @jax.jit
+    def run(params, x, rng):
+        y = layer.moe_layer(params, x, config=config, training=True, rng=rng)[0]
+        x_jittered = layer.apply_input_jitter(x, eps, jax.random.split(rng)[0])
+        y_once = layer.moe_layer(params, x_jittered, config=plain, training=True, rng=rng)[0]
+        y_none = layer.moe_layer(params, x, config=plain, training=True, rng=rng)[0]
+        y_eval = layer.moe_layer(params, x, config=config, training=False, rng=rng)[0]
+        return y, x_jittered, y_once, y_none, y_eval
+
+    y, x_jittered, y_once, y_none, y_eval = run(params, x, rng)
     ratio = np.asarray(x_jittered / x)
     assert ratio.min() >= 1 - eps and ratio.max() <= 1 + eps and ratio.std() > eps / 3  # one U(1-eps, 1+eps)
-    y_once, _ = layer.moe_layer(params, x_jittered, config=plain, training=True, rng=rng)
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_once), rtol=1e-6, atol=1e-6)
-    y_none, _ = layer.moe_layer(params, x, config=plain, training=True, rng=rng)
     assert np.abs(np.asarray(y) - np.asarray(y_none)).max() > 1e-3
-    y_eval, _ = layer.moe_layer(params, x, config=config, training=False, rng=rng)
     np.testing.assert_allclose(np.asarray(y_eval), np.asarray(y_none), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="input_jitter > 0 needs rng"):
         layer.moe_layer(params, x, config=config, training=True)

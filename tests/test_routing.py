@@ -4,6 +4,8 @@
 Axes: T tokens, E experts, K slots.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,13 +16,21 @@ from grin_jax.moe import routing
 T, E = 512, 16
 
 
-def logit_grad(router, logits, seed, scale=1.0, **options):
-    """dL/dz for L = sum(weights * scale * cot), cot a fixed random cotangent [T, K] (the same for any scale)."""
-    cot = np.random.RandomState(seed).randn(logits.shape[0], options["top_k"]) * scale
-    cot = jnp.asarray(cot, logits.dtype)
+@functools.partial(jax.jit, static_argnames=("router", "options"))
+def _route_and_grad(logits, cot, rng, *, router, options):
     def loss(z):
-        return jnp.sum(routing.route(router, z, rng=jax.random.key(seed), **options).weights * cot)
-    return np.asarray(jax.grad(loss)(logits))
+        r = routing.route(router, z, rng=rng, **dict(options))
+        return jnp.sum(r.weights * cot), r.metrics
+    return jax.grad(loss, has_aux=True)(logits)
+
+
+def route_and_grad(router, logits, seed, scale=1.0, **options):
+    """(metrics, dL/dz) for L = sum(weights * scale * cot), cot a fixed random cotangent [T, K] (the same for any
+    scale), the router's noise from jax.random.key(seed)."""
+    cot = np.random.RandomState(seed).randn(logits.shape[0], options["top_k"]) * scale
+    grad, metrics = _route_and_grad(logits, jnp.asarray(cot, logits.dtype), jax.random.key(seed), router=router,
+                                    options=tuple(sorted(options.items())))
+    return metrics, np.asarray(grad)
 
 
 def test_registry():
@@ -60,10 +70,10 @@ def test_router_grad_fraction_equals_autodiff(regime):
     for eps in (0.01, 0.1, 0.5):
         options = dict(top_k=2, training=True, jitter_eps=eps)
         seed = round(eps * 100)
-        metric = float(routing.route("sparsemixer_v2", logits, rng=jax.random.key(seed), **options)
-                       .metrics["router_grad_fraction"])
-        has_grad = np.any(logit_grad("sparsemixer_v2", logits, seed, **options) != 0, axis=-1)
-        lifted = np.abs(logit_grad("sparsemixer_v2", logits, seed, scale=LIFT, **options)).max(axis=-1)
+        metrics, grad = route_and_grad("sparsemixer_v2", logits, seed, **options)
+        metric = float(metrics["router_grad_fraction"])
+        has_grad = np.any(grad != 0, axis=-1)
+        lifted = np.abs(route_and_grad("sparsemixer_v2", logits, seed, scale=LIFT, **options)[1]).max(axis=-1)
         where = f"{regime}, eps={eps}"
         # Exact: the metric counts the tokens whose router gradient is mathematically nonzero.
         assert metric == pytest.approx(np.mean(lifted > 0), abs=1e-7), where
@@ -85,8 +95,9 @@ def test_router_grad_fraction_topk_softmax():
     logits = jnp.asarray(np.random.RandomState(2).randn(T, E), jnp.float32)
     for top_k, renormalize in ((1, True), (1, False), (2, True), (2, False)):
         options = dict(top_k=top_k, training=True, renormalize=renormalize)
-        metric = float(routing.route("topk_softmax", logits, **options).metrics["router_grad_fraction"])
-        assert metric == np.mean(np.any(logit_grad("topk_softmax", logits, 0, **options) != 0, axis=-1))
+        metrics, grad = route_and_grad("topk_softmax", logits, 0, **options)
+        metric = float(metrics["router_grad_fraction"])
+        assert metric == np.mean(np.any(grad != 0, axis=-1))
         assert metric == (0.0 if (top_k, renormalize) == (1, True) else 1.0)
 
 

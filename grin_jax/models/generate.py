@@ -21,31 +21,36 @@ from flax import nnx
 from grin_jax.models.lm import DecoderLM, apply_with_cache, init_cache
 
 
-def sample_logits(logits_BV: jax.Array, rng, temperature: float = 0.0, top_p: float = 1.0) -> jax.Array:
+def sample_logits(logits_BV: jax.Array, rng, temperature=0.0, top_p=1.0) -> jax.Array:
     """Next token [B] int32: argmax when temperature == 0, else a sample from softmax(logits / temperature)
-    restricted to the smallest set of most likely tokens whose probability reaches top_p (nucleus)."""
+    restricted to the smallest set of most likely tokens whose probability reaches top_p (nucleus).
+
+    temperature and top_p may be traced scalars (one compiled step serves every setting); a Python 0.0
+    temperature skips the sampling code."""
     logits_BV = logits_BV.astype(jnp.float32)
-    if temperature == 0.0:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    logits_BV = logits_BV / temperature
-    if top_p < 1.0:
-        sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly more likely tokens
-        keep_BV = before_BV < top_p                           # the most likely token is always kept
-        threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-        logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
-    return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if isinstance(temperature, (int, float)) and temperature == 0:
+        return greedy_B
+    temperature = jnp.asarray(temperature, jnp.float32)
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+    sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly more likely tokens
+    keep_BV = before_BV < top_p                           # the most likely token is always kept
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    scaled_BV = jnp.where(scaled_BV >= threshold_B1, scaled_BV, -jnp.inf)
+    sample_B = jax.random.categorical(rng, scaled_BV, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sample_B, greedy_B)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_p"), donate_argnames=("cache",))
-def _prefill(graphdef, params, prompt_BP, cache, rng, *, temperature, top_p):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _prefill(graphdef, params, prompt_BP, cache, rng, temperature, top_p):
     logits_BPV, _, cache = apply_with_cache(graphdef, params, prompt_BP, cache, jnp.int32(0))
     return sample_logits(logits_BPV[:, -1], rng, temperature, top_p), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_p"), donate_argnames=("cache",))
-def _decode_step(graphdef, params, token_B, cache, index, rng, *, temperature, top_p):
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _decode_step(graphdef, params, token_B, cache, index, rng, temperature, top_p):
     logits_B1V, _, cache = apply_with_cache(graphdef, params, token_B[:, None], cache, index)
     return sample_logits(logits_B1V[:, -1], rng, temperature, top_p), cache
 
@@ -80,10 +85,10 @@ def generate(graphdef, params=None, prompt_BP=None, *, max_new_tokens: int, temp
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng")
     rng = jax.random.key(0) if rng is None else rng
-    temperature, top_p = float(temperature), float(top_p)
+    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)  # traced: no recompilation per setting
     cache = init_cache(config, batch, total, cache_dtype)
     rng, step_rng = jax.random.split(rng)
-    token_B, cache = _prefill(graphdef, params, prompt_BP, cache, step_rng, temperature=temperature, top_p=top_p)
+    token_B, cache = _prefill(graphdef, params, prompt_BP, cache, step_rng, temperature, top_p)
     out = [token_B]
     done_B = np.zeros((batch,), bool) if eos_id is None else np.asarray(token_B) == eos_id
     for n in range(1, max_new_tokens):
@@ -92,7 +97,7 @@ def generate(graphdef, params=None, prompt_BP=None, *, max_new_tokens: int, temp
             continue
         rng, step_rng = jax.random.split(rng)
         token_B, cache = _decode_step(graphdef, params, token_B, cache, jnp.int32(prompt_len + n - 1), step_rng,
-                                      temperature=temperature, top_p=top_p)
+                                      temperature, top_p)
         if eos_id is not None:
             token_B = jnp.where(jnp.asarray(done_B), eos_id, token_B)
             done_B = done_B | (np.asarray(token_B) == eos_id)

@@ -183,10 +183,10 @@ def resolve_layout(config: _layer.MoEConfig, mesh, num_tokens: int | None = None
     return ParallelLayout(data_axes, expert_axis, model_axis, num_data, num_expert, num_model)
 
 
-def param_shardings(params: dict, mesh, *, data_axes=("data", "expert"), expert_axis="expert",
-                    model_axis="model") -> dict:
+def param_shardings(params: dict, mesh, *, expert_axis: str | None = "expert",
+                    model_axis: str | None = "model") -> dict:
     """NamedShardings for the MoE parameters (use with jax.device_put / as jit out_shardings)."""
-    layout = ParallelLayout(tuple(data_axes or ()), expert_axis, model_axis, 0, 0, 0)
+    layout = ParallelLayout((), expert_axis, model_axis, 1, 1, 1)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), layout.param_specs(params["experts"]),
                         is_leaf=lambda s: isinstance(s, P))
 

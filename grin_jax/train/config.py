@@ -27,12 +27,13 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.async_checkpoint = True
     c.progress = True              # progress bar on stderr
-    c.sample_tokens = 0            # > 0: print a sample of this many tokens at the end
+    c.compilation_cache_dir = ""   # JAX's persistent compilation cache: '' = $JAX_COMPILATION_CACHE_DIR or
+                                   # ~/.cache/grin_jax/jax_cache; 'none' = off. Restarts and sweeps skip recompiling.
     return c
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "keep_checkpoints", "log_every")
-_NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "sample_tokens", "seed")
+_NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "seed")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "clip_norm")
 
 

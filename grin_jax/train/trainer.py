@@ -135,6 +135,36 @@ def evaluate(eval_step, params, config, tokenizer, *, max_batches) -> dict:
             "tokens": total_tokens}
 
 
+def enable_compilation_cache(setting: str) -> None:
+    """Turn on JAX's persistent compilation cache (see train.compilation_cache_dir)."""
+    if setting == "none":
+        return
+    path = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.expanduser("~/.cache/grin_jax/jax_cache")
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+def batch_spec(batch_size: int, seq_len: int) -> dict:
+    """Shapes and dtypes of a device batch (for ahead-of-time compilation)."""
+    return {"inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+            "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+            "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable as XLA counts them (0.0 when the backend does not say)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def paper_flops_per_token(model_config, counts: dict) -> float:
+    """Krajewski et al.'s training FLOPs per token: c_f = 6 per active non-embedding parameter (router excluded)
+    plus c_r = 14 per router parameter (REFERENCE §2); attention scores and the LM head are not counted."""
+    router = counts.get("router", 0)
+    return 6.0 * (counts["active_non_embedding"] - router) + 14.0 * router
+
+
 def _device_batch(batch) -> dict:
     return {k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask")}
 
@@ -148,11 +178,8 @@ def init_state(experiment: Experiment, tx):
 
 
 def _param_counts(model_config) -> dict:
-    try:
-        from grin_jax import params as _params
-        return dict(_params.count_params(model_config))
-    except (ImportError, AttributeError):
-        return {}
+    from grin_jax import params as _params
+    return dict(_params.count_params(model_config))
 
 
 def _host_metrics(metrics) -> dict:
@@ -198,9 +225,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"resuming from {checkpointer.directory}/{latest} (step {start_step})", file=sys.stderr, flush=True)
     writer = _metrics.MetricWriter(workdir, resume_step=start_step)
 
-    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(graphdef))
     tokens_per_step = tc.batch_size * config.data.seq_len
+    enable_compilation_cache(tc.compilation_cache_dir)
+    compile_start = time.perf_counter()
+    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)).lower(
+        state, batch_spec(tc.batch_size, config.data.seq_len)).compile()
+    compile_seconds = time.perf_counter() - compile_start
+    xla_flops_per_token = compiled_flops(train_step) / tokens_per_step
+    eval_step = jax.jit(make_eval_step(graphdef))
     eval_max = tc.eval_batches or None
 
     def save(step):
@@ -259,6 +291,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tail = train_losses[-max(1, len(train_losses) // 10):]
     load_LE = next((r["train/moe/expert_load"] for r in reversed(records) if r.get("train/moe/expert_load")), None)
     plots = _plots.write_plots(workdir, records, load_LE, title=experiment.name)
+    counts = _param_counts(experiment.model)
     summary = {
         "config_name": experiment.name,
         "steps": int(step),
@@ -268,8 +301,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "validation_loss": last_eval["loss"],
         "validation_bits_per_byte": last_eval["bits_per_byte"],
         "wall_seconds": prior_wall + time.time() - wall_start,
-        "params": _param_counts(experiment.model),
+        "params": counts,
         "plots": [os.path.basename(p) for p in plots],
+        "compile_seconds": compile_seconds,
+        "tokens_per_second": float(tokens_per_step / np.median(step_times)) if step_times else None,
+        "xla_flops_per_token": xla_flops_per_token,
+        "paper_flops_per_token": paper_flops_per_token(experiment.model, counts) if counts else None,
+        # The scaling-law columns (python -m grin_jax.scaling.fit reads N, D, G, loss):
+        "N": counts.get("non_embedding"),
+        "D": int(step * tokens_per_step),
+        "G": int(config.model.get("granularity", 1) or 1),
+        "loss": float(np.mean(tail)) if tail else None,
+        "flops": (paper_flops_per_token(experiment.model, counts) * step * tokens_per_step) if counts else None,
     }
     _metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
