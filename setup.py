@@ -18,12 +18,18 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "tensorflow-datasets>=4.9.10",  # builders and array_record data sources only: TensorFlow is never imported
+        "grain>=0.2.18",
+        "array-record>=0.8.6",
+        "sentencepiece>=0.2.3",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build available on the project's machines; an unpinned torch
         # pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0"],
-        "notebooks": ["jupyter", "nbclient>=0.10", "nbformat>=5.10", "ipykernel"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "submitit>=1.5"],
+        "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "slurm": ["submitit>=1.5"],
     },
 )
