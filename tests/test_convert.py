@@ -222,5 +222,7 @@ def test_config_json_errors():
         hf_conv.model_config_from_hf({**GRIN_MOE_CONFIG_JSON, "rope_scaling": {"type": "longrope"}})
     with pytest.raises(ValueError, match="model_type='llama'"):
         hf_conv.model_config_from_hf({**GRIN_MOE_CONFIG_JSON, "model_type": "llama"})
+    with pytest.raises(ValueError, match="num_experts_per_tok=4 is not supported for phimoe"):
+        hf_conv.model_config_from_hf({**GRIN_MOE_CONFIG_JSON, "num_experts_per_tok": 4})
     with pytest.raises(ValueError, match="no transformers PhiMoE / Mixtral equivalent"):
         hf_conv.family_of(hf_conv.model_config_from_hf(GRIN_MOE_CONFIG_JSON).replace(norm="rmsnorm"))

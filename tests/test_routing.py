@@ -38,11 +38,12 @@ def test_registry():
     rs = np.random.RandomState(0)
     z = jnp.asarray(rs.randn(8, 4), jnp.float32)
     for name in routing.ROUTERS:
-        r = routing.route(name, z, top_k=2, training=True, rng=jax.random.key(0))
+        r = jax.jit(functools.partial(routing.route, name, top_k=2, training=True))(z, rng=jax.random.key(0))
         assert isinstance(r, routing.Routing)
         assert r.expert_ids.shape == (8, 2) and r.expert_ids.dtype == jnp.int32 and r.weights.shape == (8, 2)
         np.testing.assert_allclose(np.asarray(r.probs), np.asarray(jax.nn.softmax(z, axis=-1)), rtol=1e-6)
-        assert r.probs.dtype == jnp.float32 and r.logits is z
+        assert r.probs.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(r.logits), np.asarray(z))
         assert "router_grad_fraction" in r.metrics
 
 
@@ -120,10 +121,16 @@ def test_topk_softmax_equals_numpy(top_k, renormalize):
         grad_ref = np.einsum("tk,tke->te", cot * w_ref, onehot) - np.sum(cot * w_ref, -1, keepdims=True) * q
     else:
         grad_ref = np.einsum("tk,tke->te", cot * w_ref, onehot) - np.sum(cot * w_ref, -1, keepdims=True) * p
-    r, vjp = jax.vjp(lambda zz: routing.route("topk_softmax", zz, top_k=top_k, training=False,
-                                              renormalize=renormalize).weights, jnp.asarray(z, jnp.float32))
-    (grad,) = vjp(jnp.asarray(cot, jnp.float32))
-    ids = routing.route("topk_softmax", jnp.asarray(z, jnp.float32), top_k=top_k, training=False).expert_ids
+
+    @jax.jit
+    def run(z, cot):
+        def f(zz):
+            r = routing.route("topk_softmax", zz, top_k=top_k, training=False, renormalize=renormalize)
+            return r.weights, r.expert_ids
+        w, vjp, ids = jax.vjp(f, z, has_aux=True)
+        return w, ids, vjp(cot)[0]
+
+    r, ids, grad = run(jnp.asarray(z, jnp.float32), jnp.asarray(cot, jnp.float32))
     np.testing.assert_array_equal(np.asarray(ids), ids_ref)
     np.testing.assert_allclose(np.asarray(r), w_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(grad), grad_ref, rtol=1e-5, atol=1e-6)
@@ -136,8 +143,13 @@ def test_sparsemixer_router_passes_noise_and_options():
     z = jnp.asarray(rs.randn(32, 8), jnp.float32)
     noise = dict(gumbel_KTE=jnp.asarray(rs.gumbel(size=(2, 32, 8)), jnp.float32),
                  uniform_KT=jnp.asarray(rs.rand(2, 32), jnp.float32))
-    r = routing.route("sparsemixer_v2", z, top_k=2, training=True, jitter_eps=0.3, **noise)
-    ids, w, cands = sparsemixer_v2(z, top_k=2, jitter_eps=0.3, training=True, **noise)
+
+    @jax.jit
+    def run(z, noise):
+        return (routing.route("sparsemixer_v2", z, top_k=2, training=True, jitter_eps=0.3, **noise),
+                sparsemixer_v2(z, top_k=2, jitter_eps=0.3, training=True, **noise))
+
+    r, (ids, w, cands) = run(z, noise)
     np.testing.assert_array_equal(np.asarray(r.expert_ids), np.asarray(ids))
     np.testing.assert_array_equal(np.asarray(r.weights), np.asarray(w))
     np.testing.assert_allclose(float(r.metrics["mean_candidates"]), np.mean(np.asarray(cands)))

@@ -101,8 +101,9 @@ def jax_weights_and_grad(z, cot, *, top_k, jitter_eps, training, gumbel_KTE=None
     """(ids, weights, candidates, dL/dz) from the JAX implementation, L = sum(weights * cot).
 
     jit=False runs op by op (cached per primitive and shape: cheaper than one compilation per configuration)."""
-    out = (_jitted_weights_and_grad if jit else _weights_and_grad)(jnp.asarray(z), jnp.asarray(cot), gumbel_KTE, uniform_KT, rng, top_k=top_k,
-                            jitter_eps=jitter_eps, training=training)
+    fn = _jitted_weights_and_grad if jit else _weights_and_grad
+    out = fn(jnp.asarray(z), jnp.asarray(cot), gumbel_KTE, uniform_KT, rng, top_k=top_k, jitter_eps=jitter_eps,
+             training=training)
     return tuple(np.asarray(o) for o in out)
 
 
@@ -205,7 +206,7 @@ def _noise(rs, k, T, E, dtype):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("top_k", [1, 2, 3, 8])
+@pytest.mark.parametrize("top_k", [1, 3, 8])  # k = 2: the torch comparison above
 def test_matches_numpy_reference_any_top_k(top_k, training):
     """ids exact; weights = c * pi[D] (c in {1, float32(0.3333)}); dL/dz = sum_s g_s m_o (onehot(D_s) - pi_s)."""
     rs = np.random.RandomState(top_k)

@@ -64,6 +64,7 @@ def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
       input_jitter, attention_bias, lm_head_bias.
     Mixtral: RMSNorm, router 'topk_softmax' (renormalised), router_jitter_noise -> input_jitter (in Mixtral it
       is the multiplicative input jitter), no biases.
+    Not modelled (training-time only, no effect on eval logits): attention_dropout.
     `overrides` replace any resulting field (e.g. moe_backend='dense').
     """
     family = hf.get("model_type")
@@ -86,9 +87,14 @@ def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
         param_dtype=dtype if dtype in DTYPES else "float32",
     )
     if family == "phimoe":
-        values.update(norm="layernorm", router="sparsemixer_v2", jitter_eps=float(hf.get("router_jitter_noise", 0.01)),
+        if values["top_k"] != 2:
+            raise ValueError(f"config.json num_experts_per_tok={values['top_k']} is not supported for phimoe: "
+                             "accepted values are [2] (transformers' sparsemixer always routes to 2 experts)")
+        values.update(norm="layernorm", router="sparsemixer_v2",
+                      jitter_eps=float(hf.get("router_jitter_noise", 0.01)),
                       input_jitter=float(hf.get("input_jitter_noise", 0.0)),
-                      attention_bias=bool(hf.get("attention_bias", False)), lm_head_bias=bool(hf.get("lm_head_bias", False)))
+                      attention_bias=bool(hf.get("attention_bias", False)),
+                      lm_head_bias=bool(hf.get("lm_head_bias", False)))
     else:
         values.update(norm="rmsnorm", router="topk_softmax", renormalize=True,
                       input_jitter=float(hf.get("router_jitter_noise", 0.0)), attention_bias=False, lm_head_bias=False)
@@ -105,6 +111,8 @@ def family_of(config: ModelConfig) -> str:
         problems.append(f"activation={config.activation!r} (both need 'swiglu')")
     if config.norm == "layernorm" and config.router == "sparsemixer_v2":
         family = "phimoe"
+        if config.top_k != 2:
+            problems.append(f"top_k={config.top_k} (transformers' PhiMoE sparsemixer is top-2 only)")
         if config.head_dim is not None and config.head_dim != config.d_model // config.num_heads:
             problems.append(f"head_dim={config.head_dim} (PhiMoE needs d_model // num_heads)")
     elif config.norm == "rmsnorm" and config.router == "topk_softmax" and config.renormalize:
