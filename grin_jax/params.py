@@ -23,7 +23,7 @@ def _component(name: str, config: ModelConfig) -> str:
         return "embedding"
     if name.startswith("lm_head"):
         return "lm_head"
-    if name.startswith("final_norm.") or re.search(r"\.(input_norm|post_attn_norm)\.", name):
+    if name.startswith("final_norm.") or re.search(r"\.(input_norm|post_attn_norm|output_norm)\.", name):
         return "norms"
     if ".attn." in name:
         return "attention"

@@ -7,6 +7,7 @@ constructed (before anything is traced or compiled).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from grin_jax.moe import dispatch as _dispatch
@@ -31,10 +32,23 @@ class ModelConfig:
     FFN: ffn='moe' (MoE every `moe_every`-th layer: layer i is MoE when (i + 1) % moe_every == 0, dense FFN of
       width d_ff in between) or 'dense' (every layer a dense FFN of width d_ff: the dense baseline).
       d_ff None = top_k * d_expert, which gives the dense FFN the active expert parameters of the MoE layer.
-    MoE (see grin_jax.moe.MoEConfig): num_experts, top_k, d_expert (expert width), activation, router
-      ('sparsemixer_v2' | 'topk_softmax'), jitter_eps (SparseMixer-v2 mask eps), renormalize (top-k softmax),
+    MoE (see grin_jax.moe.MoEConfig): num_experts, top_k, d_expert (expert width; None = 16, 2, 1024 unless
+      fine-grained, below), activation, router ('sparsemixer_v2' | 'topk_softmax' | 'expert_choice'), jitter_eps (SparseMixer-v2 mask eps), renormalize (top-k softmax),
       input_jitter (multiplicative input jitter in training, applied once), moe_backend, capacity_factor,
       load_balance_groups.
+      router='expert_choice': Krajewski et al.'s expert choice grouped by position (moe.expert_choice): each
+      expert takes the top C = ceil(capacity_factor * B * top_k / num_experts) tokens of the batch at every
+      position; input_jitter, jitter_eps, renormalize, moe_backend and load_balance_groups do not apply.
+      moe_output_norm: a norm of kind `norm` on the MoE output before the residual add ("crucial for G > 1").
+    Fine-grained MoE (Krajewski et al., REFERENCE §2): expansion_rate E (None = not fine-grained) and
+      granularity G (default 1). When expansion_rate is set, d_ff is the dense FFN width the experts are cut
+      from (None = 4 * d_model) and num_experts = E*G, d_expert = d_ff/G, top_k = G are DERIVED: leave them
+      None (or give exactly the derived values); any other value is a ValueError naming the field, as is a G
+      that does not divide d_ff or E*G that is not an integer. Active expert parameters then do not change with G.
+      With activation 'gelu'/'relu' (plain 2-matrix experts) and attention 4*d^2, the non-embedding parameters
+      without router and norms are d^2 (8E + 4) per block (the law's N). granularity without expansion_rate must
+      be 1 (it is only a label then, e.g. for dense baselines in a sweep). `replace` re-derives the fields when
+      a fine-grained input (expansion_rate, granularity, d_ff, d_model) changes.
     Aux losses: load_balance_coef, z_loss_coef: aux['aux_loss'] = lb_coef * mean_l(LB_l) + z_coef * mean_l(Z_l).
     Head: tie_embeddings (LM head = embedding^T), lm_head_bias.
     Dtypes: param_dtype (storage), dtype (matmul compute), activation_dtype (residual stream). Router and
@@ -56,10 +70,13 @@ class ModelConfig:
     attention_bias: bool = False
     ffn: str = "moe"
     moe_every: int = 1
-    num_experts: int = 16
-    top_k: int = 2
-    d_expert: int = 1024
+    num_experts: int | None = None
+    top_k: int | None = None
+    d_expert: int | None = None
     d_ff: int | None = None
+    granularity: int = 1
+    expansion_rate: float | None = None
+    moe_output_norm: bool = False
     activation: str = "swiglu"
     router: str = "sparsemixer_v2"
     jitter_eps: float = 0.01
@@ -81,8 +98,9 @@ class ModelConfig:
         def fail(name, accepted):
             raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: accepted values are {accepted}")
 
+        self._resolve_fine_grained()
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len",
-                     "moe_every", "num_experts", "top_k", "d_expert", "load_balance_groups"):
+                     "moe_every", "num_experts", "top_k", "d_expert", "load_balance_groups", "granularity"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "integers >= 1")
@@ -90,7 +108,7 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "None or integers >= 1")
-        for name in ("attention_bias", "renormalize", "tie_embeddings", "lm_head_bias"):
+        for name in ("attention_bias", "renormalize", "tie_embeddings", "lm_head_bias", "moe_output_norm"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.num_heads % self.num_kv_heads:
@@ -112,8 +130,8 @@ class ModelConfig:
             fail("ffn", list(FFNS))
         if self.activation not in _experts.ACTIVATIONS:
             fail("activation", sorted(_experts.ACTIVATIONS))
-        if self.router not in _routing.ROUTERS:
-            fail("router", sorted(_routing.ROUTERS))
+        if self.router not in _routing.ROUTERS and self.router != EXPERT_CHOICE:
+            fail("router", sorted(_routing.ROUTERS) + [EXPERT_CHOICE])
         if self.moe_backend not in _dispatch.BACKENDS:
             fail("moe_backend", list(_dispatch.BACKENDS))
         if self.top_k > self.num_experts:
@@ -133,6 +151,49 @@ class ModelConfig:
             fail("input_jitter", "numbers in [0, 1)")
         if self.ffn == "moe" and self.moe_every > self.num_layers:
             fail("moe_every", f"1..num_layers={self.num_layers} (no layer would be MoE)")
+
+    def _resolve_fine_grained(self) -> None:
+        """Derive num_experts, d_expert, top_k from (expansion_rate, granularity, d_ff) or fill the defaults.
+
+        Precedence: the fine-grained fields win; an explicit num_experts / d_expert / top_k is accepted only when
+        it equals the derived value (so to_dict -> from_dict round-trips), anything else is a conflict."""
+        g, e = self.granularity, self.expansion_rate
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise ValueError(f"ModelConfig.granularity={g!r} is invalid: accepted values are integers >= 1")
+        if e is None:
+            if g != 1:
+                raise ValueError(f"ModelConfig.granularity={g!r} needs expansion_rate: set expansion_rate (E) to "
+                                 "derive num_experts = E*G, d_expert = d_ff/G, top_k = G, or use granularity=1")
+            for name, default in LEGACY_MOE_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
+            return
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
+            raise ValueError(f"ModelConfig.expansion_rate={e!r} is invalid: accepted values are None or numbers > 0")
+        d_ff = self.d_ff if self.d_ff is not None else 4 * self.d_model
+        if not isinstance(d_ff, int) or isinstance(d_ff, bool) or d_ff < 1:
+            raise ValueError(f"ModelConfig.d_ff={self.d_ff!r} is invalid: accepted values are None or integers >= 1")
+        if d_ff % g:
+            divisors = [k for k in range(1, d_ff + 1) if d_ff % k == 0 and k <= 256]
+            raise ValueError(f"ModelConfig.granularity={g} does not divide the dense FFN width d_ff={d_ff}"
+                             f"{' (4 * d_model)' if self.d_ff is None else ''}: accepted values are divisors of "
+                             f"d_ff, e.g. {divisors}")
+        num_experts = e * g
+        if not float(num_experts).is_integer():
+            raise ValueError(f"ModelConfig.expansion_rate={e!r} is invalid with granularity={g}: the number of "
+                             f"experts expansion_rate*granularity={num_experts!r} must be an integer")
+        derived = {"num_experts": int(num_experts), "d_expert": d_ff // g, "top_k": g}
+        for name, value in derived.items():
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ValueError(f"ModelConfig.{name}={given!r} conflicts with the fine-grained parametrisation "
+                                 f"(expansion_rate={e}, granularity={g}, d_ff={d_ff}) which derives {name}={value}: "
+                                 f"leave {name} None (or set it to {value}), or unset expansion_rate")
+            object.__setattr__(self, name, value)
+
+    @property
+    def is_fine_grained(self) -> bool:
+        return self.expansion_rate is not None
 
     # ----------------------------------------------------------------------------------------------- derived
     @property
@@ -165,6 +226,12 @@ class ModelConfig:
         return dataclasses.replace(self, ffn="dense", d_ff=self.top_k * self.d_expert)
 
     def replace(self, **changes) -> "ModelConfig":
+        """dataclasses.replace; for a fine-grained result the derived fields (num_experts, d_expert, top_k) are
+        re-derived unless given explicitly, so e.g. `config.replace(granularity=4)` works."""
+        fine_inputs = ("expansion_rate", "granularity", "d_ff", "d_model")
+        if changes.get("expansion_rate", self.expansion_rate) is not None and any(k in changes for k in fine_inputs):
+            for name in LEGACY_MOE_DEFAULTS:
+                changes.setdefault(name, None)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -184,6 +251,8 @@ class ModelConfig:
 
 
 DTYPE_FIELDS = ("param_dtype", "dtype", "activation_dtype")
+EXPERT_CHOICE = "expert_choice"
+LEGACY_MOE_DEFAULTS = {"num_experts": 16, "top_k": 2, "d_expert": 1024}  # when not fine-grained and not given
 
 
 def model_config_from(config_model) -> ModelConfig:

@@ -44,7 +44,8 @@ class DecoderLM(nnx.Module):
                          head_dim=c.resolved_head_dim, norm=c.norm, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                          sliding_window=c.sliding_window, attention_bias=c.attention_bias,
                          moe=moe if c.is_moe_layer(i) else None, d_ff=c.resolved_d_ff, activation=c.activation,
-                         param_dtype=pdt, dtype=dt, activation_dtype=adt, rngs=rngs)
+                         param_dtype=pdt, dtype=dt, activation_dtype=adt, rngs=rngs,
+                         moe_output_norm=c.moe_output_norm)
             for i in range(c.num_layers)
         ])
         self.final_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps, param_dtype=pdt, dtype=dt)

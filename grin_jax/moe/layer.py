@@ -21,12 +21,17 @@ from grin_jax.moe import losses as _losses
 from grin_jax.moe import routing as _routing
 
 
+EXPERT_CHOICE = "expert_choice"  # not a token router (routing.ROUTERS): routed by expert_choice.expert_choice_ffn
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """Static description of one MoE layer; validated on construction.
 
     num_experts: E.  top_k: K slots per token.  d_model: D.  d_hidden: F (expert width).
-    router: a name in routing.ROUTERS ('sparsemixer_v2' = GRIN, 'topk_softmax' = GShard/Mixtral/Switch).
+    router: a name in routing.ROUTERS ('sparsemixer_v2' = GRIN, 'topk_softmax' = GShard/Mixtral/Switch), or
+      'expert_choice' (Krajewski et al.; needs the [B, S, D] layout: moe.expert_choice.expert_choice_ffn, called
+      by nn.MoEBlock; moe_layer itself rejects it).
     jitter_eps: SparseMixer-v2's mask eps (GRIN 0.01).  renormalize: top-k softmax renormalisation.
     input_jitter: multiplicative U(1-eps, 1+eps) jitter of the layer input in training (GRIN 0.01; 0 = off),
       applied once; the experts see the jittered input.
@@ -56,8 +61,9 @@ class MoEConfig:
                 raise ValueError(f"{name}={value!r} is invalid: accepted values are integers >= 1")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k={self.top_k} is invalid: accepted values are 1..num_experts={self.num_experts}")
-        if self.router not in _routing.ROUTERS:
-            raise ValueError(f"router={self.router!r} is unknown: accepted values are {sorted(_routing.ROUTERS)}")
+        if self.router not in _routing.ROUTERS and self.router != EXPERT_CHOICE:
+            raise ValueError(f"router={self.router!r} is unknown: accepted values are "
+                             f"{sorted(_routing.ROUTERS) + [EXPERT_CHOICE]}")
         _experts.get_activation(self.activation)
         _dispatch.check_backend(self.backend)
         if self.jitter_eps < 0:
@@ -102,6 +108,9 @@ def moe_layer(params: dict, x_TD: jax.Array, *, config: MoEConfig, training: boo
     """
     if x_TD.ndim != 2 or x_TD.shape[-1] != config.d_model:
         raise ValueError(f"x must be [tokens, d_model={config.d_model}], got shape {x_TD.shape}")
+    if config.router == EXPERT_CHOICE:
+        raise ValueError("moe_layer: router='expert_choice' groups tokens by position and needs x as [B, S, D]: "
+                         "call grin_jax.moe.expert_choice.expert_choice_ffn (nn.MoEBlock does)")
     rng_jitter = rng_router = None
     if rng is not None:
         rng_jitter, rng_router = jax.random.split(rng)

@@ -17,13 +17,14 @@ from grin_jax.nn.mlp import DenseFFN, MoEBlock
 
 class DecoderBlock(nnx.Module):
     """One transformer layer. `moe` set: the FFN is an MoEBlock; otherwise a DenseFFN of width d_ff.
+    moe_output_norm: the MoE block normalises its output (a `norm` of the block's kind) before the residual add.
 
     Sub-modules: input_norm, attn, post_attn_norm, mlp (names used in checkpoints)."""
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, norm: str,
                  norm_eps: float, rope_theta: float, sliding_window: int | None, attention_bias: bool,
                  moe: MoEConfig | None, d_ff: int, activation: str, param_dtype=jnp.float32,
-                 dtype=jnp.float32, activation_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, activation_dtype=jnp.float32, rngs: nnx.Rngs, moe_output_norm: bool = False):
         norm_kw = dict(eps=norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.input_norm = make_norm(norm, d_model, **norm_kw)
         self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta,
@@ -32,7 +33,8 @@ class DecoderBlock(nnx.Module):
         self.post_attn_norm = make_norm(norm, d_model, **norm_kw)
         self.is_moe = moe is not None
         if self.is_moe:
-            self.mlp = MoEBlock(moe, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+            self.mlp = MoEBlock(moe, param_dtype=param_dtype, dtype=dtype, rngs=rngs,
+                                output_norm=norm if moe_output_norm else None, norm_eps=norm_eps)
         else:
             self.mlp = DenseFFN(d_model, d_ff, activation=activation, param_dtype=param_dtype, dtype=dtype,
                                 rngs=rngs)

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from grin_jax.moe import experts as _experts
-from grin_jax.moe.layer import MoEConfig, init_moe_params, moe_layer
-from grin_jax.nn.layers import normal_init, param
+from grin_jax.moe.expert_choice import expert_choice_ffn
+from grin_jax.moe.layer import EXPERT_CHOICE, MoEConfig, init_moe_params, moe_layer
+from grin_jax.nn.layers import make_norm, normal_init, param
 
 
 class DenseFFN(nnx.Module):
@@ -42,11 +43,18 @@ class MoEBlock(nnx.Module):
 
     Parameters (initialised by `grin_jax.moe.init_moe_params`):
       router [D, E] ('embed', 'experts');  w_gate, w_up [E, D, F] ('experts', 'embed', 'mlp');
-      w_down [E, F, D] ('experts', 'mlp', 'embed').
+      w_down [E, F, D] ('experts', 'mlp', 'embed');  output_norm (optional: a norm on the MoE output).
+
+    router='expert_choice': `moe.expert_choice.expert_choice_ffn` on x [B, S, D] (grouped by position), with
+    capacity_factor from the config; otherwise `moe_layer` on the flattened tokens [T, D].
     """
 
-    def __init__(self, config: MoEConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, config: MoEConfig, *, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs,
+                 output_norm: str | None = None, norm_eps: float = 1e-5):
         self.config = config
+        # Krajewski et al.'s norm on the MoE output ("crucial for G > 1"): None = off, else a NORMS kind.
+        self.output_norm = (make_norm(output_norm, config.d_model, eps=norm_eps, param_dtype=param_dtype, dtype=dtype)
+                            if output_norm else None)
         p = init_moe_params(rngs.params(), config, dtype=param_dtype)
         self.router = param(p["router"], ("embed", "experts"))
         self.w_up = param(p["experts"]["w_up"], ("experts", "embed", "mlp"))
@@ -64,6 +72,21 @@ class MoEBlock(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, *, training: bool, rng=None):
         """Returns (y [B, S, D], aux from moe_layer: load_balance_loss, z_loss, metrics)."""
+        if self.config.router == EXPERT_CHOICE:
+            y_BSD, aux = self._expert_choice(x_BSD)
+        else:
+            y_BSD, aux = self._token_choice(x_BSD, training=training, rng=rng)
+        if self.output_norm is not None:
+            y_BSD = self.output_norm(y_BSD)
+        return y_BSD, aux
+
+    def _expert_choice(self, x_BSD: jax.Array):
+        p = self.moe_params()
+        return expert_choice_ffn(p["experts"], p["router"], x_BSD.astype(self.dtype), top_k=self.config.top_k,
+                                 capacity_factor=self.config.capacity_factor, activation=self.config.activation,
+                                 router_dtype=jnp.dtype(self.config.router_dtype))
+
+    def _token_choice(self, x_BSD: jax.Array, *, training: bool, rng=None):
         batch, seq, d_model = x_BSD.shape
         y_TD, aux = moe_layer(self.moe_params(), x_BSD.reshape(batch * seq, d_model).astype(self.dtype),
                               config=self.config, training=training, rng=rng)
