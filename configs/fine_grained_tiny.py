@@ -17,6 +17,7 @@ softmax routing instead of expert choice, capacity backend), `:smoke` (a few ste
 import ml_collections
 
 from grin_jax.data import default_data_config
+from grin_jax.sharding import default_distributed_config, default_mesh_config
 from grin_jax.train import default_train_config
 
 
@@ -73,6 +74,8 @@ def get_config(arg=None):
     config.train.checkpoint_every = 0
     config.train.keep_checkpoints = 1
     config.train.progress = False
+    config.mesh = default_mesh_config()
+    config.distributed = default_distributed_config()
     if "dense" in variants:
         config.name = "fine_grained_tiny_dense"
         config.model.ffn = "dense"
@@ -87,4 +90,5 @@ def get_config(arg=None):
         config.train.warmup_steps = 1
         config.train.log_every = 1
         config.train.eval_batches = 1
+        config.mesh.data = 1  # one device (tests run with 8 fake CPU devices)
     return config

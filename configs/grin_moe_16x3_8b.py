@@ -16,6 +16,8 @@ Variants (`--config=configs/grin_moe_16x3_8b.py:VARIANT`, comma-separated):
 import ml_collections
 from ml_collections import config_dict
 
+from grin_jax.sharding import default_distributed_config, default_mesh_config
+
 
 def get_config(arg=None):
     variants = set(filter(None, (arg or "").split(",")))
@@ -66,4 +68,8 @@ def get_config(arg=None):
         config.model.param_dtype = config.model.dtype = config.model.activation_dtype = "bfloat16"
     if "topk" in variants:
         config.model.router = "topk_softmax"
+    # GRIN proposes tensor parallelism instead of expert parallelism: e.g. --config.mesh.model=8
+    # (8 divides the 32 heads, 8 KV heads and the 6400 expert width) within a host, data parallelism across hosts.
+    config.mesh = default_mesh_config()
+    config.distributed = default_distributed_config()
     return config

@@ -9,6 +9,7 @@ Variants: `configs/grin_tiny.py:smoke` (a few steps, for tests).
 import ml_collections
 
 from grin_jax.data import default_data_config
+from grin_jax.sharding import default_distributed_config, default_mesh_config
 from grin_jax.train import default_train_config
 
 
@@ -39,7 +40,8 @@ def model_config(*, ffn: str = "moe", router: str = "sparsemixer_v2") -> ml_coll
     m.input_jitter = 0.01
     m.moe_backend = "tiled"  # TODO(auto)
     m.capacity_factor = 1.25
-    m.load_balance_groups = 1
+    m.load_balance_groups = 1      # 1: global balance over all data shards (GRIN); mesh.data x mesh.expert: local
+    m.moe_parallel = "allgather"  # MoE strategy on a mesh of > 1 device: 'allgather' | 'alltoall' | 'ragged_alltoall'
     m.load_balance_coef = 0.01
     m.z_loss_coef = 0.001
     m.tie_embeddings = False
@@ -66,6 +68,8 @@ def get_config(arg=None, *, ffn: str = "moe", router: str = "sparsemixer_v2", na
     config.train.eval_every = 200
     config.train.eval_batches = 16
     config.train.checkpoint_every = 200
+    config.mesh = default_mesh_config()                # (data, expert, model); data=-1: all devices, data-parallel
+    config.distributed = default_distributed_config()  # multi-process: jax.distributed (auto-detected on clusters)
     if arg == "smoke":
         config.model.num_layers = 2
         config.model.d_model = 64
@@ -80,6 +84,7 @@ def get_config(arg=None, *, ffn: str = "moe", router: str = "sparsemixer_v2", na
         config.train.eval_batches = 2
         config.train.checkpoint_every = 3
         config.train.progress = False
+        config.mesh.data = 1  # one device (tests run with 8 fake CPU devices; the sharding tests set the mesh)
     elif arg not in (None, ""):
         raise ValueError(f"config variant {arg!r} is unknown: accepted variants are '' and 'smoke'")
     return config

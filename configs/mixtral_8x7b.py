@@ -12,6 +12,8 @@ Variants: dense (same active parameters, d_ff = 2 x 14336), bf16, sparsemixer (G
 import ml_collections
 from ml_collections import config_dict
 
+from grin_jax.sharding import default_distributed_config, default_mesh_config
+
 
 def get_config(arg=None):
     variants = set(filter(None, (arg or "").split(",")))
@@ -62,4 +64,7 @@ def get_config(arg=None):
         config.model.param_dtype = config.model.dtype = config.model.activation_dtype = "bfloat16"
     if "sparsemixer" in variants:
         config.model.router = "sparsemixer_v2"
+    # e.g. --config.mesh.expert=8 (8 experts) or --config.mesh.model=8 (32 heads, 8 KV heads, width 14336).
+    config.mesh = default_mesh_config()
+    config.distributed = default_distributed_config()
     return config

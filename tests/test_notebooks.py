@@ -30,3 +30,57 @@ sample_tokens = 16
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
     assert os.path.exists(tmp_path / "quickstart" / "summary.json")
+
+
+def _synthetic_granularity_table(path) -> None:
+    """A sweep-runner-like results table from a known law plus noise: 3 sizes x G in {1, 2, 4, 8} x 2 seeds at two
+    token counts (so every coefficient is identified), plus dense baselines and one failed trial."""
+    import csv
+
+    import numpy as np
+
+    from grin_jax.scaling import flops as sflops
+    from grin_jax.scaling.law import Coefficients, loss as law_loss
+
+    truth = Coefficients(a=20.0, alpha=0.25, b=30.0, beta=0.25, g=5.0, gamma=0.5, c=0.47)
+    rng = np.random.default_rng(0)
+    rows = []
+    for d_model in (64, 96, 128):
+        for tokens in (300_000, 600_000):
+            for seed in (0, 1):
+                for ffn, granularity in (("moe", 1), ("moe", 2), ("moe", 4), ("moe", 8), ("dense", 1)):
+                    if ffn == "moe":
+                        n = sflops.param_count(d_model, 2, 8)
+                        loss = law_loss(n, tokens, granularity, truth)
+                        flops = sflops.flops(d_model, 2, 8, granularity, tokens)
+                    else:
+                        n = 12 * d_model ** 2 * 2
+                        loss = law_loss(n * 4, tokens, 1, truth) + 0.05  # any plausible baseline
+                        flops = 72 * d_model ** 2 * 2 * tokens
+                    rows.append({"trial": f"d{d_model}-{ffn}-G{granularity}-s{seed}-D{tokens}",
+                                 "model.d_model": d_model, "model.ffn": ffn, "model.granularity": granularity,
+                                 "train.seed": seed, "N": n, "D": tokens, "G": granularity,
+                                 "loss": float(loss * np.exp(rng.normal(0, 0.005))), "flops": flops,
+                                 "status": "done"})
+    rows.append({"trial": "broken", "model.d_model": 64, "model.ffn": "moe", "model.granularity": 16,
+                 "train.seed": 0, "status": "failed"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_granularity(tmp_path):
+    table = tmp_path / "results.csv"
+    _synthetic_granularity_table(table)
+    notebook = run_notebook("granularity.ipynb", f"""
+results_csv = {str(table)!r}
+expansion_rate = 8.0
+c = 0.47
+n_boot = 4
+""", tmp_path)
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    images = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) == 2
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "48 MoE, 12 dense" in text and "best G =" in text and "gamma" in text

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 from grin_jax.moe import dispatch as _dispatch
 from grin_jax.moe import experts as _experts
 from grin_jax.moe import routing as _routing
-from grin_jax.moe.layer import MoEConfig
+from grin_jax.moe.layer import PARALLEL_STRATEGIES, MoEConfig
 
 NORMS = ("layernorm", "rmsnorm")
 FFNS = ("moe", "dense")
@@ -40,6 +40,10 @@ class ModelConfig:
       expert takes the top C = ceil(capacity_factor * B * top_k / num_experts) tokens of the batch at every
       position; input_jitter, jitter_eps, renormalize, moe_backend and load_balance_groups do not apply.
       moe_output_norm: a norm of kind `norm` on the MoE output before the residual add ("crucial for G > 1").
+      moe_parallel: the MoE layer's strategy on a mesh of more than one device (grin_jax.sharding; token routers):
+      'allgather' (dropless, default), 'alltoall' (capacity_factor, drops), 'ragged_alltoall' (dropless, GPU/TPU).
+      load_balance_groups 1 = GRIN's global balance (over all data shards); = the number of data shards (mesh.data x
+      mesh.expert) = per-shard ("local") balance; the numbers are the same on any mesh.
     Fine-grained MoE (Krajewski et al., REFERENCE §2): expansion_rate E (None = not fine-grained) and
       granularity G (default 1). When expansion_rate is set, d_ff is the dense FFN width the experts are cut
       from (None = 4 * d_model) and num_experts = E*G, d_expert = d_ff/G, top_k = G are DERIVED: leave them
@@ -85,6 +89,7 @@ class ModelConfig:
     moe_backend: str = "tiled"
     capacity_factor: float = 1.25
     load_balance_groups: int = 1
+    moe_parallel: str = "allgather"
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
     tie_embeddings: bool = False
@@ -134,6 +139,8 @@ class ModelConfig:
             fail("router", sorted(_routing.ROUTERS) + [EXPERT_CHOICE])
         if self.moe_backend not in _dispatch.BACKENDS:
             fail("moe_backend", list(_dispatch.BACKENDS))
+        if self.moe_parallel not in PARALLEL_STRATEGIES:
+            fail("moe_parallel", list(PARALLEL_STRATEGIES))
         if self.top_k > self.num_experts:
             fail("top_k", f"1..num_experts={self.num_experts}")
         for name in DTYPE_FIELDS:
@@ -217,7 +224,7 @@ class ModelConfig:
                          renormalize=self.renormalize, input_jitter=float(self.input_jitter),
                          activation=self.activation, backend=self.moe_backend,
                          capacity_factor=float(self.capacity_factor), router_dtype="float32",
-                         load_balance_groups=self.load_balance_groups)
+                         load_balance_groups=self.load_balance_groups, parallel=self.moe_parallel)
 
     def dense_equivalent(self) -> "ModelConfig":
         """The dense baseline with the same active parameters: every FFN dense, d_ff = top_k * d_expert

@@ -7,9 +7,12 @@ All backends share one contract:
 Backends (`BACKENDS`):
   dense       every expert on every token, then a weighted sum (the reference; E x FLOPs, [E, T, D] memory).
   ragged_dot  dropless: sort rows by expert, `jax.lax.ragged_dot`, unsort (the accelerator path).
-  tiled       dropless: sort rows by expert, pad groups to row tiles, one weight per tile (fast on CPU).
+  tiled       dropless, fast on CPU: `gmm.tiled_expert_mlp`, the whole expert MLP as loops over row tiles of
+              one expert each (gather the tile's tokens, matmuls, weighted scatter-add); no sort, no [M, D]
+              copies; custom VJP. Within ~1.1-1.3x of a dense FFN with the same active FLOPs (grin_jax.bench).
   capacity    GShard-style: each expert has C = ceil(capacity_factor * M / E) rows; slot 1 of every token
               has priority over slot 2; token-slots past capacity are dropped (metric 'dropped_fraction').
+  auto        `gmm.default_backend()`: 'tiled' on CPU, 'ragged_dot' on GPU / TPU (resolved when traced).
 """
 
 from __future__ import annotations
@@ -23,12 +26,18 @@ from grin_jax.moe import experts as _experts
 from grin_jax.moe import gmm as _gmm
 
 SORTED_BACKENDS = tuple(_gmm.GMM_BACKENDS)
-BACKENDS = ("dense",) + SORTED_BACKENDS + ("capacity",)
+BACKENDS = ("dense",) + SORTED_BACKENDS + ("capacity", "auto")
 
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: accepted values are {list(BACKENDS)}")
+
+
+def resolve_backend(backend: str, platform: str | None = None) -> str:
+    """The concrete backend: 'auto' -> gmm.default_backend(platform); other names are checked and returned."""
+    check_backend(backend)
+    return _gmm.default_backend(platform) if backend == "auto" else backend
 
 
 def sort_by_expert(expert_ids_TK: jax.Array, num_experts: int):
@@ -59,7 +68,8 @@ def _sorted(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, gmm):
     order_M, group_sizes_E = sort_by_expert(expert_ids_TK, num_experts)
     x_MD = jnp.take(x_TD, order_M // top_k, axis=0)
     y_MD = _experts.apply_experts_grouped(expert_params, x_MD, group_sizes_E, activation=activation, gmm=gmm)
-    inverse_M = jnp.argsort(order_M)
+    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype),
+                                                          unique_indices=True)  # a scatter, not a second sort
     y_TKD = jnp.take(y_MD, inverse_M, axis=0).reshape(num_tokens, top_k, -1)
     return _combine(y_TKD, weights_TK), {}
 
@@ -102,12 +112,12 @@ def moe_ffn(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weig
       x_TD: [T, D] token activations.
       expert_ids_TK: [T, K] int expert of each token-slot.
       weights_TK: [T, K] combine weights.
-      backend: one of BACKENDS.
+      backend: one of BACKENDS ('auto' = gmm.default_backend() for the platform).
       capacity_factor: only for backend='capacity'.
     Returns:
       (y_TD [T, D], metrics dict; always has 'dropped_fraction').
     """
-    check_backend(backend)
+    backend = resolve_backend(backend)
     num_experts, d_model, _ = _experts.check_expert_params(expert_params, activation)
     if x_TD.ndim != 2 or x_TD.shape[-1] != d_model:
         raise ValueError(f"x must be [tokens, d_model={d_model}], got shape {x_TD.shape}")
@@ -121,6 +131,9 @@ def moe_ffn(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weig
             raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: accepted values are > 0")
         y_TD, metrics = _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, activation=activation,
                                   capacity_factor=capacity_factor)
+    elif backend == "tiled":
+        y_TD, metrics = _gmm.tiled_expert_mlp(expert_params, x_TD, expert_ids_TK, weights_TK,
+                                              activation=activation), {}
     else:
         y_TD, metrics = _sorted(expert_params, x_TD, expert_ids_TK, weights_TK, activation=activation,
                                 gmm=_gmm.GMM_BACKENDS[backend])

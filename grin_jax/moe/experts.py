@@ -70,13 +70,15 @@ def apply_experts_grouped(params: dict, x_MD: jax.Array, group_sizes_E: jax.Arra
                           gmm: Callable) -> jax.Array:
     """Rows of x_MD sorted by expert (group_sizes_E rows each) through their experts -> [M, D].
 
-    `gmm(lhs_MK, rhs_EKN, group_sizes_E) -> [M, N]` is a grouped matmul (see gmm.py)."""
+    `gmm(lhs_MK, rhs_EKN, group_sizes_E) -> [M, N]` is a grouped matmul (see gmm.py). Gated activations run
+    w_gate and w_up as one grouped matmul over the weights concatenated along F (one pass over the rows)."""
     act = get_activation(activation)
-    up_MF = gmm(x_MD, params["w_up"], group_sizes_E)
     if act.gated:
-        h_MF = act.fn(gmm(x_MD, params["w_gate"], group_sizes_E)) * up_MF
+        d_hidden = params["w_up"].shape[-1]
+        gate_up_MF = gmm(x_MD, jnp.concatenate([params["w_gate"], params["w_up"]], axis=-1), group_sizes_E)
+        h_MF = act.fn(gate_up_MF[:, :d_hidden]) * gate_up_MF[:, d_hidden:]
     else:
-        h_MF = act.fn(up_MF)
+        h_MF = act.fn(gmm(x_MD, params["w_up"], group_sizes_E))
     return gmm(h_MF, params["w_down"], group_sizes_E)
 
 

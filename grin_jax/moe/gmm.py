@@ -1,57 +1,297 @@
-"""Grouped matmul: rows sorted by group, each group multiplied by its own weight matrix.
+"""Grouped matmul and the fused dropless expert MLP for CPU.
 
-Axes: M rows (token-slots sorted by expert), K contraction, N output, E groups (experts).
+Axes: M rows (token-slots), K contraction, N output, E groups (experts), T tokens, D model, F expert hidden,
+P padded rows, J tiles, L tile levels.
 
-Every backend has the contract of `jax.lax.ragged_dot`:
+Grouped-matmul backends (`GMM_BACKENDS`) have the contract of `jax.lax.ragged_dot`:
     gmm(lhs_MK, rhs_EKN, group_sizes_E) -> out_MN,  out[rows of group e] = lhs[rows of group e] @ rhs[e]
-with sum(group_sizes_E) <= M (rows past the sum give zeros), differentiable in lhs and rhs.
+with rows sorted by group, sum(group_sizes_E) <= M (rows past the sum give zeros), differentiable in lhs and rhs.
+
+  ragged_dot  `jax.lax.ragged_dot`: the accelerator path. XLA:CPU lowers it to an E x dense masked matmul.
+  tiled       `tiled_gmm`: a `jax.custom_vjp` whose forward and backward are `lax.fori_loop`s over row tiles,
+              one expert weight per tile read with a dynamic index (never a per-tile weight gather).
+
+The dispatch backend 'tiled' does not go through the gmm contract: `tiled_expert_mlp` runs the whole expert MLP
+per tile (gather the tile's token rows, up/gate matmul, activation, down matmul, weighted scatter-add into the
+output), so no [M, D] sorted copy of the tokens, no [M, F] hidden and no [M, D] expert output is ever
+materialised, and no sort is needed (slot positions come from counting). Its backward is a second tile loop
+(a custom VJP) that saves only the pre-activations.
+
+Tiling ("tile levels"). Rows of every group are laid out in a padded buffer of P = M + E * (t_min - 1) rows and
+covered greedily by tiles of decreasing sizes `tile_sizes = (t_0, ..., t_{L-1})` (each divides the previous):
+group e gets floor(n_e / t_0) tiles of t_0 rows, then floor(rest / t_1) of t_1, ..., and ceil(rest / t_{L-1})
+tiles of the smallest size. Big tiles keep the per-tile costs (weight slice, weight-gradient read-modify-write,
+loop overhead) small; the smallest size bounds the padding to < t_{L-1} rows per expert (the only wasted FLOPs).
+Each level is one `fori_loop` with a data-dependent trip count; its static bound (array sizes) is
+  level 0:      floor(M / t_0)                  (the only level when L = 1: floor((M + E (t_0 - 1)) / t_0))
+  middle level: min(floor(M / t_l), E (t_{l-1} / t_l - 1))
+  last level:   min(floor((M + E (t_L-1 - 1)) / t_L-1), E t_{L-2} / t_L-1).
+Memory (fused MLP, forward + backward): the saved pre-activations [P, 2F] (gated) or [P, F]; float32
+accumulators for y / dx [T, D] and the weight gradients; per-tile temporaries only.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-DEFAULT_TILE_ROWS = 128
+from grin_jax.moe import experts as _experts
+
+DEFAULT_TILE_SIZES = (512, 64)  # what default_tile_sizes gives at the benchmark shapes (2048 rows per expert)
+COUNTING_MAX_ELEMENTS = 1 << 24  # slot ranks by counting ([T, E] int32) up to this size, else by a sort
+
+
+def check_tile_sizes(tile_sizes: Sequence[int]) -> tuple[int, ...]:
+    """Validate tile sizes: positive ints, strictly decreasing, each dividing the previous one."""
+    sizes = tuple(tile_sizes)
+    ok = len(sizes) >= 1 and all(isinstance(t, int) and t >= 1 for t in sizes)
+    ok = ok and all(a > b and a % b == 0 for a, b in zip(sizes, sizes[1:]))
+    if not ok:
+        raise ValueError(f"tile_sizes={tile_sizes!r} is invalid: accepted values are a non-empty sequence of "
+                         "positive ints, strictly decreasing, each dividing the previous one, e.g. (512, 64)")
+    return sizes
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def default_tile_sizes(num_rows: int, num_groups: int) -> tuple[int, ...]:
+    """Tile levels for M rows over E groups: the big tile ~ the mean group size (<= 512), the smallest ~ 1/8 of
+    it (8..64): few tiles for the bulk of every group, padding < 64 rows per expert."""
+    mean = max(num_rows // max(num_groups, 1), 1)
+    small = min(max(_pow2_floor(mean // 8), 8), 64)
+    big = min(max(_pow2_floor(mean), small), 512)
+    return (big, small) if big > small else (small,)
+
+
+def default_backend(platform: str | None = None) -> str:
+    """The fastest exact (dropless) dispatch backend for `platform` ('cpu', 'gpu', 'tpu', ...; default: JAX's
+    default backend): 'tiled' on CPU, where ragged_dot is an E x dense masked matmul; 'ragged_dot' elsewhere."""
+    if platform is None:
+        platform = jax.default_backend()
+    if not isinstance(platform, str):
+        raise ValueError(f"platform={platform!r} is invalid: accepted values are platform names like 'cpu', "
+                         "'gpu', 'tpu' or None (JAX's default backend)")
+    return "tiled" if platform.lower() == "cpu" else "ragged_dot"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tile plan
+# ----------------------------------------------------------------------------------------------------------------
+
+class TilePlan(NamedTuple):
+    """Where rows go and which tiles exist (all int32; arrays, so it can cross a custom_vjp boundary).
+
+    src_P: source row of each padded row; `num_rows` (one past the end) for padding.
+    starts: per level, [J_l] first padded row of each tile.  groups: per level, [J_l] group of each tile.
+    counts: [L] number of tiles in use per level (tiles past it are never visited).
+    """
+
+    src_P: jax.Array
+    starts: tuple
+    groups: tuple
+    counts: jax.Array
+
+
+def level_bounds(num_rows: int, num_groups: int, tile_sizes: tuple[int, ...]) -> list[int]:
+    """Static number of tiles per level that suffices for any group sizes summing to <= num_rows."""
+    m, e, bounds = num_rows, num_groups, []
+    for level, t in enumerate(tile_sizes):
+        last = level == len(tile_sizes) - 1
+        bound = (m + e * (t - 1)) // t if last else m // t
+        if level > 0:
+            ratio = tile_sizes[level - 1] // t
+            bound = min(bound, e * (ratio if last else ratio - 1))
+        bounds.append(bound)
+    return bounds
+
+
+def padded_rows(num_rows: int, num_groups: int, tile_sizes: tuple[int, ...]) -> int:
+    """P: rows of the padded layout (any group sizes fit)."""
+    return num_rows + num_groups * (tile_sizes[-1] - 1)
+
+
+def plan_tiles(group_sizes_E: jax.Array, group_M: jax.Array, rank_M: jax.Array, tile_sizes: tuple[int, ...],
+               valid_M: jax.Array | None = None) -> TilePlan:
+    """Tile plan for M source rows, row m being the rank_M[m]-th row of group group_M[m] (invalid rows dropped)."""
+    num_rows = group_M.shape[0]
+    num_groups = group_sizes_E.shape[0]
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    counts_LE, rest_E = [], sizes_E
+    for level, t in enumerate(tile_sizes):
+        n_E = rest_E // t if level < len(tile_sizes) - 1 else -(-rest_E // t)
+        rest_E = rest_E - n_E * t
+        counts_LE.append(n_E)
+    padded_E = sum(n_E * t for n_E, t in zip(counts_LE, tile_sizes))
+    pstart_E = jnp.cumsum(padded_E) - padded_E
+    num_padded = padded_rows(num_rows, num_groups, tile_sizes)
+    pos_M = pstart_E[group_M] + rank_M.astype(jnp.int32)
+    if valid_M is not None:
+        pos_M = jnp.where(valid_M, pos_M, num_padded)
+    src_P = (jnp.full((num_padded,), num_rows, jnp.int32)
+             .at[pos_M].set(jnp.arange(num_rows, dtype=jnp.int32), mode="drop"))
+    starts, groups, counts = [], [], []
+    offset_E = jnp.zeros_like(sizes_E)
+    for level, (t, bound) in enumerate(zip(tile_sizes, level_bounds(num_rows, num_groups, tile_sizes))):
+        n_E = counts_LE[level]
+        ends_E = jnp.cumsum(n_E)
+        j = jnp.arange(bound, dtype=jnp.int32)
+        g_J = jnp.clip(jnp.searchsorted(ends_E, j, side="right"), 0, num_groups - 1).astype(jnp.int32)
+        starts.append((pstart_E[g_J] + offset_E[g_J] + (j - (ends_E[g_J] - n_E[g_J])) * t).astype(jnp.int32))
+        groups.append(g_J)
+        counts.append(ends_E[-1] if bound else jnp.int32(0))
+        offset_E = offset_E + n_E * t
+    return TilePlan(src_P, tuple(starts), tuple(groups), jnp.stack(counts).astype(jnp.int32))
+
+
+def slot_ranks(expert_ids_TK: jax.Array, num_experts: int):
+    """(group_sizes_E, rank_TK): rank of each token-slot among the slots of its expert in slot order t*K + k.
+
+    By counting (no sort) when T*E is small enough, else by a stable sort."""
+    num_tokens, top_k = expert_ids_TK.shape
+    ids_TK = expert_ids_TK.astype(jnp.int32)
+    if num_tokens * num_experts <= COUNTING_MAX_ELEMENTS:
+        t_idx = jnp.arange(num_tokens, dtype=jnp.int32)[:, None]
+        counts_TE = jnp.zeros((num_tokens, num_experts), jnp.int32).at[t_idx, ids_TK].add(1)
+        before_TE = jnp.cumsum(counts_TE, axis=0) - counts_TE  # slots of earlier tokens, per expert
+        earlier_KK = jnp.tril(jnp.ones((top_k, top_k), bool), -1)  # same expert twice in one token
+        dup_TK = jnp.sum((ids_TK[:, :, None] == ids_TK[:, None, :]) & earlier_KK, axis=-1, dtype=jnp.int32)
+        rank_TK = jnp.take_along_axis(before_TE, ids_TK, axis=1) + dup_TK
+        return jnp.sum(counts_TE, axis=0), rank_TK
+    ids_M = ids_TK.reshape(-1)
+    order_M = jnp.argsort(ids_M, stable=True)
+    sizes_E = jnp.bincount(ids_M, length=num_experts).astype(jnp.int32)
+    starts_E = jnp.cumsum(sizes_E) - sizes_E
+    rank_sorted_M = jnp.arange(ids_M.shape[0], dtype=jnp.int32) - starts_E[ids_M[order_M]]
+    rank_M = jnp.zeros_like(ids_M).at[order_M].set(rank_sorted_M, unique_indices=True)
+    return sizes_E, rank_M.reshape(num_tokens, top_k)
+
+
+def _tile_loops(plan: TilePlan, tile_sizes, body, carry):
+    """carry = body(start, group, tile_rows, carry) for every tile in use, level by level."""
+    for level, t in enumerate(tile_sizes):
+        if plan.starts[level].shape[0] == 0:
+            continue
+        def level_body(j, c, level=level, t=t):
+            return body(plan.starts[level][j], plan.groups[level][j], t, c)
+        carry = lax.fori_loop(0, plan.counts[level], level_body, carry)
+    return carry
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "manual_axis_type", None), "varying", frozenset())
+    return frozenset(vma)
+
+
+def _zeros(shape, dtype, *like):
+    """Zeros varying over the same shard_map axes as `like` (loop carries must keep one type inside shard_map)."""
+    z = jnp.zeros(shape, dtype)
+    axes = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves(like)))
+    return lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
+def _common_vma(*trees):
+    """pcast every array to vary over the union of the shard_map axes any of them varies over, outside the
+    custom VJPs (so their cotangents have the primal's type; autodiff of the pcast psums them back)."""
+    axes = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves(trees)))
+    if not axes:
+        return trees
+
+    def cast(a):
+        missing = tuple(sorted(axes - _varying_axes(a)))
+        return lax.pcast(a, missing, to="varying") if missing else a
+    return jax.tree.map(cast, trees)
+
+
+def _dot(a, b, dtype):
+    return jnp.dot(a.astype(dtype), b, preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b, dtype):
+    """a @ b.T"""
+    return lax.dot_general(a.astype(dtype), b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b, dtype):
+    """a.T @ b"""
+    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grouped matmul (ragged_dot contract)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _gmm_fwd_loop(lhs, rhs, plan, tile_sizes):
+    num_rows = lhs.shape[0]
+
+    def body(start, g, t, out):
+        idx = lax.dynamic_slice_in_dim(plan.src_P, start, t)
+        rows = jnp.take(lhs, idx, axis=0, mode="fill", fill_value=0)
+        res = _dot(rows, rhs[g], rhs.dtype)
+        return out.at[idx].set(res.astype(out.dtype), mode="drop")
+
+    out = _zeros((num_rows, rhs.shape[-1]), jnp.result_type(lhs, rhs), lhs, rhs, plan)
+    return _tile_loops(plan, tile_sizes, body, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled_gmm(lhs, rhs, plan, tile_sizes):
+    return _gmm_fwd_loop(lhs, rhs, plan, tile_sizes)
+
+
+def _tiled_gmm_fwd(lhs, rhs, plan, tile_sizes):
+    return _gmm_fwd_loop(lhs, rhs, plan, tile_sizes), (lhs, rhs, plan)
+
+
+def _tiled_gmm_bwd(tile_sizes, res, dout):
+    lhs, rhs, plan = res
+
+    def body(start, g, t, carry):
+        dlhs, drhs = carry
+        idx = lax.dynamic_slice_in_dim(plan.src_P, start, t)
+        rows = jnp.take(lhs, idx, axis=0, mode="fill", fill_value=0)
+        d = jnp.take(dout, idx, axis=0, mode="fill", fill_value=0)
+        w = rhs[g]
+        dlhs = dlhs.at[idx].set(_dot_nt(d, w, w.dtype).astype(dlhs.dtype), mode="drop")
+        drhs = lax.dynamic_update_index_in_dim(drhs, drhs[g] + _dot_tn(rows, d, rhs.dtype), g, 0)
+        return dlhs, drhs
+
+    init = (_zeros(lhs.shape, lhs.dtype, lhs, rhs, plan, dout),
+            _zeros(rhs.shape, jnp.float32, lhs, rhs, plan, dout))
+    dlhs, drhs = _tile_loops(plan, tile_sizes, body, init)
+    return dlhs, drhs.astype(rhs.dtype), None
+
+
+_tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
+
+
+def tiled_gmm(lhs_MK, rhs_EKN, group_sizes_E, *, tile_sizes: Sequence[int] | None = None):
+    """Dropless grouped matmul for CPU (ragged_dot contract): loops over row tiles, one expert weight per tile.
+    tile_sizes: tile levels (module docstring); None = default_tile_sizes(M, E)."""
+    num_rows = lhs_MK.shape[0]
+    num_groups = rhs_EKN.shape[0]
+    tile_sizes = check_tile_sizes(tile_sizes or default_tile_sizes(num_rows, num_groups))
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    ends_E = jnp.cumsum(sizes_E)
+    row_M = jnp.arange(num_rows, dtype=jnp.int32)
+    group_M = jnp.clip(jnp.searchsorted(ends_E, row_M, side="right"), 0, num_groups - 1).astype(jnp.int32)
+    rank_M = row_M - (ends_E - sizes_E)[group_M]
+    plan = plan_tiles(sizes_E, group_M, rank_M, tile_sizes, valid_M=row_M < ends_E[-1])
+    return _tiled_gmm(*_common_vma(lhs_MK, rhs_EKN, plan), tile_sizes)
 
 
 def ragged_dot_gmm(lhs_MK, rhs_EKN, group_sizes_E):
     """`jax.lax.ragged_dot`: the accelerator path (XLA:CPU lowers it to an E x dense masked matmul)."""
     return jax.lax.ragged_dot(lhs_MK, rhs_EKN, group_sizes_E.astype(jnp.int32))
-
-
-def tile_layout(group_sizes_E: jax.Array, num_rows: int, tile_rows: int):
-    """Where each sorted row goes when every group is padded to a multiple of `tile_rows`.
-
-    Returns (padded_row_M int32: row index in the padded buffer, tile_group_J int32: group of each tile,
-    num_tiles J: static = ceil(M / tile_rows) + E, enough for any group sizes).
-    """
-    num_groups = group_sizes_E.shape[0]
-    num_tiles = -(-num_rows // tile_rows) + num_groups
-    sizes_E = group_sizes_E.astype(jnp.int32)
-    padded_sizes_E = -(-sizes_E // tile_rows) * tile_rows
-    starts_E = jnp.cumsum(sizes_E) - sizes_E
-    padded_starts_E = jnp.cumsum(padded_sizes_E) - padded_sizes_E
-    row_M = jnp.arange(num_rows, dtype=jnp.int32)
-    group_M = jnp.clip(jnp.searchsorted(jnp.cumsum(sizes_E), row_M, side="right"), 0, num_groups - 1)
-    padded_row_M = padded_starts_E[group_M] + (row_M - starts_E[group_M])
-    padded_row_M = jnp.where(row_M < jnp.sum(sizes_E), padded_row_M, num_tiles * tile_rows)  # past the end: dropped
-    tile_start_J = jnp.arange(num_tiles, dtype=jnp.int32) * tile_rows
-    tile_group_J = jnp.clip(jnp.searchsorted(jnp.cumsum(padded_sizes_E), tile_start_J, side="right"), 0, num_groups - 1)
-    return padded_row_M, tile_group_J.astype(jnp.int32), num_tiles
-
-
-def tiled_gmm(lhs_MK, rhs_EKN, group_sizes_E, *, tile_rows: int = DEFAULT_TILE_ROWS):
-    """Dropless grouped matmul for CPU: groups padded to row tiles, one expert weight per tile, batched matmul."""
-    num_rows, k = lhs_MK.shape
-    padded_row_M, tile_group_J, num_tiles = tile_layout(group_sizes_E, num_rows, tile_rows)
-    lhs_padded = jnp.zeros((num_tiles * tile_rows, k), lhs_MK.dtype).at[padded_row_M].set(lhs_MK, mode="drop")
-    lhs_JtK = lhs_padded.reshape(num_tiles, tile_rows, k)
-    out_JtN = jnp.einsum("jtk,jkn->jtn", lhs_JtK, rhs_EKN[tile_group_J])
-    out_padded = out_JtN.reshape(num_tiles * tile_rows, -1)
-    return jnp.take(out_padded, padded_row_M, axis=0, mode="fill", fill_value=0)
 
 
 def reference_gmm(lhs_MK, rhs_EKN, group_sizes_E):
@@ -68,3 +308,119 @@ GMM_BACKENDS: dict[str, Callable] = {
     "ragged_dot": ragged_dot_gmm,
     "tiled": tiled_gmm,
 }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused expert MLP (the dispatch backend 'tiled')
+# ----------------------------------------------------------------------------------------------------------------
+
+def _hidden(act, pre):
+    """Expert hidden from the pre-activations: act(gate) * up (gated, pre = [gate | up]) or act(pre)."""
+    if act.gated:
+        half = pre.shape[-1] // 2
+        return act.fn(pre[:, :half]) * pre[:, half:]
+    return act.fn(pre)
+
+
+def _slot_arrays(weights_TK, plan):
+    """Token of each padded row (T = padding, points at an appended zero row) and its combine weight (0)."""
+    top_k = weights_TK.shape[1]
+    tok_P = plan.src_P // top_k
+    wt_P = jnp.concatenate([weights_TK.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])[plan.src_P]
+    return tok_P, wt_P
+
+
+def _append_zero_row(a):
+    return jnp.concatenate([a, jnp.zeros((1, a.shape[1]), a.dtype)], axis=0)
+
+
+def _mlp_fwd_loop(x_TD, w_in, w_out, weights_TK, plan, tile_sizes, activation, save):
+    act = _experts.get_activation(activation)
+    tok_P, wt_P = _slot_arrays(weights_TK, plan)
+    x_pad = _append_zero_row(x_TD)
+    compute = jnp.result_type(x_TD, w_in)
+
+    def body(start, g, t, carry):
+        y, pre_P = carry
+        idx = lax.dynamic_slice_in_dim(tok_P, start, t)
+        wt = lax.dynamic_slice_in_dim(wt_P, start, t)[:, None]
+        xr = x_pad.at[idx].get(mode="promise_in_bounds")
+        pre = _dot(xr, w_in[g], w_in.dtype)
+        hw = _hidden(act, pre) * wt
+        y = y.at[idx].add(_dot(hw, w_out[g], w_out.dtype), mode="drop")
+        if save:
+            pre_P = lax.dynamic_update_slice_in_dim(pre_P, pre.astype(pre_P.dtype), start, 0)
+        return y, pre_P
+
+    like = (x_TD, w_in, w_out, weights_TK, plan)
+    pre_P = _zeros((plan.src_P.shape[0] if save else 0, w_in.shape[-1]), compute, *like)
+    y, pre_P = _tile_loops(plan, tile_sizes, body, (_zeros(x_TD.shape, jnp.float32, *like), pre_P))
+    return y.astype(compute), pre_P
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _tiled_mlp(x_TD, w_in, w_out, weights_TK, plan, tile_sizes, activation):
+    return _mlp_fwd_loop(x_TD, w_in, w_out, weights_TK, plan, tile_sizes, activation, save=False)[0]
+
+
+def _tiled_mlp_fwd(x_TD, w_in, w_out, weights_TK, plan, tile_sizes, activation):
+    y, pre_P = _mlp_fwd_loop(x_TD, w_in, w_out, weights_TK, plan, tile_sizes, activation, save=True)
+    return y, (x_TD, w_in, w_out, weights_TK, plan, pre_P)
+
+
+def _tiled_mlp_bwd(tile_sizes, activation, res, dy_TD):
+    x_TD, w_in, w_out, weights_TK, plan, pre_P = res
+    act = _experts.get_activation(activation)
+    num_tokens, top_k = weights_TK.shape
+    tok_P, wt_P = _slot_arrays(weights_TK, plan)
+    x_pad = _append_zero_row(x_TD)
+    dy_pad = _append_zero_row(dy_TD.astype(x_TD.dtype))
+
+    def body(start, g, t, carry):
+        dx, dw_in, dw_out, dwt_P = carry
+        idx = lax.dynamic_slice_in_dim(tok_P, start, t)
+        wt = lax.dynamic_slice_in_dim(wt_P, start, t)[:, None]
+        xr = x_pad.at[idx].get(mode="promise_in_bounds")
+        dyr = dy_pad.at[idx].get(mode="promise_in_bounds")
+        pre = lax.dynamic_slice_in_dim(pre_P, start, t, 0).astype(jnp.float32)
+        h, hidden_vjp = jax.vjp(functools.partial(_hidden, act), pre)
+        wo, wi = w_out[g], w_in[g]
+        g_hw = _dot_nt(dyr, wo, wo.dtype)                       # d loss / d (wt * h)   [t, F]
+        dwt_P = lax.dynamic_update_slice_in_dim(dwt_P, jnp.sum(g_hw * h, axis=-1), start, 0)
+        (dpre,) = hidden_vjp(g_hw * wt)
+        dw_out = lax.dynamic_update_index_in_dim(dw_out, dw_out[g] + _dot_tn(h * wt, dyr, wo.dtype), g, 0)
+        dw_in = lax.dynamic_update_index_in_dim(dw_in, dw_in[g] + _dot_tn(xr, dpre, wi.dtype), g, 0)
+        dx = dx.at[idx].add(_dot_nt(dpre, wi, wi.dtype), mode="drop")
+        return dx, dw_in, dw_out, dwt_P
+
+    like = (x_TD, w_in, w_out, weights_TK, plan, dy_TD)
+    init = (_zeros(x_TD.shape, jnp.float32, *like), _zeros(w_in.shape, jnp.float32, *like),
+            _zeros(w_out.shape, jnp.float32, *like), _zeros(plan.src_P.shape, jnp.float32, *like))
+    dx, dw_in, dw_out, dwt_P = _tile_loops(plan, tile_sizes, body, init)
+    dweights_M = (_zeros((num_tokens * top_k,), jnp.float32, *like)
+                  .at[plan.src_P].set(dwt_P, mode="drop"))
+    return (dx.astype(x_TD.dtype), dw_in.astype(w_in.dtype), dw_out.astype(w_out.dtype),
+            dweights_M.reshape(num_tokens, top_k).astype(weights_TK.dtype), None)
+
+
+_tiled_mlp.defvjp(_tiled_mlp_fwd, _tiled_mlp_bwd)
+
+
+def tiled_expert_mlp(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weights_TK: jax.Array, *,
+                     activation: str = "swiglu", tile_sizes: Sequence[int] | None = None) -> jax.Array:
+    """y[t] = sum_k weights[t, k] * Expert_{expert_ids[t, k]}(x[t]), exact and dropless, as tile loops (CPU).
+
+    Gated activations run w_gate and w_up as one matmul (concatenated along F); the parameter pytree is
+    unchanged. Differentiable in x, the expert weights and the combine weights (custom VJP).
+    tile_sizes: tile levels (module docstring); None = default_tile_sizes(T * K, E)."""
+    act = _experts.get_activation(activation)
+    num_experts = expert_params["w_up"].shape[0]
+    tile_sizes = check_tile_sizes(tile_sizes or default_tile_sizes(expert_ids_TK.size, num_experts))
+    group_sizes_E, rank_TK = slot_ranks(expert_ids_TK, num_experts)
+    plan = plan_tiles(group_sizes_E, expert_ids_TK.reshape(-1).astype(jnp.int32), rank_TK.reshape(-1), tile_sizes)
+    if act.gated:
+        w_in = jnp.concatenate([expert_params["w_gate"], expert_params["w_up"]], axis=-1)
+    else:
+        w_in = expert_params["w_up"]
+    args = _common_vma(x_TD, w_in, expert_params["w_down"], weights_TK, plan)
+    return _tiled_mlp(*args, tile_sizes, activation)

@@ -63,7 +63,9 @@ the whole batch; 'local' computes the Switch loss per data shard and averages ov
 single-device loss with load_balance_groups = number of data shards).
 
 Routing randomness: with explicit `router_noise` (global [.., T, ..] arrays sharded like the tokens) the
-result equals the single-device `moe_layer`. With an `rng` key the data-shard index is folded into the key
+result equals the single-device `moe_layer`; `layer.draw_noise(rng, config, T)` draws it (router noise and the
+input-jitter factors 'jitter_TD') on the global token axis exactly as moe_layer(rng=rng) does, which is how
+nn.MoEBlock trains on any mesh with the numbers of one device. With an `rng` key the data-shard index is folded into the key
 (when there is more than one data shard) so shards draw different noise; model shards draw the same.
 
 Meshes: `make_mesh` builds ('data', 'expert', 'model') with Explicit axes by default: jax.make_mesh's default
@@ -93,7 +95,7 @@ from grin_jax.moe import layer as _layer
 from grin_jax.moe import losses as _losses
 from grin_jax.moe import routing as _routing
 
-STRATEGIES = ("allgather", "alltoall", "ragged_alltoall")
+STRATEGIES = _layer.PARALLEL_STRATEGIES  # ("allgather", "alltoall", "ragged_alltoall")
 LOAD_BALANCE_MODES = ("global", "local")
 DEFAULT_AXIS_NAMES = ("data", "expert", "model")
 
@@ -391,7 +393,9 @@ def moe_layer_parallel(params: dict, x_TD: jax.Array, *, config: _layer.MoEConfi
       mesh: a jax.sharding.Mesh containing the named axes (Explicit or Auto axis types).
       strategy: one of STRATEGIES (module docstring).
       training, rng, router_noise: as moe_layer; router_noise arrays are global, named with a shape suffix
-        containing T (e.g. 'gumbel_KTE', 'uniform_KT'); rng gets the data-shard index folded in.
+        containing T (e.g. 'gumbel_KTE', 'uniform_KT', the input jitter 'jitter_TD': `layer.draw_noise`) and
+        split along T like the tokens; rng (for what router_noise does not hold) gets the data-shard index
+        folded in.
       data_axes: mesh axes the tokens are sharded over (must include expert_axis).
       expert_axis: mesh axis sharding E (None: no expert parallelism).
       model_axis: mesh axis sharding F (tensor parallelism; None: none).
@@ -435,8 +439,8 @@ def moe_layer_parallel(params: dict, x_TD: jax.Array, *, config: _layer.MoEConfi
         capacity_factor = config.capacity_factor
     if not capacity_factor > 0:
         raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: accepted values are > 0")
-    if training and config.input_jitter > 0 and rng is None:
-        raise ValueError("moe_layer_parallel: training with input_jitter > 0 needs rng")
+    if training and config.input_jitter > 0 and rng is None and "jitter_TD" not in (router_noise or {}):
+        raise ValueError("moe_layer_parallel: training with input_jitter > 0 needs rng (or router_noise['jitter_TD'])")
     router_noise = dict(router_noise or {})
     noise_specs = {}
     for name, value in router_noise.items():
@@ -453,13 +457,18 @@ def moe_layer_parallel(params: dict, x_TD: jax.Array, *, config: _layer.MoEConfi
     gmm = _gmm.GMM_BACKENDS[gmm_backend]
 
     def body(params, x_LD, rng, noise):
+        noise = dict(noise)
+        jitter_LD = noise.pop("jitter_TD", None)                         # this shard's rows of the global noise
         rng_jitter = rng_router = None
         if rng is not None:
             if layout.num_data_shards > 1:
                 rng = jax.random.fold_in(rng, lax.axis_index(layout.data_axes))
             rng_jitter, rng_router = jax.random.split(rng)
         if training and config.input_jitter > 0:
-            x_LD = _layer.apply_input_jitter(x_LD, config.input_jitter, rng_jitter)
+            if jitter_LD is not None:
+                x_LD = x_LD * jitter_LD.astype(x_LD.dtype)
+            else:
+                x_LD = _layer.apply_input_jitter(x_LD, config.input_jitter, rng_jitter)
         router_dtype = jnp.dtype(config.router_dtype)
         logits_LE = x_LD.astype(router_dtype) @ params["router"].astype(router_dtype)
         routing = _routing.route(config.router, logits_LE, top_k=config.top_k, training=training, rng=rng_router,

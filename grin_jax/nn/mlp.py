@@ -5,13 +5,17 @@ Axes: B batch, S sequence, T = B*S tokens, D model, F hidden, E experts.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from grin_jax.moe import experts as _experts
 from grin_jax.moe.expert_choice import expert_choice_ffn
-from grin_jax.moe.layer import EXPERT_CHOICE, MoEConfig, init_moe_params, moe_layer
+from grin_jax.moe import parallel as _parallel
+from grin_jax.moe.layer import EXPERT_CHOICE, MoEConfig, draw_noise, init_moe_params, moe_layer
 from grin_jax.nn.layers import make_norm, normal_init, param
 
 
@@ -87,7 +91,39 @@ class MoEBlock(nnx.Module):
                                  router_dtype=jnp.dtype(self.config.router_dtype))
 
     def _token_choice(self, x_BSD: jax.Array, *, training: bool, rng=None):
+        """moe_layer on one device; on a ('data', 'expert', 'model') mesh of more than one device in context
+        (jax.set_mesh: the trainer traces its steps under it) moe_layer_parallel with strategy config.parallel.
+        The training noise is drawn on the global token axis (draw_noise), so both give the same numbers;
+        load_balance_groups 1 is GRIN's global balance (all-reduced over the data shards), G = the number of
+        data shards is per-shard ('local') balance."""
         batch, seq, d_model = x_BSD.shape
-        y_TD, aux = moe_layer(self.moe_params(), x_BSD.reshape(batch * seq, d_model).astype(self.dtype),
-                              config=self.config, training=training, rng=rng)
+        x_TD = x_BSD.reshape(batch * seq, d_model).astype(self.dtype)
+        mesh = parallel_mesh()
+        if mesh is None:
+            y_TD, aux = moe_layer(self.moe_params(), x_TD, config=self.config, training=training, rng=rng)
+            return y_TD.reshape(batch, seq, d_model), aux
+        config, groups = self.config, self.config.load_balance_groups
+        if groups != 1:
+            layout = _parallel.resolve_layout(config, mesh)
+            if groups != layout.num_data_shards:
+                raise ValueError(f"load_balance_groups={groups} is not supported on a mesh with "
+                                 f"{layout.num_data_shards} data shards: accepted values are 1 (global) or "
+                                 f"{layout.num_data_shards} (per data shard)")
+            config = dataclasses.replace(config, load_balance_groups=1)
+        noise = draw_noise(rng, config, batch * seq) if training and rng is not None else None
+        y_TD, aux = _parallel.moe_layer_parallel(
+            self.moe_params(), x_TD, config=config, mesh=mesh, strategy=config.parallel, training=training,
+            router_noise=noise, load_balance="global" if groups == 1 else "local")
         return y_TD.reshape(batch, seq, d_model), aux
+
+
+def parallel_mesh():
+    """The mesh in context (`jax.set_mesh`) when the MoE block should run `moe_layer_parallel` on it: one with the
+    ('data', 'expert', 'model') axes (grin_jax.sharding) and more than one device; else None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if not all(a in sizes for a in _parallel.DEFAULT_AXIS_NAMES) or math.prod(sizes.values()) == 1:
+        return None
+    return mesh

@@ -1,4 +1,7 @@
-"""python -m grin_jax.train --config=configs/grin_tiny.py[:variant] --workdir=DIR [--config.a.b=value ...]"""
+"""python -m grin_jax.train --config=configs/grin_tiny.py[:variant] --workdir=DIR [--config.a.b=value ...]
+
+Multi-process (one process per host or per GPU): the same command in every process; `config.distributed`
+(or the cluster's environment: SLURM, Open MPI, Cloud TPU) says how they find each other (grin_jax.sharding)."""
 
 import sys
 
@@ -14,8 +17,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    from grin_jax.sharding import initialize_distributed
     from grin_jax.train.trainer import resolve, train
     try:
+        initialize_distributed(_CONFIG.value)  # multi-process runs: before anything touches the devices
         resolve(_CONFIG.value)
     except ValueError as error:  # a config mistake: the message names the key; no traceback
         print(f"config error: {error}", file=sys.stderr)

@@ -11,6 +11,13 @@ Workdir layout:
     summary.json          final losses, bits per byte, tokens seen, wall time, parameter counts (written atomically)
 Restarting with the same workdir resumes from the latest checkpoint; the data order, the RNG and therefore the
 losses continue exactly as in an uninterrupted run.
+
+Sharding (grin_jax.sharding): the state is created directly sharded on the ('data', 'expert', 'model') mesh of
+`config.mesh` (a jit of the initialiser with out_shardings), the train and eval steps are compiled with explicit
+in/out shardings under `jax.set_mesh(mesh)` (the MoE block reads the mesh from there). train.batch_size is GLOBAL:
+each process loads its slice of it (sharding.data_process_layout) and the global batch is assembled with
+jax.make_array_from_process_local_data. In a multi-process run process 0 writes the metrics, plots and summary;
+every process takes part in the steps and the (Orbax, multi-host) checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import numpy as np
 
 from grin_jax import data as _data
 from grin_jax import models as _models
+from grin_jax import sharding as _sharding
 from grin_jax.train import checkpoint as _checkpoint
 from grin_jax.train import config as _train_config
 from grin_jax.train import metrics as _metrics
@@ -49,8 +57,9 @@ class Experiment:
     name: str
 
 
-def resolve(config: ml_collections.ConfigDict) -> Experiment:
-    """Validate every section (errors name the key) and build the model config."""
+def resolve(config: ml_collections.ConfigDict, *, check_mesh: bool = True) -> Experiment:
+    """Validate every section (errors name the key) and build the model config. check_mesh: also check the mesh
+    against this machine's devices, the model and the batch (sharding.validate; initialises the JAX backend)."""
     for section in ("model", "data", "train"):
         if section not in config:
             raise ValueError(f"config has no '{section}' section: an experiment config needs model, data and train")
@@ -60,17 +69,27 @@ def resolve(config: ml_collections.ConfigDict) -> Experiment:
     if config.data.seq_len > model_config.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} is invalid: accepted values are <= "
                          f"model.max_seq_len={model_config.max_seq_len}")
+    _sharding.distributed_config_of(config)  # unknown keys
+    if check_mesh:
+        _sharding.validate(config)  # the mesh against the devices, the model and the batch
     return Experiment(config=config, model=model_config, name=config.get("name", "experiment"))
 
 
 # ------------------------------------------------------------------------------------------------ the step
-def make_train_step(graphdef, tx):
-    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable."""
+def make_loss_fn(graphdef):
+    """(params, batch, rng) -> (cross-entropy + aux loss, (cross-entropy, aux)): the training objective."""
 
     def loss_fn(params, batch, rng):
         logits_BSV, aux = _models.apply(graphdef, params, batch["inputs"], training=True, rng=rng)
         ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
         return ce + aux["aux_loss"], (ce, aux)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, tx):
+    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable."""
+    loss_fn = make_loss_fn(graphdef)
 
     def train_step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
@@ -93,7 +112,6 @@ def make_train_step(graphdef, tx):
     return train_step
 
 
-@jax.jit
 def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -121,15 +139,21 @@ def make_eval_step(graphdef):
     return eval_step
 
 
-def evaluate(eval_step, params, config, tokenizer, *, max_batches) -> dict:
-    """Validation loss (nats per token) and bits per byte over `max_batches` batches (None: the whole split)."""
+def evaluate(eval_step, params, config, tokenizer, *, max_batches, mesh=None, data_index: int = 0,
+             data_count: int = 1) -> dict:
+    """Validation loss (nats per token) and bits per byte over `max_batches` global batches (None: the whole
+    split). With a mesh, this process loads slice data_index of data_count of every global batch."""
     total_nll, total_tokens, total_bytes = 0.0, 0.0, 0
-    for batch in _data.eval_batches(config.data, batch_size=config.train.batch_size, tokenizer=tokenizer,
-                                    max_batches=max_batches):
-        nll, tokens = eval_step(params, _device_batch(batch))
+    global_size = config.train.batch_size
+    for batch in _data.eval_batches(config.data, batch_size=global_size // data_count, tokenizer=tokenizer,
+                                    max_batches=max_batches, process_index=data_index, process_count=data_count):
+        host = _device_batch(batch)
+        nll, tokens = eval_step(params, host if mesh is None else _sharding.global_batch(host, mesh, global_size))
         total_nll += float(nll)
         total_tokens += float(tokens)
         total_bytes += _data.batch_bytes(tokenizer, batch["targets"], batch["loss_mask"])
+    if data_count > 1:  # bytes are counted on the host, per slice of the global batch: add the other slices'
+        total_bytes = sum(dict(_allgather_json([data_index, total_bytes])).values())
     loss = total_nll / max(total_tokens, 1.0)
     return {"loss": loss, "bits_per_byte": _data.bits_per_byte(total_nll, max(total_bytes, 1)),
             "tokens": total_tokens}
@@ -166,15 +190,90 @@ def paper_flops_per_token(model_config, counts: dict) -> float:
 
 
 def _device_batch(batch) -> dict:
-    return {k: jnp.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask")}
+    """The model's inputs from a host batch (this process's rows, numpy; see sharding.global_batch)."""
+    return {k: np.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask")}
+
+
+def _allgather_json(obj) -> list:
+    """[obj of process 0, obj of process 1, ...] (JSON-able objects; every process must call it)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+    buffer = np.zeros(int(sizes.max()), np.uint8)
+    buffer[:raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(buffer))
+    return [json.loads(gathered[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def init_state(experiment: Experiment, tx):
-    graphdef, params = _models.init(experiment.model, rng=jax.random.key(experiment.config.train.seed))
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-             "rng": jax.random.key(experiment.config.train.seed + 1)}
+def abstract_state(experiment: Experiment, tx):
+    """(graphdef, the train state as ShapeDtypeStructs): nothing allocated."""
+    graphdef, params = _models.abstract_init(experiment.model)
+    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.key(0))}
     return graphdef, state
+
+
+def init_state(experiment: Experiment, tx, mesh=None):
+    """(graphdef, state). With a mesh of more than one device the state is created sharded: the initialiser is
+    jitted with out_shardings (sharding.state_shardings), nothing is materialised whole on one device. Without
+    one (or on one device) it runs eagerly as before: initialisers compiled once per shape and cached."""
+    seed = experiment.config.train.seed
+
+    def make(params):
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
+                "rng": jax.random.key(seed + 1)}
+
+    if mesh is None or mesh.size == 1:
+        graphdef, params = _models.init(experiment.model, rng=jax.random.key(seed))
+        state = make(params)
+        if mesh is not None:
+            state = jax.device_put(state, state_shardings(experiment, tx, mesh))
+        return graphdef, state
+    graphdef, _ = _models.abstract_init(experiment.model)
+    init = jax.jit(lambda: make(_models.init(experiment.model, rng=jax.random.key(seed))[1]),
+                   out_shardings=state_shardings(experiment, tx, mesh))
+    return graphdef, init()
+
+
+def state_shardings(experiment: Experiment, tx, mesh):
+    """NamedShardings of the train state on `mesh` (parameters by logical names, optimizer state alike)."""
+    return _sharding.state_shardings(abstract_state(experiment, tx)[1], mesh)
+
+
+def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, compiler_options: dict | None = None):
+    """The train step compiled ahead of time with explicit in/out shardings: the state as `shardings` (donated),
+    the batch over the data axes, metrics replicated. Traced under jax.set_mesh(mesh), which is where the MoE block
+    finds the mesh. `state` and `batch` may be abstract (ShapeDtypeStructs). compiler_options: XLA options for
+    this compile (tests: {'xla_backend_optimization_level': 0} halves CPU compile time)."""
+    with jax.set_mesh(mesh):
+        return jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, _sharding.batch_sharding(mesh)),
+                       out_shardings=(shardings, _sharding.replicated(mesh)),
+                       donate_argnums=(0,)).lower(state, batch).compile(compiler_options)
+
+
+def compile_eval_step(graphdef, params, param_shardings, mesh, batch, *, compiler_options: dict | None = None):
+    """The eval step compiled ahead of time: params as `param_shardings`, the batch over the data axes."""
+    with jax.set_mesh(mesh):
+        return jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, _sharding.batch_sharding(mesh)),
+                       out_shardings=_sharding.replicated(mesh)).lower(params, batch).compile(compiler_options)
+
+
+class _NullWriter:
+    """Stands in for MetricWriter on processes other than 0: keeps the records in memory, writes nothing."""
+
+    def __init__(self):
+        self.records = []
+
+    def write(self, step, metrics, *, prefix=""):
+        record = {"step": int(step), **{prefix + k: _metrics._to_python(v) for k, v in metrics.items()}}
+        self.records.append(record)
+        return record
+
+    def close(self):
+        pass
 
 
 def _param_counts(model_config) -> dict:
@@ -200,19 +299,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train (or resume) the experiment in `workdir`; returns the summary written to summary.json."""
     experiment = resolve(config)
     tc = config.train
+    primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    _metrics.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    if primary:
+        _metrics.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
     wall_start = time.time()
+    mesh = _sharding.make_mesh(_sharding.mesh_config_of(config))
+    data_index, data_count = _sharding.data_process_layout(mesh, tc.batch_size)
 
     tx, schedule = _optim.make_optimizer(
         learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
         weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
         final_lr_fraction=tc.final_lr_fraction)
-    train_iter, tokenizer = _data.make_dataset(config.data, batch_size=tc.batch_size, seed=tc.seed)
+    train_iter, tokenizer = _data.make_dataset(config.data, batch_size=tc.batch_size // data_count, seed=tc.seed,
+                                               process_index=data_index, process_count=data_count)
     if tokenizer.vocab_size > experiment.model.vocab_size:
         raise ValueError(f"model.vocab_size={experiment.model.vocab_size} is invalid: the tokenizer has "
                          f"{tokenizer.vocab_size} ids; accepted values are >= {tokenizer.vocab_size}")
-    graphdef, state = init_state(experiment, tx)
+    graphdef, state = init_state(experiment, tx, mesh)
+    shardings = state_shardings(experiment, tx, mesh)
 
     checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
                                             async_save=tc.async_checkpoint)
@@ -220,24 +325,35 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     latest = checkpointer.latest_step()
     if latest is not None:
         state, meta = checkpointer.restore(latest, _checkpoint.abstract_like(state))
-        train_iter.set_state(meta["data_state"])
+        data_states = meta.get("data_states", [meta["data_state"]])
+        if len(data_states) != data_count:
+            raise ValueError(f"{checkpointer.directory}/{latest} was written with the batch loaded in "
+                             f"{len(data_states)} slices, this run loads it in {data_count}: the data order cannot "
+                             "be resumed exactly; resume with the same mesh and number of processes")
+        train_iter.set_state(data_states[data_index])
         start_step, prior_wall = int(state["step"]), float(meta.get("wall_seconds", 0.0))
         print(f"resuming from {checkpointer.directory}/{latest} (step {start_step})", file=sys.stderr, flush=True)
-    writer = _metrics.MetricWriter(workdir, resume_step=start_step)
+    writer = _metrics.MetricWriter(workdir, resume_step=start_step) if primary else _NullWriter()
 
     tokens_per_step = tc.batch_size * config.data.seq_len
     enable_compilation_cache(tc.compilation_cache_dir)
     compile_start = time.perf_counter()
-    train_step = jax.jit(make_train_step(graphdef, tx), donate_argnums=(0,)).lower(
-        state, batch_spec(tc.batch_size, config.data.seq_len)).compile()
+    spec = batch_spec(tc.batch_size, config.data.seq_len)
+    train_step = compile_train_step(graphdef, tx, state, shardings, mesh, spec)
     compile_seconds = time.perf_counter() - compile_start
+    eval_step = compile_eval_step(graphdef, state["params"], shardings["params"], mesh, spec)
+    all_finite = jax.jit(_all_finite, out_shardings=_sharding.replicated(mesh))
     xla_flops_per_token = compiled_flops(train_step) / tokens_per_step
-    eval_step = jax.jit(make_eval_step(graphdef))
     eval_max = tc.eval_batches or None
+    eval_kw = dict(max_batches=eval_max, mesh=mesh, data_index=data_index, data_count=data_count)
 
     def save(step):
-        meta = {"data_state": train_iter.get_state(), "config_name": experiment.name,
+        data_state = train_iter.get_state()
+        meta = {"data_state": data_state, "config_name": experiment.name,
                 "wall_seconds": prior_wall + time.time() - wall_start}
+        if jax.process_count() > 1:  # every data slice's iterator state (processes of one slice agree)
+            by_slice = dict((i, st) for i, st in _allgather_json([data_index, data_state]))
+            meta["data_states"] = [by_slice[i] for i in range(data_count)]
         checkpointer.save(step, state, meta)
 
     bar = None
@@ -252,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         while step < tc.steps:
             batch = next(train_iter)
             t0 = time.perf_counter()
-            state, metrics = train_step(state, _device_batch(batch))
+            state, metrics = train_step(state, _sharding.global_batch(_device_batch(batch), mesh, tc.batch_size))
             loss = float(metrics["loss"])
             step_times.append(time.perf_counter() - t0)
             step += 1
@@ -266,10 +382,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last_train["tokens"] = step * tokens_per_step
                 writer.write(step, last_train, prefix="train/")
             if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                last_eval = evaluate(eval_step, state["params"], config, tokenizer, max_batches=eval_max)
+                last_eval = evaluate(eval_step, state["params"], config, tokenizer, **eval_kw)
                 writer.write(step, last_eval, prefix="eval/")
             if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
-                if not bool(_all_finite(state["params"])):
+                if not bool(all_finite(state["params"])):
                     raise _non_finite(f"non-finite parameters after step {step}", checkpointer)
                 save(step)
             if bar is not None:
@@ -285,12 +401,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.close()
 
     if not last_eval:  # resumed after the final step: evaluate once more for the summary
-        last_eval = evaluate(eval_step, state["params"], config, tokenizer, max_batches=eval_max)
-    records = _metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        last_eval = evaluate(eval_step, state["params"], config, tokenizer, **eval_kw)
+    records = _metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if primary else writer.records
     train_losses = [r["train/loss"] for r in records if r.get("train/loss") is not None]
     tail = train_losses[-max(1, len(train_losses) // 10):]
     load_LE = next((r["train/moe/expert_load"] for r in reversed(records) if r.get("train/moe/expert_load")), None)
-    plots = _plots.write_plots(workdir, records, load_LE, title=experiment.name)
+    plots = _plots.write_plots(workdir, records, load_LE, title=experiment.name) if primary else []
     counts = _param_counts(experiment.model)
     summary = {
         "config_name": experiment.name,
@@ -314,7 +430,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "loss": float(np.mean(tail)) if tail else None,
         "flops": (paper_flops_per_token(experiment.model, counts) * step * tokens_per_step) if counts else None,
     }
-    _metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    if primary:
+        _metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
@@ -323,23 +440,22 @@ def load_trained(workdir: str, step: int | None = None):
     """(config, graphdef, params, tokenizer) of a run's checkpoint (default: the latest)."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    experiment = resolve(config)
+    experiment = resolve(config, check_mesh=False)  # restored onto one device, whatever mesh trained it
     tc = config.train
     tx, _ = _optim.make_optimizer(
         learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
         weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
         final_lr_fraction=tc.final_lr_fraction)
-    graphdef, abstract_params = _models.abstract_init(experiment.model)
-    abstract_state = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
-                      "step": jax.ShapeDtypeStruct((), jnp.int32),
-                      "rng": jax.eval_shape(lambda: jax.random.key(0))}
+    graphdef, abstract = abstract_state(experiment, tx)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         step = checkpointer.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
                                     f"(python -m grin_jax.train --workdir={workdir})")
-        state, _ = checkpointer.restore(step, abstract_state)
+        state, _ = checkpointer.restore(step, target)
     finally:
         checkpointer.close()
     tokenizer = _data.make_tokenizer(config.data)

@@ -1,0 +1,23 @@
+"""Benchmark suite for the MoE core: `python -m grin_jax.bench [--quick] [--json out.json]`.
+
+Everything runs in ONE process; within a group the variants are compiled first, then timed interleaved
+(repetition r of every variant before repetition r + 1 of any) and summarised by medians, so the ratios that
+matter (MoE / dense FFN with the same active FLOPs) are measured side by side under the same machine load.
+Each group also times an f32 square matmul ('peak_matmul') so achieved GFLOP/s can be read as % of the peak
+measured in the same run.
+
+Groups (cases.py has the exact shapes):
+  G=1 .. G=16      dense FFN vs MoE at fixed active and total parameters (E = 8G experts of width 1024/G,
+                   top-2G; G=1 coarse, G=8 fine-grained), forward and forward+backward, skewed and balanced
+                   loads; backends 'tiled' (the fused CPU kernel) and 'capacity' (drops tokens), plus the
+                   unfused sort + `gmm.tiled_gmm` path as an ablation.
+  backends ...     every dispatch backend ('dense' reference, 'ragged_dot', 'tiled', 'capacity', 'auto') at a
+                   reduced T (the dense reference and XLA:CPU's ragged_dot compute E/K x and E x the FLOPs).
+  routers ...      SparseMixer-v2 vs top-k softmax (`routing.route`), forward and forward+backward.
+  train step       grin_tiny vs dense_tiny, one whole optimizer step (when the trainer and configs/ load).
+
+Records (`--json`): group, name, case, mode, backend, load, shape, reps, median_s, min_s, median_cpu_s,
+ratio_to_dense, cpu_ratio_to_dense, useful_gflop, gflops_per_s, memory (XLA memory_analysis of the compiled
+executable: temp_bytes, argument_bytes, output_bytes, alias_bytes, peak_bytes = temp + arguments + outputs -
+aliased).
+"""

@@ -1,0 +1,114 @@
+"""python -m grin_jax.bench [--quick] [--json out.json] [--reps N] [--only REGEX]
+
+Runs the MoE benchmark suite in one process (see grin_jax/bench/__init__.py), prints a table, optionally writes
+one JSON record per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+import jax
+
+from grin_jax.bench import cases, harness
+
+
+def _fmt_bytes(n) -> str:
+    return "-" if not n else f"{n / 2 ** 20:.0f}"
+
+
+def format_table(records: list[dict]) -> str:
+    """One row per record; %peak against the peak_matmul of the same group."""
+    peak = {r["group"]: r["gflops_per_s"] for r in records if r["name"] == "peak_matmul"}
+    head = (f"{'variant':40s} {'reps':>4s} {'median ms':>10s} {'x dense':>8s} {'cpu x':>6s} {'GFLOP/s':>8s} "
+            f"{'%peak':>6s} {'temp MiB':>9s} {'peak MiB':>9s}")
+    lines, group = [], None
+    for r in records:
+        if r["group"] != group:
+            group = r["group"]
+            note = next((n for g, n in _NOTES.items() if g == group and n), "")
+            lines += ["", f"## {group}" + (f"   [{note}]" if note else ""), head, "-" * len(head)]
+        ratio = "-" if r["ratio_to_dense"] is None else f"{r['ratio_to_dense']:.2f}"
+        cpu_ratio = "-" if r["cpu_ratio_to_dense"] is None else f"{r['cpu_ratio_to_dense']:.2f}"
+        useful = r["useful_gflop"] > 0
+        gflops = f"{r['gflops_per_s']:.0f}" if useful else "-"
+        pct = f"{100 * r['gflops_per_s'] / peak[group]:.0f}" if useful and peak.get(group) else "-"
+        mem = r.get("memory") or {}
+        lines.append(f"{r['name']:40s} {r['reps']:4d} {1e3 * r['median_s']:10.1f} {ratio:>8s} {cpu_ratio:>6s} "
+                     f"{gflops:>8s} {pct:>6s} {_fmt_bytes(mem.get('temp_bytes')):>9s} "
+                     f"{_fmt_bytes(mem.get('peak_bytes')):>9s}")
+    return "\n".join(lines)
+
+
+_NOTES: dict[str, str] = {}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grin_jax.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps: a smoke run for CI (seconds)")
+    parser.add_argument("--json", metavar="PATH", help="write one record per case to PATH")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions per variant (default 7, quick 2)")
+    parser.add_argument("--slow-reps", type=int, default=None,
+                        help="repetitions of the dense-reference and ragged_dot variants (default 3, quick 1)")
+    parser.add_argument("--only", metavar="REGEX", default=None, help="run only the groups whose name matches")
+    parser.add_argument("--train-step", action="store_true", help="with --quick: also the train-step case")
+    args = parser.parse_args(argv)
+    reps = args.reps or (2 if args.quick else 7)
+    slow_reps = args.slow_reps or (1 if args.quick else 3)
+    if reps < 1 or slow_reps < 1:
+        parser.error("--reps and --slow-reps must be >= 1")
+    sizes = cases.QUICK if args.quick else cases.FULL
+    if args.train_step:
+        sizes = dataclasses.replace(sizes, train_step=True)
+    key = jax.random.key(0)
+    load_start = os.getloadavg()
+
+    groups = (cases.granularity_groups(sizes, key) + cases.backend_groups(sizes, key, slow_reps=slow_reps)
+              + cases.router_groups(sizes, key))
+    train_groups, skipped = cases.train_step_group(sizes, key)
+    groups += train_groups
+    if args.only:
+        groups = [g for g in groups if re.search(args.only, g.name)]
+    print(f"grin_jax.bench: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"{os.cpu_count()} cpus, python {platform.python_version()}, reps {reps} (slow {slow_reps}), "
+          f"load average {load_start[0]:.1f}", file=sys.stderr, flush=True)
+    records = []
+    start = time.perf_counter()
+    for group in groups:
+        _NOTES[group.name] = group.note
+        print(f"[{time.perf_counter() - start:6.0f}s] {group.name}", file=sys.stderr, flush=True)
+        records += harness.run_group(group, reps=reps, log=lambda s: print(s, file=sys.stderr, flush=True))
+    load_end = os.getloadavg()
+    print(format_table(records))
+    footer = [
+        "",
+        "x dense: median wall time / median of the dense FFN with the same active FLOPs (same group, same mode);",
+        "cpu x: the same with process CPU time (user+sys; steadier than wall time on a shared machine).",
+        "GFLOP/s: useful (active) FLOPs / median wall time; %peak: of the group's f32 peak_matmul.",
+        f"load average (1 min) at start {load_start[0]:.1f}, at end {load_end[0]:.1f}; {os.cpu_count()} cpus; "
+        f"total {time.perf_counter() - start:.0f}s.",
+    ]
+    if skipped:
+        footer.append(skipped)
+    print("\n".join(footer))
+    if args.json:
+        payload = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
+                   "quick": args.quick, "reps": reps, "slow_reps": slow_reps,
+                   "load_average": {"start": load_start[0], "end": load_end[0]},
+                   "skipped": [skipped] if skipped else [], "records": records}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""The benchmark cases. Axes: T tokens, D model, E experts, K slots per token, F expert width, G granularity.
+
+Shapes (full size; `--quick` shrinks every number, see `Sizes`):
+  dense baseline   a SwiGLU FFN, D = 512, width 2048 (= K * F of every MoE below: same active FLOPs), T = 8192.
+  granularity G    Krajewski et al.'s granularity at fixed active AND total parameters: E = 8G experts of width
+                   F = 1024 / G, top-K = 2G.  G = 1 is the coarse case (E=8, top-2, width 1024), G = 8 the
+                   fine-grained one (E=64, top-16, width 128); G = 2, 4, 16 fill in the curve.
+  loads            routing is built directly (no router), so loads are controlled:
+                   'balanced': slot (t, k) -> expert (t*K + k) mod E (every expert exactly T*K/E slots);
+                   'skewed':   Zipf-like, expert popularity p_e ~ 1/(e+1)^1.2, K distinct experts per token by
+                               Gumbel-top-k sampling (G=1: the busiest expert gets ~35 % of the slots, ~5x the
+                               mean; records carry 'max_load_over_mean').
+Useful FLOPs (active, what the dense baseline also does): forward 2 * T * K * F * D * 3 (gate, up, down);
+forward + backward 3x that. A backend that computes more (dense reference: E/K x, ragged_dot on CPU: E x) still
+gets credit for the useful FLOPs only, so its GFLOP/s shows the waste.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grin_jax.bench.harness import Group, Variant
+from grin_jax.moe import dispatch, experts, gmm, routing
+
+ZIPF_ALPHA = 1.2
+CAPACITY_FACTOR = 1.25
+FWD, FWD_BWD = "fwd", "fwd+bwd"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    tokens: int = 8192
+    d_model: int = 512
+    base_experts: int = 8
+    base_top_k: int = 2
+    base_width: int = 1024        # expert width at G = 1; dense width = base_top_k * base_width
+    granularities: tuple = (1, 2, 4, 8, 16)
+    backend_tokens: tuple = ((1, 1024), (8, 256))  # (G, T) for the every-backend groups (dense ref / ragged_dot
+    #                                                 compute E x the useful FLOPs on CPU: reduced T)
+    router_shapes: tuple = ((8, 2), (64, 16))
+    loads: tuple = ("skewed", "balanced")
+    ablation: bool = True         # also time the unfused sort + gmm.tiled_gmm path
+    peak_n: int = 2048
+    train_step: bool = True
+    train_variant: str = ""       # configs/grin_tiny.py variant for the train-step case
+
+
+FULL = Sizes()
+QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(1, 8), backend_tokens=((1, 64),),
+              router_shapes=((8, 2),), loads=("skewed",), ablation=False, peak_n=256, train_step=False,
+              train_variant="smoke")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    tokens: int
+    d_model: int
+    num_experts: int
+    top_k: int
+    d_expert: int
+    granularity: int
+
+    @property
+    def dense_width(self) -> int:
+        return self.top_k * self.d_expert
+
+    def useful_flops(self, mode: str) -> float:
+        fwd = 2.0 * self.tokens * self.top_k * self.d_expert * self.d_model * 3
+        return fwd if mode == FWD else 3 * fwd
+
+    def as_dict(self) -> dict:
+        return {"T": self.tokens, "D": self.d_model, "E": self.num_experts, "K": self.top_k, "F": self.d_expert,
+                "G": self.granularity, "dense_width": self.dense_width}
+
+
+def granular_shape(sizes: Sizes, granularity: int, tokens: int | None = None) -> Shape:
+    return Shape(tokens=tokens or sizes.tokens, d_model=sizes.d_model, num_experts=sizes.base_experts * granularity,
+                 top_k=sizes.base_top_k * granularity, d_expert=sizes.base_width // granularity,
+                 granularity=granularity)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def skewed_ids(key, tokens: int, num_experts: int, top_k: int, alpha: float = ZIPF_ALPHA) -> jax.Array:
+    """K distinct experts per token, sampled without replacement from p_e ~ 1/(e+1)^alpha (Gumbel-top-k)."""
+    p = 1.0 / (np.arange(num_experts) + 1.0) ** alpha
+    logp = jnp.asarray(np.log(p / p.sum()), jnp.float32)
+    _, ids = jax.lax.top_k(logp + jax.random.gumbel(key, (tokens, num_experts)), top_k)
+    return ids.astype(jnp.int32)
+
+
+def balanced_ids(tokens: int, num_experts: int, top_k: int) -> jax.Array:
+    """slot (t, k) -> (t*K + k) mod E: distinct per token, every expert exactly T*K/E slots when E | T*K."""
+    return ((jnp.arange(tokens)[:, None] * top_k + jnp.arange(top_k)[None, :]) % num_experts).astype(jnp.int32)
+
+
+def load_stats(ids) -> dict:
+    counts = np.bincount(np.asarray(ids).ravel(), minlength=int(np.asarray(ids).max()) + 1)
+    return {"max_load_over_mean": float(counts.max() / counts.mean())}
+
+
+# ------------------------------------------------------------------------------------------------ functions
+def dense_ffn(params, x_TD):
+    """The dense baseline: SwiGLU FFN (w_gate, w_up: [D, W], w_down: [W, D])."""
+    return (jax.nn.silu(x_TD @ params["w_gate"]) * (x_TD @ params["w_up"])) @ params["w_down"]
+
+
+def moe_fn(backend: str):
+    def f(params, x_TD, ids_TK, weights_TK):
+        return dispatch.moe_ffn(params, x_TD, ids_TK, weights_TK, activation="swiglu", backend=backend,
+                                capacity_factor=CAPACITY_FACTOR)[0]
+    return f
+
+
+def sorted_tiled_gmm(params, x_TD, ids_TK, weights_TK):
+    """Ablation: the unfused dropless path (sort, gather [M, D], three grouped matmuls with `gmm.tiled_gmm`
+    (w_gate/w_up as one), unsort, combine) - what 'tiled' was before the fused kernel."""
+    num_tokens, top_k = ids_TK.shape
+    order_M, sizes_E = dispatch.sort_by_expert(ids_TK, params["w_up"].shape[0])
+    x_MD = jnp.take(x_TD, order_M // top_k, axis=0)
+    y_MD = experts.apply_experts_grouped(params, x_MD, sizes_E, activation="swiglu", gmm=gmm.tiled_gmm)
+    inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+    y_TKD = jnp.take(y_MD, inverse_M, axis=0).reshape(num_tokens, top_k, -1)
+    return jnp.einsum("tkd,tk->td", y_TKD, weights_TK)
+
+
+def with_mode(f, mode: str, argnums: tuple):
+    """jit(f) for the forward; jit(grad of <f(...), cot>) w.r.t. `argnums` for forward + backward."""
+    if mode == FWD:
+        return jax.jit(lambda *args: f(*args[:-1]))  # last arg: the cotangent, unused
+
+    def loss(*args):
+        return jnp.vdot(f(*args[:-1]), args[-1])
+    return jax.jit(jax.grad(loss, argnums=argnums))
+
+
+def peak_variant(n: int, key) -> Variant:
+    a = jax.random.normal(key, (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32)
+    return Variant("peak_matmul", jax.jit(jnp.matmul), (a, b), 2.0 * n ** 3,
+                   meta={"case": "peak_matmul", "mode": "matmul", "backend": "xla", "load": "-",
+                         "shape": {"M": n, "K": n, "N": n}})
+
+
+def _moe_inputs(shape: Shape, key):
+    k_x, k_p, k_d, k_w, k_ids, k_c = jax.random.split(key, 6)
+    x = jax.random.normal(k_x, (shape.tokens, shape.d_model), jnp.float32)
+    params = experts.init_expert_params(k_p, num_experts=shape.num_experts, d_model=shape.d_model,
+                                        d_hidden=shape.d_expert, activation="swiglu")
+    dense = experts.init_expert_params(k_d, num_experts=1, d_model=shape.d_model, d_hidden=shape.dense_width,
+                                       activation="swiglu")
+    dense = {k: v[0] for k, v in dense.items()}
+    weights = jax.nn.softmax(jax.random.normal(k_w, (shape.tokens, shape.top_k)), axis=-1)
+    ids = {"skewed": skewed_ids(k_ids, shape.tokens, shape.num_experts, shape.top_k),
+           "balanced": balanced_ids(shape.tokens, shape.num_experts, shape.top_k)}
+    cot = jax.random.normal(k_c, (shape.tokens, shape.d_model), jnp.float32)
+    return x, params, dense, weights, ids, cot
+
+
+def _ffn_variants(shape: Shape, key, moe_cases, *, slow_reps: int) -> list[Variant]:
+    """dense_ffn baseline + the given MoE cases [(case, backend, fn, load, slow)], forward and forward+backward."""
+    x, params, dense, weights, ids, cot = _moe_inputs(shape, key)
+    out = []
+    for mode in (FWD, FWD_BWD):
+        base = f"dense_ffn/{mode}"
+        meta = {"case": "dense_ffn", "mode": mode, "backend": "dense_ffn", "load": "-", "shape": shape.as_dict()}
+        out.append(Variant(base, with_mode(dense_ffn, mode, (0, 1)), (dense, x, cot), shape.useful_flops(mode),
+                           meta=meta))
+        for case, backend, fn, load, slow in moe_cases:
+            meta = {"case": case, "mode": mode, "backend": backend, "load": load, "shape": shape.as_dict(),
+                    **load_stats(ids[load])}
+            if backend == "auto":
+                meta["resolves_to"] = gmm.default_backend()
+            out.append(Variant(f"{case}/{backend}/{load}/{mode}", with_mode(fn, mode, (0, 1, 3)),
+                               (params, x, ids[load], weights, cot), shape.useful_flops(mode), meta=meta,
+                               baseline=base, reps=slow_reps if slow else None))
+    return out
+
+
+def granularity_groups(sizes: Sizes, key) -> list[Group]:
+    groups = []
+    for g in sizes.granularities:
+        shape = granular_shape(sizes, g)
+        cases = [("moe", backend, moe_fn(backend), load, False)
+                 for backend in ("tiled", "capacity") for load in sizes.loads]
+        if sizes.ablation:
+            cases.append(("moe_unfused", "tiled_gmm", sorted_tiled_gmm, "skewed", False))
+        variants = [peak_variant(sizes.peak_n, key)] + _ffn_variants(shape, jax.random.fold_in(key, g), cases,
+                                                                     slow_reps=0)
+        groups.append(Group(f"G={g} E={shape.num_experts} top-{shape.top_k} F={shape.d_expert} T={shape.tokens}",
+                            variants))
+    return groups
+
+
+def backend_groups(sizes: Sizes, key, *, slow_reps: int) -> list[Group]:
+    """Every dispatch backend (and 'auto') at a reduced T: the dense reference and XLA:CPU's ragged_dot compute
+    E/K x and E x the useful FLOPs."""
+    groups = []
+    for g, tokens in sizes.backend_tokens:
+        shape = granular_shape(sizes, g, tokens)
+        cases = []
+        for load in sizes.loads:
+            for backend in ("dense", "ragged_dot", "tiled", "capacity"):
+                cases.append(("moe", backend, moe_fn(backend), load, backend in ("dense", "ragged_dot")))
+        cases.append(("moe", "auto", moe_fn("auto"), "skewed", False))
+        variants = [peak_variant(sizes.peak_n, key)] + _ffn_variants(shape, jax.random.fold_in(key, 100 + g), cases,
+                                                                     slow_reps=slow_reps)
+        groups.append(Group(f"backends G={g} E={shape.num_experts} top-{shape.top_k} F={shape.d_expert} "
+                            f"T={shape.tokens}", variants,
+                            note=f"every backend; reduced T={tokens}; dense/ragged_dot: {slow_reps} reps"))
+    return groups
+
+
+def router_groups(sizes: Sizes, key) -> list[Group]:
+    """The routers' own cost (routing.route on given logits), forward and forward+backward (gradient of the
+    combine weights w.r.t. the logits), next to the dense FFN of the same T for scale."""
+    groups = []
+    for num_experts, top_k in sizes.router_shapes:
+        g = num_experts // sizes.base_experts
+        shape = granular_shape(sizes, g)
+        x, _, dense, _, _, cot = _moe_inputs(shape, jax.random.fold_in(key, 200 + g))
+        k_l, k_c, k_r = jax.random.split(jax.random.fold_in(key, 300 + g), 3)
+        logits = jax.random.normal(k_l, (shape.tokens, num_experts), jnp.float32)
+        cot_w = jax.random.normal(k_c, (shape.tokens, top_k), jnp.float32)
+        variants = [peak_variant(sizes.peak_n, key)]
+        for mode in (FWD, FWD_BWD):
+            base = f"dense_ffn/{mode}"
+            variants.append(Variant(base, with_mode(dense_ffn, mode, (0, 1)), (dense, x, cot),
+                                    shape.useful_flops(mode),
+                                    meta={"case": "dense_ffn", "mode": mode, "backend": "dense_ffn", "load": "-",
+                                          "shape": shape.as_dict()}))
+            for name in ("sparsemixer_v2", "topk_softmax"):
+                def route_weights(logits_TE, rng, name=name):
+                    return routing.route(name, logits_TE, top_k=top_k, training=True, rng=rng).weights
+                variants.append(Variant(f"router/{name}/{mode}", with_mode(route_weights, mode, (0,)),
+                                        (logits, k_r, cot_w), 0.0, baseline=base,
+                                        meta={"case": "router", "mode": mode, "backend": name, "load": "-",
+                                              "shape": {"T": shape.tokens, "E": num_experts, "K": top_k}}))
+        groups.append(Group(f"routers E={num_experts} top-{top_k} T={shape.tokens}", variants,
+                            note="router cost vs the dense FFN of the same T"))
+    return groups
+
+
+def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
+    """grin_tiny vs dense_tiny: one whole optimizer step (forward, backward, AdamW) on a synthetic batch.
+
+    Returns ([group], None) or ([], reason) when the trainer or the configs cannot be loaded here."""
+    if not sizes.train_step:
+        return [], "train-step case (grin_tiny vs dense_tiny) skipped: not part of --quick (pass --train-step)"
+    try:
+        import importlib.util
+        import os
+
+        from grin_jax.train import optim, trainer
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        variants = []
+        for name in ("dense_tiny", "grin_tiny"):
+            spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(root, "configs", f"{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            config = module.get_config(sizes.train_variant)
+            experiment = trainer.resolve(config, check_mesh=False)
+            tc = config.train
+            tx, _ = optim.make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
+                                         total_steps=tc.steps)
+            graphdef, state = trainer.init_state(experiment, tx)
+            batch_size, seq_len = tc.batch_size, config.data.seq_len
+            k_in = jax.random.fold_in(key, 400)
+            tokens = jax.random.randint(k_in, (batch_size, seq_len + 1), 0, experiment.model.vocab_size)
+            batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                     "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
+            step = jax.jit(trainer.make_train_step(graphdef, tx))
+            variants.append(Variant(f"train_step/{name}", step, (state, batch), 0.0,
+                                    baseline=None if name == "dense_tiny" else "train_step/dense_tiny",
+                                    meta={"case": "train_step", "mode": "train_step", "load": "router",
+                                          "backend": getattr(config.model, "moe_backend", "-") if name == "grin_tiny"
+                                          else "dense_ffn",
+                                          "shape": {"batch": batch_size, "seq_len": seq_len,
+                                                    "tokens": batch_size * seq_len}}))
+        return [Group(f"train step grin_tiny vs dense_tiny{' (smoke)' if sizes.train_variant else ''}",
+                      variants, note="whole optimizer step, synthetic tokens")], None
+    except Exception as error:  # noqa: BLE001 - reported, not hidden
+        return [], f"train-step case skipped: {type(error).__name__}: {error}"

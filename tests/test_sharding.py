@@ -1,0 +1,277 @@
+"""grin_jax.sharding and the sharded trainer on 8 fake CPU devices (conftest.py).
+
+The GRIN model (SparseMixer-v2 with input jitter, training=True, the same rng) trained with the trainer's own
+pieces (init_state, compile_train_step) on meshes (data, expert, model) = (8,1,1), (2,4,1), (2,2,2), (1,1,8) gives
+the single-device numbers: the loss, the gradient, the MoE metrics and three AdamW steps. Parameter shardings
+against a golden table; a checkpoint moves between meshes; impossible layouts fail before compiling.
+
+Compile time dominates: one train-step compile per mesh (plus one sharded init), on a one-layer smoke model,
+compiled with XLA's backend optimisation level 0 (the SPMD partitioning under test is the same; LLVM does less).
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from grin_jax import models, sharding
+from grin_jax.train import checkpoint as _checkpoint
+from grin_jax.train import optim, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "configs"))
+import grin_tiny  # noqa: E402
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: see conftest.py")
+
+B, S = 8, 16
+STEPS = 3
+TOL = 1e-5
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+MESHES = {"data": (8, 1, 1), "expert_x_data": (2, 4, 1), "model_x_expert_x_data": (2, 2, 2), "model": (1, 1, 8)}
+
+
+def small_config(mesh=(1, 1, 1), **model):
+    """grin_tiny:smoke with one layer and 8 heads (divisible by every model axis here), B x S = 8 x 16."""
+    c = grin_tiny.get_config("smoke")
+    c.model.num_layers = 1
+    c.model.num_heads = 8
+    c.model.head_dim = 8
+    c.model.jitter_eps = 0.3  # more tokens keep two candidates: more of the router gets a gradient
+    for key, value in model.items():
+        c.model[key] = value
+    c.data.seq_len = S
+    c.train.batch_size = B
+    c.train.clip_norm = 0.0  # plain AdamW: after step 1 its first moment is (1 - b1) * gradient (read back below)
+    c.mesh.data, c.mesh.expert, c.mesh.model = mesh
+    return c
+
+
+def optimizer(config):
+    tc = config.train
+    tx, _ = optim.make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
+                                 total_steps=tc.steps, weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2,
+                                 clip_norm=tc.clip_norm, final_lr_fraction=tc.final_lr_fraction)
+    return tx
+
+
+def host_batch():
+    rng = np.random.default_rng(0)
+    mask = np.ones((B, S), np.float32)
+    mask[:, -3:] = 0.0
+    return {"inputs": rng.integers(0, 259, (B, S), dtype=np.int32),
+            "targets": rng.integers(0, 259, (B, S), dtype=np.int32), "loss_mask": mask}
+
+
+def adam_grads(opt_state, b1):
+    """The gradient of the first step: Adam's first moment starts at 0, so after one step mu = (1 - b1) * g."""
+    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]
+    assert len(adam) == 1
+    return jax.tree.map(lambda m: np.asarray(m) / (1.0 - b1), models.flatten_params(adam[0].mu))
+
+
+def run(mesh_shape, *, init_state=None):
+    """Train STEPS steps on `mesh_shape`; init_state: a host copy of the state to start from (else the
+    trainer's init_state: eager on one device, a sharded jit on more)."""
+    config = small_config(mesh_shape)
+    experiment = trainer.resolve(config)
+    mesh = sharding.make_mesh(config.mesh)
+    tx = optimizer(config)
+    shardings = trainer.state_shardings(experiment, tx, mesh)
+    if init_state is None:
+        graphdef, state = trainer.init_state(experiment, tx, mesh)
+    else:
+        graphdef, _ = models.abstract_init(experiment.model)
+        state = jax.device_put(init_state, shardings)
+    initial = jax.device_get(state)
+    step = trainer.compile_train_step(graphdef, tx, state, shardings, mesh, trainer.batch_spec(B, S),
+                                      compiler_options=FAST_COMPILE)
+    batch = sharding.global_batch(host_batch(), mesh, B)
+    losses, metrics = [], []
+    for i in range(STEPS):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+        metrics.append(jax.device_get(m))
+        if i == 0:
+            grads = adam_grads(state["opt_state"], config.train.b1)
+    return {"mesh": mesh, "initial": initial, "losses": losses, "metrics": metrics, "grads": grads, "state": state,
+            "shardings": shardings, "experiment": experiment, "tx": tx}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run((1, 1, 1))
+
+
+@pytest.fixture(scope="module")
+def runs(reference):
+    out = {}
+    for name, shape in MESHES.items():
+        # One mesh creates its state with the sharded (jitted) initialiser; the others start from a copy.
+        out[name] = run(shape, init_state=None if shape == (2, 2, 2) else reference["initial"])
+    return out
+
+
+def _numbers(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x, np.float64)
+
+
+def max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(_numbers(x) - _numbers(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_sharded_training_equals_one_device(runs, reference, name):
+    result = runs[name]
+    # Loss, gradient (every parameter, router included) and MoE metrics of the first step; then three steps.
+    assert max_abs_diff(result["grads"], reference["grads"]) < TOL
+    for key in ("loss", "total_loss", "aux_loss", "grad_norm", "load_balance_loss", "z_loss", "moe/expert_load",
+                "moe/router_grad_fraction"):
+        assert max_abs_diff(result["metrics"][0][key], reference["metrics"][0][key]) < TOL, key
+    np.testing.assert_allclose(result["losses"], reference["losses"], atol=TOL, rtol=0)
+    assert reference["metrics"][0]["moe/router_grad_fraction"] > 0.05  # the router gradient is really tested
+    assert reference["losses"][-1] < reference["losses"][0]
+    # The state stays laid out as the shardings say.
+    state, shardings = result["state"], result["shardings"]
+    for array, expected in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)):
+        assert array.sharding.is_equivalent_to(expected, array.ndim)
+
+
+def test_sharded_init_equals_eager_init(runs, reference):
+    """The jitted, sharded initialiser gives the one-device eager initialiser's values (to rounding: XLA fuses the
+    initialisers' scaling differently under jit)."""
+    result = runs["model_x_expert_x_data"]
+    assert max_abs_diff(result["initial"], reference["initial"]) < 1e-7
+    w = result["state"]["params"]["layers"][0]["mlp"]["w_down"]
+    assert w.sharding.spec == P("expert", "model")
+    assert w.addressable_shards[0].data.shape == (4, 32, 64)  # [E/2, F/2, D]: no device holds the whole array
+
+
+GOLDEN = {
+    # (data, expert, model) = (2, 2, 2), vocab 264 (divisible): the rules as written.
+    (2, 2, 2): {
+        "embed.embedding": P("model"),                        # ('vocab', 'embed')
+        "final_norm.bias": P(), "final_norm.scale": P(),
+        "layers.0.input_norm.scale": P(), "layers.0.post_attn_norm.bias": P(),
+        "layers.0.attn.q.kernel": P(None, "model"),          # ('embed', 'heads', 'kv')
+        "layers.0.attn.q.bias": P("model"),                  # ('heads', 'kv')
+        "layers.0.attn.k.kernel": P(None, "model"),          # ('embed', 'kv_heads', 'kv'): 2 KV heads / 2
+        "layers.0.attn.v.bias": P("model"),
+        "layers.0.attn.o.kernel": P("model"),                # ('heads', 'kv', 'embed')
+        "layers.0.attn.o.bias": P(),                         # ('embed',)
+        "layers.0.mlp.router": P(None, "expert"),            # ('embed', 'experts')
+        "layers.0.mlp.w_gate": P("expert", None, "model"),   # ('experts', 'embed', 'mlp')
+        "layers.0.mlp.w_up": P("expert", None, "model"),
+        "layers.0.mlp.w_down": P("expert", "model"),         # ('experts', 'mlp', 'embed')
+        "lm_head.kernel": P(None, "model"),                  # ('embed', 'vocab')
+        "lm_head.bias": P("model"),
+    },
+    # (1, 1, 8), vocab 259: what does not divide stays replicated (vocab 259, 2 KV heads on 8 shards).
+    (1, 1, 8): {
+        "embed.embedding": P(),
+        "layers.0.attn.q.kernel": P(None, "model"),
+        "layers.0.attn.k.kernel": P(),
+        "layers.0.attn.k.bias": P(),
+        "layers.0.attn.o.kernel": P("model"),
+        "layers.0.mlp.router": P(None, "expert"),
+        "layers.0.mlp.w_up": P("expert", None, "model"),
+        "layers.0.mlp.w_down": P("expert", "model"),
+        "lm_head.kernel": P(),
+        "lm_head.bias": P(),
+    },
+}
+
+
+@pytest.mark.parametrize("mesh_shape", list(GOLDEN))
+def test_parameter_shardings_golden_table(mesh_shape):
+    config = small_config(mesh_shape, vocab_size=264 if mesh_shape == (2, 2, 2) else 259)
+    experiment = trainer.resolve(config)
+    mesh = sharding.make_mesh(config.mesh)
+    tx = optimizer(config)
+    _, abstract = trainer.abstract_state(experiment, tx)  # shapes only: nothing is compiled or allocated
+    specs = sharding.partition_specs(abstract, mesh)
+    flat = {name: s for name, s in models.flatten_params(specs["params"]).items()}
+    assert set(flat) == set(models.flatten_params(abstract["params"]))  # every parameter has a spec
+    for name, expected in GOLDEN[mesh_shape].items():
+        assert flat[name] == expected, (name, flat[name], expected)
+    # The optimizer state mirrors the parameters (optax's mu / nu carry the same nnx.Param metadata), scalars P().
+    adam = [s for s in jax.tree.leaves(specs["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)][0]
+    assert models.flatten_params(adam.mu) == flat and models.flatten_params(adam.nu) == flat
+    assert adam.count == P() and specs["step"] == P() and specs["rng"] == P()
+    assert sharding.batch_sharding(mesh).spec == P(("data", "expert"))
+
+
+def test_checkpoint_restores_onto_another_mesh(runs, tmp_path):
+    """Saved from (8, 1, 1), restored onto (2, 2, 2) through an abstract target carrying the new shardings."""
+    source, target_run = runs["data"], runs["model_x_expert_x_data"]
+    state = source["state"]
+    checkpointer = _checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    checkpointer.save(STEPS, state, {"note": "from (8, 1, 1)"})
+    checkpointer.wait()
+    _, abstract = trainer.abstract_state(source["experiment"], source["tx"])
+    target = sharding.abstract_with_shardings(abstract, target_run["shardings"])
+    restored, meta = checkpointer.restore(STEPS, target)
+    checkpointer.close()
+    assert meta == {"note": "from (8, 1, 1)"}
+    assert max_abs_diff(restored, jax.device_get(state)) == 0.0
+    assert int(restored["step"]) == STEPS
+    for array, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(target_run["shardings"])):
+        assert array.sharding == expected
+    w = restored["params"]["layers"][0]["mlp"]["w_gate"]
+    assert w.sharding.mesh.axis_sizes == (2, 2, 2) and w.sharding.spec == P("expert", None, "model")
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(mesh=(16, 1, 1)), r"mesh.data=16 x mesh.expert=1 x mesh.model=1 = 16 devices is larger than the 8"),
+    (dict(mesh=(-1, 3, 1)), r"mesh.data=-1 cannot be filled: mesh.expert=3 x mesh.model=1 = 3 does not divide"),
+    (dict(mesh=(-1, -1, 1)), r"mesh.expert=-1 is invalid: only one of"),
+    (dict(mesh=(0, 1, 1)), r"mesh.data=0 is invalid"),
+    (dict(mesh=(1, 4, 2), model=dict(num_experts=6)), r"model.num_experts=6 is not divisible by mesh.expert=4"),
+    (dict(mesh=(1, 1, 8), model=dict(num_heads=4, head_dim=16)),
+     r"model.num_heads=4 is not divisible by mesh.model=8"),
+    (dict(mesh=(1, 1, 8), model=dict(d_expert=20)), r"model.d_expert=20 is not divisible by mesh.model=8"),
+    (dict(mesh=(8, 1, 1), train=dict(batch_size=4)), r"train.batch_size=4 is not divisible by the 8 data shards"),
+    (dict(mesh=(8, 1, 1), model=dict(load_balance_groups=2)), r"model.load_balance_groups=2 is not supported"),
+    (dict(mesh=(2, 4, 1), model=dict(moe_parallel="ragged_alltoall")),
+     r"model.moe_parallel='ragged_alltoall' is invalid on CPU"),
+])
+def test_impossible_layouts_fail_before_compiling(changes, message):
+    config = small_config(changes["mesh"], **changes.get("model", {}))
+    for key, value in changes.get("train", {}).items():
+        config.train[key] = value
+    with pytest.raises(ValueError, match=message):
+        trainer.resolve(config)  # what train() runs first: nothing is initialised or compiled yet
+
+
+def test_mesh_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"mesh.tensor is unknown"):
+        sharding.mesh_config_of({"mesh": {"tensor": 2}})
+    with pytest.raises(ValueError, match=r"must use every device"):
+        sharding.resolve_mesh_shape(sharding.mesh_config_of({"mesh": {"data": 2}}), 8, process_count=2)
+    assert sharding.resolve_mesh_shape(sharding.default_mesh_config(), 8) == (8, 1, 1)
+    assert sharding.resolve_mesh_shape(sharding.mesh_config_of({"mesh": {"model": 2, "expert": 2}}), 8) == (2, 2, 2)
+
+
+def test_data_process_layout_single_process():
+    mesh = sharding.make_mesh(sharding.mesh_config_of({"mesh": {"data": 2, "expert": 2, "model": 2}}))
+    assert sharding.data_process_layout(mesh, B) == (0, 1)
+
+
+def test_distributed_initialisation_is_skipped_for_a_single_process():
+    assert sharding.detected_cluster({}) is None
+    assert sharding.detected_cluster({"SLURM_NTASKS": "1"}) is None
+    assert sharding.detected_cluster({"SLURM_NTASKS": "16"}) == "SLURM_NTASKS"
+    assert sharding.detected_cluster({"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}) == "TPU_WORKER_HOSTNAMES"
+    assert sharding.initialize_distributed(small_config(), environ={}) is False
+    with pytest.raises(ValueError, match=r"distributed.enabled='maybe' is invalid"):
+        config = small_config()
+        config.distributed.enabled = "maybe"
+        sharding.initialize_distributed(config, environ={})
