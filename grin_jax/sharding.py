@@ -37,7 +37,9 @@ MoE block (nn/mlp.py) reads `jax.sharding.get_abstract_mesh()`; on a mesh with m
 
 Multi-process: `initialize_distributed(config.distributed)` must run before anything touches the devices (the
 train entry point calls it first). `data_process_layout` says which slice of the global batch this process loads;
-`global_batch` assembles the global jax.Array with `jax.make_array_from_process_local_data`.
+`global_batch` assembles the global jax.Array with `jax.make_array_from_process_local_data`. The model's numbers do
+not depend on the mesh or the number of processes; the data order does (the data pipeline gives each process a
+disjoint share of the documents), so compare runs with different numbers of processes on the same global batches.
 """
 
 from __future__ import annotations
@@ -210,7 +212,7 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     if batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes: "
                          f"train.batch_size is global; accepted values are multiples of {process_count}")
-    if shards * model > 1 and m.ffn == "moe":
+    if shards * model > 1 and m.ffn == "moe" and m.router != "expert_choice":  # token routers: moe_layer_parallel
         groups = m.load_balance_groups
         if groups not in (1, shards):
             raise ValueError(f"model.load_balance_groups={groups} is not supported on a mesh with {shards} data "
@@ -350,8 +352,8 @@ def detected_cluster(environ=None) -> str | None:
 
 
 def initialize_distributed(config=None, *, environ=None) -> bool:
-    """`jax.distributed.initialize` from the experiment config's `distributed` section or the environment; call it before
-    anything touches the devices. Returns whether it initialised (False: a single-process run).
+    """`jax.distributed.initialize` from the experiment config's `distributed` section or the environment; call it
+    before anything touches the devices. Returns whether it initialised (False: a single-process run).
 
     enabled='auto': initialise when coordinator_address / num_processes are given, or `detected_cluster()` finds
     a cluster launch (SLURM srun with several tasks, Open MPI, a Cloud TPU pod, JAX_COORDINATOR_ADDRESS); JAX

@@ -154,26 +154,6 @@ def test_tiled_moe_equals_dense_at_reduced_benchmark_shapes(num_experts, top_k, 
         assert np.all(np.asarray(grads[0]["w_down"])[unused] == 0)
 
 
-def test_tiled_expert_mlp_plain_activation_and_tile_levels(activation="gelu", tile_sizes=(16, 4)):
-    """(tests/test_dispatch.py runs every activation through every backend; this one pins explicit levels.)"""
-    rs = np.random.RandomState(4)
-    tokens, d_model, num_experts, top_k = 96, 8, 4, 2
-    params = experts.init_expert_params(jax.random.key(1), num_experts=num_experts, d_model=d_model, d_hidden=6,
-                                        activation=activation)
-    x = jnp.asarray(rs.randn(tokens, d_model), jnp.float32)
-    ids = jnp.asarray(_skewed_ids(rs, tokens, num_experts, top_k))
-    w = jnp.asarray(rs.rand(tokens, top_k), jnp.float32)
-
-    def loss(fn):
-        return lambda p, x, w: jnp.sum(jnp.sin(fn(p, x, w)))
-    tiled = loss(lambda p, x, w: gmm.tiled_expert_mlp(p, x, ids, w, activation=activation, tile_sizes=tile_sizes))
-    dense = loss(lambda p, x, w: dispatch.moe_ffn(p, x, ids, w, activation=activation, backend="dense")[0])
-    got = jax.jit(jax.value_and_grad(tiled, argnums=(0, 1, 2)))(params, x, w)
-    want = jax.jit(jax.value_and_grad(dense, argnums=(0, 1, 2)))(params, x, w)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
 def test_tiled_expert_mlp_bfloat16_keeps_dtype_and_is_close():
     rs = np.random.RandomState(5)
     params = experts.init_expert_params(jax.random.key(2), num_experts=4, d_model=16, d_hidden=8,

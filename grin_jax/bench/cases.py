@@ -44,15 +44,16 @@ class Sizes:
     router_shapes: tuple = ((8, 2), (64, 16))
     loads: tuple = ("skewed", "balanced")
     ablation: bool = True         # also time the unfused sort + gmm.tiled_gmm path
+    auto_variant: bool = True     # also time backend='auto' (compiles the same program as the platform's backend)
     peak_n: int = 2048
     train_step: bool = True
     train_variant: str = ""       # configs/grin_tiny.py variant for the train-step case
 
 
 FULL = Sizes()
-QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(1, 8), backend_tokens=((1, 64),),
-              router_shapes=((8, 2),), loads=("skewed",), ablation=False, peak_n=256, train_step=False,
-              train_variant="smoke")
+QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(), backend_tokens=((1, 64),),
+              router_shapes=((8, 2),), loads=("skewed",), ablation=False, auto_variant=False, peak_n=256,
+              train_step=False, train_variant="smoke")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +206,8 @@ def backend_groups(sizes: Sizes, key, *, slow_reps: int) -> list[Group]:
         for load in sizes.loads:
             for backend in ("dense", "ragged_dot", "tiled", "capacity"):
                 cases.append(("moe", backend, moe_fn(backend), load, backend in ("dense", "ragged_dot")))
-        cases.append(("moe", "auto", moe_fn("auto"), "skewed", False))
+        if sizes.auto_variant:
+            cases.append(("moe", "auto", moe_fn("auto"), "skewed", False))
         variants = [peak_variant(sizes.peak_n, key)] + _ffn_variants(shape, jax.random.fold_in(key, 100 + g), cases,
                                                                      slow_reps=slow_reps)
         groups.append(Group(f"backends G={g} E={shape.num_experts} top-{shape.top_k} F={shape.d_expert} "

@@ -8,26 +8,34 @@ Grouped-matmul backends (`GMM_BACKENDS`) have the contract of `jax.lax.ragged_do
 with rows sorted by group, sum(group_sizes_E) <= M (rows past the sum give zeros), differentiable in lhs and rhs.
 
   ragged_dot  `jax.lax.ragged_dot`: the accelerator path. XLA:CPU lowers it to an E x dense masked matmul.
-  tiled       `tiled_gmm`: a `jax.custom_vjp` whose forward and backward are `lax.fori_loop`s over row tiles,
-              one expert weight per tile read with a dynamic index (never a per-tile weight gather).
+  tiled       `tiled_gmm`: a `jax.custom_vjp` whose forward and backward are `lax.fori_loop`s over row tiles
+              (gather the tile's rows, one matmul with its expert's weight, scatter), never a per-tile weight
+              gather; the weight gradient accumulates per expert in the loop carry.
 
 The dispatch backend 'tiled' does not go through the gmm contract: `tiled_expert_mlp` runs the whole expert MLP
-per tile (gather the tile's token rows, up/gate matmul, activation, down matmul, weighted scatter-add into the
-output), so no [M, D] sorted copy of the tokens, no [M, F] hidden and no [M, D] expert output is ever
-materialised, and no sort is needed (slot positions come from counting). Its backward is a second tile loop
-(a custom VJP) that saves only the pre-activations.
+per tile (gather the tile's token rows, one matmul with [w_gate | w_up], activation, down matmul, weighted
+scatter-add into the output), so no [M, D] sorted copy of the tokens, no [M, F] hidden and no [M, D] expert
+output is ever materialised, and no sort is needed (slot positions come from counting). Its backward is a second
+tile loop (a custom VJP) that saves only the pre-activations. Measured against a dense FFN with the same active
+FLOPs (fwd+bwd, f32, 2 CPU cores, skewed loads; `python -m grin_jax.bench`): see the README's benchmark section.
+
+Loop structure: an outer `fori_loop` over experts slices the expert's weights once (not once per tile) and
+zero-initialises its weight-gradient accumulators; inner `fori_loop`s (one per tile level, data-dependent trip
+counts) run that expert's tiles; the accumulators are written once per expert. Weight gradients (a contraction
+over the tile rows) are computed as canonical matmuls on an explicitly transposed narrower operand (`_wgrad`):
+XLA:CPU runs dots whose lhs contracts its first dimension ~40 % slower.
 
 Tiling ("tile levels"). Rows of every group are laid out in a padded buffer of P = M + E * (t_min - 1) rows and
 covered greedily by tiles of decreasing sizes `tile_sizes = (t_0, ..., t_{L-1})` (each divides the previous):
 group e gets floor(n_e / t_0) tiles of t_0 rows, then floor(rest / t_1) of t_1, ..., and ceil(rest / t_{L-1})
-tiles of the smallest size. Big tiles keep the per-tile costs (weight slice, weight-gradient read-modify-write,
-loop overhead) small; the smallest size bounds the padding to < t_{L-1} rows per expert (the only wasted FLOPs).
-Each level is one `fori_loop` with a data-dependent trip count; its static bound (array sizes) is
+tiles of the smallest size. Big tiles keep the per-tile costs (weight-gradient accumulation, gathers, loop
+overhead) small; the smallest size bounds the padding to < t_{L-1} rows per expert (the only wasted FLOPs).
+Static bound (array sizes) of the number of tiles per level:
   level 0:      floor(M / t_0)                  (the only level when L = 1: floor((M + E (t_0 - 1)) / t_0))
   middle level: min(floor(M / t_l), E (t_{l-1} / t_l - 1))
   last level:   min(floor((M + E (t_L-1 - 1)) / t_L-1), E t_{L-2} / t_L-1).
-Memory (fused MLP, forward + backward): the saved pre-activations [P, 2F] (gated) or [P, F]; float32
-accumulators for y / dx [T, D] and the weight gradients; per-tile temporaries only.
+Memory (fused MLP, forward + backward): the saved pre-activations [P, 2F] (gated) or [P, F] (the dense FFN saves
+the same per token); float32 accumulators for y / dx [T, D] and the weight gradients; per-tile temporaries.
 """
 
 from __future__ import annotations
@@ -90,12 +98,14 @@ class TilePlan(NamedTuple):
     src_P: source row of each padded row; `num_rows` (one past the end) for padding.
     starts: per level, [J_l] first padded row of each tile.  groups: per level, [J_l] group of each tile.
     counts: [L] number of tiles in use per level (tiles past it are never visited).
+    ends: [L, E] per level, one past the last tile of each group (tiles of group e: ends[l, e-1] .. ends[l, e]).
     """
 
     src_P: jax.Array
     starts: tuple
     groups: tuple
     counts: jax.Array
+    ends: jax.Array
 
 
 def level_bounds(num_rows: int, num_groups: int, tile_sizes: tuple[int, ...]) -> list[int]:
@@ -135,7 +145,7 @@ def plan_tiles(group_sizes_E: jax.Array, group_M: jax.Array, rank_M: jax.Array, 
         pos_M = jnp.where(valid_M, pos_M, num_padded)
     src_P = (jnp.full((num_padded,), num_rows, jnp.int32)
              .at[pos_M].set(jnp.arange(num_rows, dtype=jnp.int32), mode="drop"))
-    starts, groups, counts = [], [], []
+    starts, groups, counts, ends = [], [], [], []
     offset_E = jnp.zeros_like(sizes_E)
     for level, (t, bound) in enumerate(zip(tile_sizes, level_bounds(num_rows, num_groups, tile_sizes))):
         n_E = counts_LE[level]
@@ -145,8 +155,10 @@ def plan_tiles(group_sizes_E: jax.Array, group_M: jax.Array, rank_M: jax.Array, 
         starts.append((pstart_E[g_J] + offset_E[g_J] + (j - (ends_E[g_J] - n_E[g_J])) * t).astype(jnp.int32))
         groups.append(g_J)
         counts.append(ends_E[-1] if bound else jnp.int32(0))
+        ends.append(ends_E)
         offset_E = offset_E + n_E * t
-    return TilePlan(src_P, tuple(starts), tuple(groups), jnp.stack(counts).astype(jnp.int32))
+    return TilePlan(src_P, tuple(starts), tuple(groups), jnp.stack(counts).astype(jnp.int32),
+                    jnp.stack(ends).astype(jnp.int32))
 
 
 def slot_ranks(expert_ids_TK: jax.Array, num_experts: int):
@@ -172,15 +184,22 @@ def slot_ranks(expert_ids_TK: jax.Array, num_experts: int):
     return sizes_E, rank_M.reshape(num_tokens, top_k)
 
 
-def _tile_loops(plan: TilePlan, tile_sizes, body, carry):
-    """carry = body(start, group, tile_rows, carry) for every tile in use, level by level."""
+def _group_tiles(plan: TilePlan, tile_sizes, group, body, carry):
+    """carry = body(start, tile_rows, carry) for every tile of `group`, level by level."""
     for level, t in enumerate(tile_sizes):
         if plan.starts[level].shape[0] == 0:
             continue
+        hi = plan.ends[level, group]
+        lo = jnp.where(group > 0, plan.ends[level, jnp.maximum(group - 1, 0)], 0)
         def level_body(j, c, level=level, t=t):
-            return body(plan.starts[level][j], plan.groups[level][j], t, c)
-        carry = lax.fori_loop(0, plan.counts[level], level_body, carry)
+            return body(plan.starts[level][j], t, c)
+        carry = lax.fori_loop(lo, hi, level_body, carry)
     return carry
+
+
+def _group_loops(plan: TilePlan, tile_sizes, num_groups, group_fn, carry):
+    """carry = group_fn(e, carry) for e = 0..E-1 (group_fn runs _group_tiles with e's weights sliced once)."""
+    return lax.fori_loop(0, num_groups, group_fn, carry)
 
 
 def _varying_axes(x) -> frozenset:
@@ -220,10 +239,25 @@ def _dot_nt(a, b, dtype):
     return lax.dot_general(a.astype(dtype), b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _dot_tn(a, b, dtype):
-    """a.T @ b"""
-    return lax.dot_general(a.astype(dtype), b.astype(dtype), (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)
+def _wgrad_transposed(a_shape, b_shape) -> bool:
+    """Whether `_wgrad(a, b)` returns (a.T @ b).T: it transposes the narrower of its two [t, .] operands."""
+    return a_shape[1] > b_shape[1]
+
+
+def _wgrad(a, b, dtype):
+    """a.T @ b for a [t, A], b [t, B] (a weight gradient), or its transpose [B, A] when A > B.
+
+    XLA:CPU runs a dot whose lhs contracts its first dimension through a slower path (Eigen with packing) than
+    a canonical one (~70 vs ~125 GFLOP per CPU-second at these tile shapes); transposing the narrower operand
+    explicitly (kept from being folded back into the dot by an optimization barrier) is cheaper. Callers keep
+    the accumulator in the returned layout and transpose it once at the end."""
+    if _wgrad_transposed(a.shape, b.shape):
+        return _dot(lax.optimization_barrier(b.astype(dtype).T), a, dtype)
+    return _dot(lax.optimization_barrier(a.astype(dtype).T), b, dtype)
+
+
+def _swap_last(a, swap: bool):
+    return jnp.swapaxes(a, -1, -2) if swap else a
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,14 +267,17 @@ def _dot_tn(a, b, dtype):
 def _gmm_fwd_loop(lhs, rhs, plan, tile_sizes):
     num_rows = lhs.shape[0]
 
-    def body(start, g, t, out):
-        idx = lax.dynamic_slice_in_dim(plan.src_P, start, t)
-        rows = jnp.take(lhs, idx, axis=0, mode="fill", fill_value=0)
-        res = _dot(rows, rhs[g], rhs.dtype)
-        return out.at[idx].set(res.astype(out.dtype), mode="drop")
+    def group_fn(e, out):
+        w = rhs[e]
+
+        def body(start, t, out):
+            idx = lax.dynamic_slice_in_dim(plan.src_P, start, t)
+            rows = jnp.take(lhs, idx, axis=0, mode="fill", fill_value=0)
+            return out.at[idx].set(_dot(rows, w, rhs.dtype).astype(out.dtype), mode="drop")
+        return _group_tiles(plan, tile_sizes, e, body, out)
 
     out = _zeros((num_rows, rhs.shape[-1]), jnp.result_type(lhs, rhs), lhs, rhs, plan)
-    return _tile_loops(plan, tile_sizes, body, out)
+    return _group_loops(plan, tile_sizes, rhs.shape[0], group_fn, out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -254,21 +291,27 @@ def _tiled_gmm_fwd(lhs, rhs, plan, tile_sizes):
 
 def _tiled_gmm_bwd(tile_sizes, res, dout):
     lhs, rhs, plan = res
+    like = (lhs, rhs, plan, dout)
+    swap = _wgrad_transposed(lhs.shape, dout.shape)
+    acc_shape = _swap_last(rhs[0], swap).shape
 
-    def body(start, g, t, carry):
+    def group_fn(e, carry):
         dlhs, drhs = carry
-        idx = lax.dynamic_slice_in_dim(plan.src_P, start, t)
-        rows = jnp.take(lhs, idx, axis=0, mode="fill", fill_value=0)
-        d = jnp.take(dout, idx, axis=0, mode="fill", fill_value=0)
-        w = rhs[g]
-        dlhs = dlhs.at[idx].set(_dot_nt(d, w, w.dtype).astype(dlhs.dtype), mode="drop")
-        drhs = lax.dynamic_update_index_in_dim(drhs, drhs[g] + _dot_tn(rows, d, rhs.dtype), g, 0)
-        return dlhs, drhs
+        w = rhs[e]
 
-    init = (_zeros(lhs.shape, lhs.dtype, lhs, rhs, plan, dout),
-            _zeros(rhs.shape, jnp.float32, lhs, rhs, plan, dout))
-    dlhs, drhs = _tile_loops(plan, tile_sizes, body, init)
-    return dlhs, drhs.astype(rhs.dtype), None
+        def body(start, t, c):
+            dlhs, acc = c
+            idx = lax.dynamic_slice_in_dim(plan.src_P, start, t)
+            rows = jnp.take(lhs, idx, axis=0, mode="fill", fill_value=0)
+            d = jnp.take(dout, idx, axis=0, mode="fill", fill_value=0)
+            dlhs = dlhs.at[idx].set(_dot_nt(d, w, w.dtype).astype(dlhs.dtype), mode="drop")
+            return dlhs, acc + _wgrad(rows, d, rhs.dtype)
+        dlhs, acc = _group_tiles(plan, tile_sizes, e, body, (dlhs, _zeros(acc_shape, jnp.float32, *like)))
+        return dlhs, lax.dynamic_update_index_in_dim(drhs, acc, e, 0)
+
+    init = (_zeros(lhs.shape, lhs.dtype, *like), _zeros((rhs.shape[0],) + acc_shape, jnp.float32, *like))
+    dlhs, drhs = _group_loops(plan, tile_sizes, rhs.shape[0], group_fn, init)
+    return dlhs, _swap_last(drhs, swap).astype(rhs.dtype), None
 
 
 _tiled_gmm.defvjp(_tiled_gmm_fwd, _tiled_gmm_bwd)
@@ -340,21 +383,26 @@ def _mlp_fwd_loop(x_TD, w_in, w_out, weights_TK, plan, tile_sizes, activation, s
     x_pad = _append_zero_row(x_TD)
     compute = jnp.result_type(x_TD, w_in)
 
-    def body(start, g, t, carry):
-        y, pre_P = carry
-        idx = lax.dynamic_slice_in_dim(tok_P, start, t)
-        wt = lax.dynamic_slice_in_dim(wt_P, start, t)[:, None]
-        xr = x_pad.at[idx].get(mode="promise_in_bounds")
-        pre = _dot(xr, w_in[g], w_in.dtype)
-        hw = _hidden(act, pre) * wt
-        y = y.at[idx].add(_dot(hw, w_out[g], w_out.dtype), mode="drop")
-        if save:
-            pre_P = lax.dynamic_update_slice_in_dim(pre_P, pre.astype(pre_P.dtype), start, 0)
-        return y, pre_P
+    def group_fn(e, carry):
+        wi, wo = w_in[e], w_out[e]  # sliced once per expert, not per tile
+
+        def body(start, t, carry):
+            y, pre_P = carry
+            idx = lax.dynamic_slice_in_dim(tok_P, start, t)
+            wt = lax.dynamic_slice_in_dim(wt_P, start, t)[:, None]
+            xr = x_pad.at[idx].get(mode="promise_in_bounds")
+            pre = _dot(xr, wi, wi.dtype)
+            hw = _hidden(act, pre) * wt
+            y = y.at[idx].add(_dot(hw, wo, wo.dtype), mode="drop")
+            if save:
+                pre_P = lax.dynamic_update_slice_in_dim(pre_P, pre.astype(pre_P.dtype), start, 0)
+            return y, pre_P
+        return _group_tiles(plan, tile_sizes, e, body, carry)
 
     like = (x_TD, w_in, w_out, weights_TK, plan)
     pre_P = _zeros((plan.src_P.shape[0] if save else 0, w_in.shape[-1]), compute, *like)
-    y, pre_P = _tile_loops(plan, tile_sizes, body, (_zeros(x_TD.shape, jnp.float32, *like), pre_P))
+    y, pre_P = _group_loops(plan, tile_sizes, w_in.shape[0], group_fn,
+                            (_zeros(x_TD.shape, jnp.float32, *like), pre_P))
     return y.astype(compute), pre_P
 
 
@@ -376,27 +424,42 @@ def _tiled_mlp_bwd(tile_sizes, activation, res, dy_TD):
     x_pad = _append_zero_row(x_TD)
     dy_pad = _append_zero_row(dy_TD.astype(x_TD.dtype))
 
-    def body(start, g, t, carry):
-        dx, dw_in, dw_out, dwt_P = carry
-        idx = lax.dynamic_slice_in_dim(tok_P, start, t)
-        wt = lax.dynamic_slice_in_dim(wt_P, start, t)[:, None]
-        xr = x_pad.at[idx].get(mode="promise_in_bounds")
-        dyr = dy_pad.at[idx].get(mode="promise_in_bounds")
-        pre = lax.dynamic_slice_in_dim(pre_P, start, t, 0).astype(jnp.float32)
-        h, hidden_vjp = jax.vjp(functools.partial(_hidden, act), pre)
-        wo, wi = w_out[g], w_in[g]
-        g_hw = _dot_nt(dyr, wo, wo.dtype)                       # d loss / d (wt * h)   [t, F]
-        dwt_P = lax.dynamic_update_slice_in_dim(dwt_P, jnp.sum(g_hw * h, axis=-1), start, 0)
-        (dpre,) = hidden_vjp(g_hw * wt)
-        dw_out = lax.dynamic_update_index_in_dim(dw_out, dw_out[g] + _dot_tn(h * wt, dyr, wo.dtype), g, 0)
-        dw_in = lax.dynamic_update_index_in_dim(dw_in, dw_in[g] + _dot_tn(xr, dpre, wi.dtype), g, 0)
-        dx = dx.at[idx].add(_dot_nt(dpre, wi, wi.dtype), mode="drop")
-        return dx, dw_in, dw_out, dwt_P
-
+    # Weight-gradient accumulators in the layout _wgrad produces (transposed back once at the end).
+    d_model, d_in, d_hidden = w_in.shape[1], w_in.shape[2], w_out.shape[1]
+    swap_in = _wgrad_transposed((0, d_model), (0, d_in))       # x rows [t, D] with dpre [t, F_in]
+    swap_out = _wgrad_transposed((0, d_hidden), (0, d_model))  # wt*h [t, F] with dy rows [t, D]
     like = (x_TD, w_in, w_out, weights_TK, plan, dy_TD)
-    init = (_zeros(x_TD.shape, jnp.float32, *like), _zeros(w_in.shape, jnp.float32, *like),
-            _zeros(w_out.shape, jnp.float32, *like), _zeros(plan.src_P.shape, jnp.float32, *like))
-    dx, dw_in, dw_out, dwt_P = _tile_loops(plan, tile_sizes, body, init)
+
+    def group_fn(e, carry):
+        dx, dw_in, dw_out, dwt_P = carry
+        wi, wo = w_in[e], w_out[e]
+
+        def body(start, t, c):
+            dx, dwt_P, acc_in, acc_out = c
+            idx = lax.dynamic_slice_in_dim(tok_P, start, t)
+            wt = lax.dynamic_slice_in_dim(wt_P, start, t)[:, None]
+            xr = x_pad.at[idx].get(mode="promise_in_bounds")
+            dyr = dy_pad.at[idx].get(mode="promise_in_bounds")
+            pre = lax.dynamic_slice_in_dim(pre_P, start, t, 0).astype(jnp.float32)
+            h, hidden_vjp = jax.vjp(functools.partial(_hidden, act), pre)
+            g_hw = _dot_nt(dyr, wo, wo.dtype)                       # d loss / d (wt * h)   [t, F]
+            dwt_P = lax.dynamic_update_slice_in_dim(dwt_P, jnp.sum(g_hw * h, axis=-1), start, 0)
+            (dpre,) = hidden_vjp(g_hw * wt)
+            acc_out = acc_out + _wgrad(h * wt, dyr, wo.dtype)
+            acc_in = acc_in + _wgrad(xr, dpre, wi.dtype)
+            dx = dx.at[idx].add(_dot_nt(dpre, wi, wi.dtype), mode="drop")
+            return dx, dwt_P, acc_in, acc_out
+
+        acc = (_zeros(dw_in.shape[1:], jnp.float32, *like), _zeros(dw_out.shape[1:], jnp.float32, *like))
+        dx, dwt_P, acc_in, acc_out = _group_tiles(plan, tile_sizes, e, body, (dx, dwt_P) + acc)
+        return (dx, lax.dynamic_update_index_in_dim(dw_in, acc_in, e, 0),
+                lax.dynamic_update_index_in_dim(dw_out, acc_out, e, 0), dwt_P)
+
+    init = (_zeros(x_TD.shape, jnp.float32, *like), _zeros(_swap_last(w_in, swap_in).shape, jnp.float32, *like),
+            _zeros(_swap_last(w_out, swap_out).shape, jnp.float32, *like),
+            _zeros(plan.src_P.shape, jnp.float32, *like))
+    dx, dw_in, dw_out, dwt_P = _group_loops(plan, tile_sizes, w_in.shape[0], group_fn, init)
+    dw_in, dw_out = _swap_last(dw_in, swap_in), _swap_last(dw_out, swap_out)
     dweights_M = (_zeros((num_tokens * top_k,), jnp.float32, *like)
                   .at[plan.src_P].set(dwt_P, mode="drop"))
     return (dx.astype(x_TD.dtype), dw_in.astype(w_in.dtype), dw_out.astype(w_out.dtype),

@@ -65,8 +65,8 @@ single-device loss with load_balance_groups = number of data shards).
 Routing randomness: with explicit `router_noise` (global [.., T, ..] arrays sharded like the tokens) the
 result equals the single-device `moe_layer`; `layer.draw_noise(rng, config, T)` draws it (router noise and the
 input-jitter factors 'jitter_TD') on the global token axis exactly as moe_layer(rng=rng) does, which is how
-nn.MoEBlock trains on any mesh with the numbers of one device. With an `rng` key the data-shard index is folded into the key
-(when there is more than one data shard) so shards draw different noise; model shards draw the same.
+nn.MoEBlock trains on any mesh with the numbers of one device. With an `rng` key the data-shard index is folded
+into the key (when there is more than one data shard) so shards draw different noise; model shards draw the same.
 
 Meshes: `make_mesh` builds ('data', 'expert', 'model') with Explicit axes by default: jax.make_mesh's default
 and the mode the Flax NNX modules use (parameter shardings are part of the array types under jax.set_mesh).
