@@ -208,4 +208,4 @@ def test_bad_tile_sizes_raise_value_error():
     assert gmm.check_tile_sizes([512, 64, 8]) == (512, 64, 8)
     for rows, groups in [(16384, 8), (131072, 64), (200, 6), (1, 1), (4096, 64)]:
         sizes = gmm.default_tile_sizes(rows, groups)
-        assert gmm.check_tile_sizes(sizes) == sizes and sizes[-1] <= 64
+        assert gmm.check_tile_sizes(sizes) == sizes and sizes[-1] <= 128

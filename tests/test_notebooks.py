@@ -26,6 +26,7 @@ batch_size = 4
 seq_len = 32
 workdir = {str(tmp_path / 'quickstart')!r}
 sample_tokens = 16
+mesh_data = 1
 """, tmp_path)
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
