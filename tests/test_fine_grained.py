@@ -201,7 +201,7 @@ def test_paper_flops_against_xla():
         + 12 * seq * d_model * blocks (attention scores QK^T and AV: 2 * 2 * S * d forward per token, x 3; the
                                        causal mask does not halve it, the full S x S is computed)
     plus element-wise work (LayerNorms, softmaxes over keys, experts and vocab, RoPE, ReLU, residual adds,
-    the loss), which grows with d, not d^2. Measured (jax 0.8, CPU; FLOPs per token):
+    the loss), which grows with d, not d^2. Measured (jax 0.10.2, CPU; FLOPs per token):
         expert choice G=1:  XLA 425,331  paper 304,384  expected 412,032  XLA/expected 1.032  XLA/paper 1.40
         expert choice G=4:  XLA 436,611  paper 325,888  expected 421,248  XLA/expected 1.036  XLA/paper 1.34
         top-k capacity G=2: XLA 430,416  paper 311,552  expected 415,104  XLA/expected 1.037  XLA/paper 1.38

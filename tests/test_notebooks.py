@@ -79,9 +79,11 @@ results_csv = {str(table)!r}
 expansion_rate = 8.0
 c = 0.47
 n_boot = 4
+average_seeds = False
 """, tmp_path)
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     images = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) == 2
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "48 MoE, 12 dense" in text and "best G =" in text and "gamma" in text
+    assert "fit over 48 points (single runs)" in text

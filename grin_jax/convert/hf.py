@@ -123,6 +123,8 @@ def family_of(config: ModelConfig) -> str:
         family = None
         problems.append(f"norm={config.norm!r} with router={config.router!r}, renormalize={config.renormalize} "
                         "(PhiMoE: 'layernorm' + 'sparsemixer_v2'; Mixtral: 'rmsnorm' + 'topk_softmax' renormalised)")
+    if getattr(config, "moe_output_norm", False):
+        problems.append("moe_output_norm=True (neither has a norm on the MoE output)")
     if problems:
         raise ValueError("this ModelConfig has no transformers PhiMoE / Mixtral equivalent: " + "; ".join(problems))
     return family

@@ -424,7 +424,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "xla_flops_per_token": xla_flops_per_token,
         "paper_flops_per_token": paper_flops_per_token(experiment.model, counts) if counts else None,
         # The scaling-law columns (python -m grin_jax.scaling.fit reads N, D, G, loss):
-        "N": counts.get("non_embedding"),
+        # N as in Krajewski et al.: non-embedding parameters without routers and norms (d²(8E+4) per block).
+        "N": counts["non_embedding"] - counts.get("router", 0) - counts.get("norms", 0),
         "D": int(step * tokens_per_step),
         "G": int(config.model.get("granularity", 1) or 1),
         "loss": float(np.mean(tail)) if tail else None,
