@@ -49,7 +49,7 @@ def get_config(arg=None):
         jitter_eps=0.01,
         renormalize=True,  # only used by router='topk_softmax'
         input_jitter=0.01,
-        moe_backend="tiled",
+        moe_backend="auto",
         capacity_factor=1.25,
         load_balance_groups=1,
         load_balance_coef=0.001,  # transformers' PhimoeConfig default; not a number from the GRIN report

@@ -45,7 +45,7 @@ def get_config(arg=None):
         jitter_eps=0.01,  # only used by router='sparsemixer_v2'
         renormalize=True,
         input_jitter=0.0,  # transformers' MixtralConfig.router_jitter_noise
-        moe_backend="tiled",
+        moe_backend="auto",
         capacity_factor=1.25,
         load_balance_groups=1,
         load_balance_coef=0.02,  # router_aux_loss_coef of the released config

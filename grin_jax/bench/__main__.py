@@ -14,6 +14,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 
 import jax
 
@@ -80,12 +81,16 @@ def main(argv=None) -> int:
     print(f"grin_jax.bench: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
           f"{os.cpu_count()} cpus, python {platform.python_version()}, reps {reps} (slow {slow_reps}), "
           f"load average {load_start[0]:.1f}", file=sys.stderr, flush=True)
-    records = []
+    records, errors = [], []
     start = time.perf_counter()
     for group in groups:
         _NOTES[group.name] = group.note
         print(f"[{time.perf_counter() - start:6.0f}s] {group.name}", file=sys.stderr, flush=True)
-        records += harness.run_group(group, reps=reps, log=lambda s: print(s, file=sys.stderr, flush=True))
+        try:
+            records += harness.run_group(group, reps=reps, log=lambda s: print(s, file=sys.stderr, flush=True))
+        except Exception as error:  # noqa: BLE001 - one broken case must not lose the others; reported below
+            traceback.print_exc()
+            errors.append(f"group {group.name!r} FAILED: {type(error).__name__}: {error}")
     load_end = os.getloadavg()
     print(format_table(records))
     footer = [
@@ -98,16 +103,17 @@ def main(argv=None) -> int:
     ]
     if skipped:
         footer.append(skipped)
+    footer += errors
     print("\n".join(footer))
     if args.json:
         payload = {"jax": jax.__version__, "backend": jax.default_backend(), "cpus": os.cpu_count(),
                    "quick": args.quick, "reps": reps, "slow_reps": slow_reps,
                    "load_average": {"start": load_start[0], "end": load_end[0]},
-                   "skipped": [skipped] if skipped else [], "records": records}
+                   "skipped": [skipped] if skipped else [], "errors": errors, "records": records}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
         print(f"wrote {len(records)} records to {args.json}", file=sys.stderr)
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

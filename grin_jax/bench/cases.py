@@ -45,7 +45,7 @@ class Sizes:
     loads: tuple = ("skewed", "balanced")
     ablation: bool = True         # also time the unfused sort + gmm.tiled_gmm path
     auto_variant: bool = True     # also time backend='auto' (compiles the same program as the platform's backend)
-    peak_n: int = 2048
+    peak_n: int = 4096
     train_step: bool = True
     train_variant: str = ""       # configs/grin_tiny.py variant for the train-step case
 
@@ -235,7 +235,7 @@ def router_groups(sizes: Sizes, key) -> list[Group]:
                                     meta={"case": "dense_ffn", "mode": mode, "backend": "dense_ffn", "load": "-",
                                           "shape": shape.as_dict()}))
             for name in ("sparsemixer_v2", "topk_softmax"):
-                def route_weights(logits_TE, rng, name=name):
+                def route_weights(logits_TE, rng, name=name, top_k=top_k):
                     return routing.route(name, logits_TE, top_k=top_k, training=True, rng=rng).weights
                 variants.append(Variant(f"router/{name}/{mode}", with_mode(route_weights, mode, (0,)),
                                         (logits, k_r, cot_w), 0.0, baseline=base,

@@ -86,7 +86,7 @@ class ModelConfig:
     jitter_eps: float = 0.01
     renormalize: bool = True
     input_jitter: float = 0.0
-    moe_backend: str = "tiled"
+    moe_backend: str = "auto"
     capacity_factor: float = 1.25
     load_balance_groups: int = 1
     moe_parallel: str = "allgather"
