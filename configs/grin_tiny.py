@@ -60,7 +60,7 @@ def get_config(arg=None, *, ffn: str = "moe", router: str = "sparsemixer_v2", na
     config.data = default_data_config()
     config.data.seq_len = 128
     config.train = default_train_config()
-    config.train.steps = 600
+    config.train.steps = 400
     config.train.batch_size = 16
     config.train.learning_rate = 3e-3
     config.train.warmup_steps = 50
