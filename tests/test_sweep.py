@@ -81,3 +81,15 @@ def test_failures_isolated_and_resume_runs_only_missing(tmp_path):
         assert f.read().count("\n$ ") == 2  # ran twice
     with open(os.path.join(by_k[1], "log.txt")) as f:
         assert f.read().count("\n$ ") == 1  # ran once
+
+
+def test_slurm_executor_through_submitit_local_cluster(tmp_path):
+    """executor='slurm' goes through submitit; its 'local' cluster runs the same jobs as subprocesses."""
+    s = make_sweep(product={"model": {"top_k": [2, 99]}}, executor="slurm",
+                   slurm={"cluster": "local", "timeout_min": 10})
+    sweep_dir = str(tmp_path / "slurm")
+    rows = sweep_lib.run_sweep(s, sweep_dir, progress=False)
+    assert {r["model.top_k"]: r["status"] for r in rows} == {2: "done", 99: "failed"}
+    assert os.listdir(os.path.join(sweep_dir, "submitit"))
+    table = read_csv(os.path.join(sweep_dir, "results.csv"))
+    assert float(next(r for r in table if r["model.top_k"] == "2")["loss"]) > 0
