@@ -78,12 +78,14 @@ def capacity_per_expert(num_tokens: int, top_k: int, num_experts: int, capacity_
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, capacity_factor):
+def capacity_buffer(x_TD, expert_ids_TK, num_experts: int, capacity: int):
+    """Bucket token-slots into per-expert buffers of `capacity` rows (GShard priority: slot-major, i.e. every
+    token's first choice before any second choice, then token order; the rest are dropped).
+
+    Returns (buffer_ECD [E, C, D], buffer_row_M: row of slot m = k*T + t in the flattened buffer, E*C when dropped,
+    kept_M bool)."""
     num_tokens, top_k = expert_ids_TK.shape
-    num_experts = expert_params["w_up"].shape[0]
     d_model = x_TD.shape[-1]
-    capacity = capacity_per_expert(num_tokens, top_k, num_experts, capacity_factor)
-    # Priority: slot-major (every token's first choice before any second choice), then token order.
     ids_M = expert_ids_TK.T.reshape(-1)  # row m = k*T + t
     order_M = jnp.argsort(ids_M, stable=True)
     sizes_E = jnp.bincount(ids_M, length=num_experts)
@@ -96,6 +98,15 @@ def _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, cap
     buffer_ECD = (jnp.zeros((num_experts * capacity, d_model), x_TD.dtype)
                   .at[buffer_row_M].set(jnp.take(x_TD, token_M, axis=0), mode="drop")
                   .reshape(num_experts, capacity, d_model))
+    return buffer_ECD, buffer_row_M, kept_M
+
+
+def _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, *, activation, capacity_factor):
+    num_tokens, top_k = expert_ids_TK.shape
+    num_experts = expert_params["w_up"].shape[0]
+    d_model = x_TD.shape[-1]
+    capacity = capacity_per_expert(num_tokens, top_k, num_experts, capacity_factor)
+    buffer_ECD, buffer_row_M, kept_M = capacity_buffer(x_TD, expert_ids_TK, num_experts, capacity)
     out_ECD = _experts.apply_experts_batched(expert_params, buffer_ECD, activation=activation)
     y_MD = jnp.take(out_ECD.reshape(num_experts * capacity, d_model), buffer_row_M, axis=0, mode="fill", fill_value=0)
     y_TKD = y_MD.reshape(top_k, num_tokens, d_model).transpose(1, 0, 2)

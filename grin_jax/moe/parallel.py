@@ -305,19 +305,8 @@ def _alltoall_experts(expert_params, x_LD, ids_LK, weights_LK, *, layout, num_ex
     num_tokens, top_k = ids_LK.shape
     d_model = x_LD.shape[-1]
     capacity = _dispatch.capacity_per_expert(num_tokens, top_k, num_experts, capacity_factor)
-    # Priority: slot-major (row m = k*L + t), then token order (as dispatch's 'capacity' backend).
-    ids_M = ids_LK.T.reshape(-1)
-    order_M = jnp.argsort(ids_M, stable=True)
-    sizes_E = jnp.bincount(ids_M, length=num_experts)
-    starts_E = jnp.cumsum(sizes_E) - sizes_E
-    rank_sorted_M = jnp.arange(ids_M.shape[0]) - starts_E[ids_M[order_M]]
-    position_M = jnp.zeros_like(ids_M).at[order_M].set(rank_sorted_M)
-    kept_M = position_M < capacity
-    row_M = jnp.where(kept_M, ids_M * capacity + position_M, num_experts * capacity)   # overflow: dropped
-    token_M = jnp.tile(jnp.arange(num_tokens), top_k)
-    send_ECD = (jnp.zeros((num_experts * capacity, d_model), x_LD.dtype)
-                .at[row_M].set(jnp.take(x_LD, token_M, axis=0), mode="drop")
-                .reshape(num_experts, capacity, d_model))                 # E = (destination shard, local expert)
+    # E = (destination shard, local expert); priority as dispatch's 'capacity' backend.
+    send_ECD, row_M, kept_M = _dispatch.capacity_buffer(x_LD, ids_LK, num_experts, capacity)
     recv_ECD = lax.all_to_all(send_ECD, axis, 0, 0, tiled=True) if axis else send_ECD  # E = (source, local)
     x_eRD = (recv_ECD.reshape(num_shards, local_experts, capacity, d_model).transpose(1, 0, 2, 3)
              .reshape(local_experts, num_shards * capacity, d_model))
