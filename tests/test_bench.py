@@ -71,10 +71,11 @@ def test_granularity_shapes_keep_active_and_total_parameters():
 def test_format_table_handles_baselines_and_missing_memory():
     records = [
         {"group": "g", "name": "peak_matmul", "reps": 1, "median_s": 0.1, "ratio_to_dense": None,
-         "cpu_ratio_to_dense": None, "useful_gflop": 10.0, "gflops_per_s": 100.0, "memory": {}},
+         "cpu_ratio_to_dense": None, "useful_gflop": 10.0, "gflops_per_s": 100.0, "memory": {},
+         "median_cpu_s": 0.2},
         {"group": "g", "name": "moe/tiled/skewed/fwd", "reps": 3, "median_s": 0.2, "ratio_to_dense": 1.1,
-         "cpu_ratio_to_dense": 1.2, "useful_gflop": 10.0, "gflops_per_s": 50.0,
+         "cpu_ratio_to_dense": 1.2, "useful_gflop": 10.0, "gflops_per_s": 50.0, "median_cpu_s": 0.38,
          "memory": {"temp_bytes": 2 ** 21, "peak_bytes": 2 ** 22}},
     ]
     table = format_table(records)
-    assert "## g" in table and "1.10" in table and "50" in table
+    assert "## g" in table and "1.10" in table and "50" in table and "1.90" in table
