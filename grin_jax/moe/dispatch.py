@@ -9,8 +9,8 @@ Backends (`BACKENDS`):
   ragged_dot  dropless: sort rows by expert, `jax.lax.ragged_dot`, unsort (the accelerator path).
   tiled       dropless, fast on CPU: `gmm.tiled_expert_mlp`, the whole expert MLP as loops over row tiles of
               one expert each (gather the tile's tokens, matmuls, weighted scatter-add); no sort, no [M, D]
-              copies; custom VJP. ~1.0-1.3x the time of a dense FFN with the same active FLOPs on 2 CPU
-              cores, fwd+bwd (python -m grin_jax.bench).
+              copies; custom VJP. fwd+bwd on 2 CPU cores: ~1.25-1.35x a dense FFN with the same active
+              FLOPs at E=8 top-2, ~1.7x at E=64 top-16 (python -m grin_jax.bench; README).
   capacity    GShard-style: each expert has C = ceil(capacity_factor * M / E) rows; slot 1 of every token
               has priority over slot 2; token-slots past capacity are dropped (metric 'dropped_fraction').
   auto        `gmm.default_backend()`: 'tiled' on CPU, 'ragged_dot' on GPU / TPU (resolved when traced).
