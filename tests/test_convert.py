@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from safetensors.numpy import load_file  # noqa: E402
 
 from grin_jax import convert  # noqa: E402

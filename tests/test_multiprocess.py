@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import grin_tiny  # noqa: E402
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: see conftest.py")
+assert jax.device_count() >= 8, "these tests need 8 (fake) CPU devices: see tests/conftest.py"
 
 STEPS = 2
 OVERRIDES = {  # a one-layer smoke model with 8 heads, B x S = 8 x 16, on a (2, 2, 2) mesh

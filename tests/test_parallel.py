@@ -21,7 +21,7 @@ from grin_jax.moe.layer import MoEConfig, init_moe_params, moe_layer
 T, D, F, E, K = 64, 16, 16, 8, 2
 TOL = 1e-5
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: see conftest.py")
+assert jax.device_count() >= 8, "these tests need 8 (fake) CPU devices: see tests/conftest.py"
 
 
 def config(router="sparsemixer_v2", **kw):

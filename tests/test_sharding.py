@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
 import grin_tiny  # noqa: E402
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices: see conftest.py")
+assert jax.device_count() >= 8, "these tests need 8 (fake) CPU devices: see tests/conftest.py"
 
 B, S = 8, 16
 STEPS = 3
