@@ -6,6 +6,7 @@ setup(
     version="0.1.0",
     description="Mixture-of-Experts language models in JAX: GRIN (SparseMixer-v2), fine-grained MoE scaling laws, DS-MoE, PEER",
     packages=find_packages(include=["grin_jax", "grin_jax.*"]),
+    package_data={"grin_jax.moe": ["csrc/*.cc"]},  # the CPU kernel's source, compiled on first use
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -24,6 +25,7 @@ setup(
         "sentencepiece>=0.2.3",
         "absl-py>=2.1",
         "tensorboardX>=2.6",
+        "scipy-openblas32>=0.3.29",  # the BLAS of the C++ CPU kernel (grin_jax/moe/cpu_kernel.py)
     ],
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build available on the project's machines; an unpinned torch

@@ -9,9 +9,9 @@ measured in the same run.
 Groups (cases.py has the exact shapes):
   G=1 .. G=16      dense FFN vs MoE at fixed active and total parameters (E = 8G experts of width 1024/G,
                    top-2G; G=1 coarse, G=8 fine-grained), forward and forward+backward, skewed and balanced
-                   loads; backends 'tiled' (the fused CPU kernel) and 'capacity' (drops tokens), plus the
-                   unfused sort + `gmm.tiled_gmm` path as an ablation.
-  backends ...     every dispatch backend ('dense' reference, 'ragged_dot', 'tiled', 'capacity', 'auto') at a
+                   loads; backends 'kernel' (the C++ CPU kernel), 'tiled' (its pure-XLA fallback) and 'capacity'
+                   (drops tokens), plus the unfused sort + `gmm.tiled_gmm` path as an ablation.
+  backends ...     every dispatch backend ('dense' reference, 'ragged_dot', 'kernel', 'tiled', 'capacity', 'auto') at a
                    reduced T (the dense reference and XLA:CPU's ragged_dot compute E/K x and E x the FLOPs).
   routers ...      SparseMixer-v2 vs top-k softmax (`routing.route`), forward and forward+backward.
   train step       grin_tiny vs dense_tiny, one whole optimizer step (when the trainer and configs/ load).

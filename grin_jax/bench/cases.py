@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grin_jax.bench.harness import Group, Variant
-from grin_jax.moe import dispatch, experts, gmm, routing
+from grin_jax.moe import cpu_kernel, dispatch, experts, gmm, routing
 
 ZIPF_ALPHA = 1.2
 CAPACITY_FACTOR = 1.25
@@ -174,7 +174,10 @@ def _ffn_variants(shape: Shape, key, moe_cases, *, slow_reps: int) -> list[Varia
             meta = {"case": case, "mode": mode, "backend": backend, "load": load, "shape": shape.as_dict(),
                     **load_stats(ids[load])}
             if backend == "auto":
-                meta["resolves_to"] = gmm.default_backend()
+                meta["resolves_to"] = dispatch.default_backend()
+            if meta.get("resolves_to", backend) == "kernel":
+                meta["scratch_bytes"] = cpu_kernel.scratch_bytes(shape.tokens, shape.top_k, shape.d_model,
+                                                                 shape.d_expert)
             out.append(Variant(f"{case}/{backend}/{load}/{mode}", with_mode(fn, mode, (0, 1, 3)),
                                (params, x, ids[load], weights, cot), shape.useful_flops(mode), meta=meta,
                                baseline=base, reps=slow_reps if slow else None))
@@ -186,7 +189,7 @@ def granularity_groups(sizes: Sizes, key) -> list[Group]:
     for g in sizes.granularities:
         shape = granular_shape(sizes, g)
         cases = [("moe", backend, moe_fn(backend), load, False)
-                 for backend in ("tiled", "capacity") for load in sizes.loads]
+                 for backend in ("kernel", "tiled", "capacity") for load in sizes.loads]
         if sizes.ablation:
             cases.append(("moe_unfused", "tiled_gmm", sorted_tiled_gmm, "skewed", False))
         variants = [peak_variant(sizes.peak_n, key)] + _ffn_variants(shape, jax.random.fold_in(key, g), cases,
@@ -204,7 +207,7 @@ def backend_groups(sizes: Sizes, key, *, slow_reps: int) -> list[Group]:
         shape = granular_shape(sizes, g, tokens)
         cases = []
         for load in sizes.loads:
-            for backend in ("dense", "ragged_dot", "tiled", "capacity"):
+            for backend in ("dense", "ragged_dot", "kernel", "tiled", "capacity"):
                 cases.append(("moe", backend, moe_fn(backend), load, backend in ("dense", "ragged_dot")))
         if sizes.auto_variant:
             cases.append(("moe", "auto", moe_fn("auto"), "skewed", False))

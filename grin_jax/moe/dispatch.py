@@ -7,27 +7,33 @@ All backends share one contract:
 Backends (`BACKENDS`):
   dense       every expert on every token, then a weighted sum (the reference; E x FLOPs, [E, T, D] memory).
   ragged_dot  dropless: sort rows by expert, `jax.lax.ragged_dot`, unsort (the accelerator path).
-  tiled       dropless, fast on CPU: `gmm.tiled_expert_mlp`, the whole expert MLP as loops over row tiles of
-              one expert each (gather the tile's tokens, matmuls, weighted scatter-add); no sort, no [M, D]
-              copies; custom VJP. fwd+bwd on 2 CPU cores: ~1.25-1.35x a dense FFN with the same active
-              FLOPs at E=8 top-2, ~1.7x at E=64 top-16 (python -m grin_jax.bench; README).
+  kernel      dropless, the fastest on CPU: `cpu_kernel.kernel_expert_mlp`, the whole expert MLP as a C++ XLA FFI
+              custom call (per-expert chunks of rows, one OpenBLAS sgemm per matmul and chunk, OpenMP threads,
+              custom VJP); built with the system g++ on first use. fwd+bwd on 2 CPU cores: ~1.05-1.1x a dense
+              FFN with the same active FLOPs at E=8 top-2, ~1.2-1.3x at E=64 top-16 (python -m grin_jax.bench).
+  tiled       dropless, pure XLA: `gmm.tiled_expert_mlp`, the whole expert MLP as loops over row tiles of one
+              expert each (gather the tile's tokens, matmuls, weighted scatter-add); no sort, no [M, D] copies;
+              custom VJP. ~1.25-1.35x at E=8 top-2, ~1.7x at E=64 top-16 (the CPU fallback of 'auto').
   capacity    GShard-style: each expert has C = ceil(capacity_factor * M / E) rows; slot 1 of every token
               has priority over slot 2; token-slots past capacity are dropped (metric 'dropped_fraction').
-  auto        `gmm.default_backend()`: 'tiled' on CPU, 'ragged_dot' on GPU / TPU (resolved when traced).
+  auto        `default_backend()`: 'kernel' on CPU ('tiled' with a warning when the kernel cannot be built),
+              'ragged_dot' on GPU / TPU (resolved when traced).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 
+from grin_jax.moe import cpu_kernel as _cpu_kernel
 from grin_jax.moe import experts as _experts
 from grin_jax.moe import gmm as _gmm
 
 SORTED_BACKENDS = tuple(_gmm.GMM_BACKENDS)
-BACKENDS = ("dense",) + SORTED_BACKENDS + ("capacity", "auto")
+BACKENDS = ("dense",) + SORTED_BACKENDS + ("kernel", "capacity", "auto")
 
 
 def check_backend(backend: str) -> None:
@@ -35,10 +41,24 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is unknown: accepted values are {list(BACKENDS)}")
 
 
+def default_backend(platform: str | None = None) -> str:
+    """The fastest exact (dropless) backend for `platform` ('cpu', 'gpu', 'tpu', ...; default: JAX's default
+    backend): 'kernel' on CPU ('tiled', with a warning saying why, when the kernel cannot be built here);
+    'ragged_dot' elsewhere."""
+    if _gmm.default_backend(platform) != "tiled":
+        return _gmm.default_backend(platform)
+    reason = _cpu_kernel.unavailable_reason()
+    if reason is None:
+        return "kernel"
+    warnings.warn(f"backend 'auto' uses 'tiled' on CPU: the C++ kernel is unavailable ({reason.splitlines()[0]})",
+                  RuntimeWarning, stacklevel=2)
+    return "tiled"
+
+
 def resolve_backend(backend: str, platform: str | None = None) -> str:
-    """The concrete backend: 'auto' -> gmm.default_backend(platform); other names are checked and returned."""
+    """The concrete backend: 'auto' -> default_backend(platform); other names are checked and returned."""
     check_backend(backend)
-    return _gmm.default_backend(platform) if backend == "auto" else backend
+    return default_backend(platform) if backend == "auto" else backend
 
 
 def sort_by_expert(expert_ids_TK: jax.Array, num_experts: int):
@@ -124,7 +144,7 @@ def moe_ffn(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weig
       x_TD: [T, D] token activations.
       expert_ids_TK: [T, K] int expert of each token-slot.
       weights_TK: [T, K] combine weights.
-      backend: one of BACKENDS ('auto' = gmm.default_backend() for the platform).
+      backend: one of BACKENDS ('auto' = default_backend() for the platform).
       capacity_factor: only for backend='capacity'.
     Returns:
       (y_TD [T, D], metrics dict; always has 'dropped_fraction').
@@ -143,6 +163,9 @@ def moe_ffn(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weig
             raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: accepted values are > 0")
         y_TD, metrics = _capacity(expert_params, x_TD, expert_ids_TK, weights_TK, activation=activation,
                                   capacity_factor=capacity_factor)
+    elif backend == "kernel":
+        y_TD, metrics = _cpu_kernel.kernel_expert_mlp(expert_params, x_TD, expert_ids_TK, weights_TK,
+                                                      activation=activation), {}
     elif backend == "tiled":
         y_TD, metrics = _gmm.tiled_expert_mlp(expert_params, x_TD, expert_ids_TK, weights_TK,
                                               activation=activation), {}

@@ -78,8 +78,9 @@ def default_tile_sizes(num_rows: int, num_groups: int) -> tuple[int, ...]:
 
 
 def default_backend(platform: str | None = None) -> str:
-    """The fastest exact (dropless) dispatch backend for `platform` ('cpu', 'gpu', 'tpu', ...; default: JAX's
-    default backend): 'tiled' on CPU, where ragged_dot is an E x dense masked matmul; 'ragged_dot' elsewhere."""
+    """The fastest grouped matmul (a name in GMM_BACKENDS) for `platform` ('cpu', 'gpu', 'tpu', ...; default: JAX's
+    default backend): 'tiled' on CPU, where ragged_dot is an E x dense masked matmul; 'ragged_dot' elsewhere.
+    (The dispatch backend of 'auto' is `dispatch.default_backend`: on CPU the fused C++ kernel.)"""
     if platform is None:
         platform = jax.default_backend()
     if not isinstance(platform, str):

@@ -37,7 +37,7 @@ class MoEConfig:
     input_jitter: multiplicative U(1-eps, 1+eps) jitter of the layer input in training (GRIN 0.01; 0 = off),
       applied once; the experts see the jittered input.
     activation: expert activation (experts.ACTIVATIONS).  backend: dispatch.BACKENDS; 'auto' (default) picks
-      gmm.default_backend() for the platform: 'tiled' on CPU, 'ragged_dot' on GPU / TPU.
+      dispatch.default_backend() for the platform: 'kernel' on CPU, 'ragged_dot' on GPU / TPU.
     capacity_factor: for backend='capacity'.  router_dtype: dtype of the router matmul and softmax.
     load_balance_groups: 1 = global balance over the batch (GRIN); G > 1 = per-group (local) balance.
     parallel: the strategy of `parallel.moe_layer_parallel` when the layer runs on a mesh of more than one device

@@ -420,9 +420,8 @@ def moe_layer_parallel(params: dict, x_TD: jax.Array, *, config: _layer.MoEConfi
                          f"{(config.num_experts, config.d_model, config.d_hidden)}")
     if params["router"].shape != (config.d_model, config.num_experts):
         raise ValueError(f"router has shape {params['router'].shape}, expected {(config.d_model, config.num_experts)}")
-    if gmm_backend is None:
-        resolved = _dispatch.resolve_backend(config.backend)
-        gmm_backend = resolved if resolved in _gmm.GMM_BACKENDS else _gmm.default_backend()
+    if gmm_backend is None:  # 'auto', 'kernel' (a fused MLP, not a grouped matmul), ...: the platform's gmm
+        gmm_backend = config.backend if config.backend in _gmm.GMM_BACKENDS else _gmm.default_backend()
     if gmm_backend not in _gmm.GMM_BACKENDS:
         raise ValueError(f"gmm_backend={gmm_backend!r} is unknown: accepted values are {sorted(_gmm.GMM_BACKENDS)}")
     if capacity_factor is None:
