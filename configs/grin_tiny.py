@@ -38,7 +38,7 @@ def model_config(*, ffn: str = "moe", router: str = "sparsemixer_v2") -> ml_coll
     m.jitter_eps = 0.01           # GRIN's value; sweep 0.01-0.5 to give more tokens a router gradient
     m.renormalize = True
     m.input_jitter = 0.01
-    m.moe_backend = "auto"        # the fastest dropless backend for the platform (tiled on CPU, ragged_dot on GPU/TPU)
+    m.moe_backend = "auto"        # the fastest dropless backend for the platform (kernel on CPU, ragged_dot on GPU/TPU)
     m.capacity_factor = 1.25
     m.load_balance_groups = 1      # 1: global balance over all data shards (GRIN); mesh.data x mesh.expert: local
     m.moe_parallel = "allgather"  # MoE strategy on a mesh of > 1 device: 'allgather' | 'alltoall' | 'ragged_alltoall'
