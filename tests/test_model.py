@@ -89,6 +89,28 @@ def test_forward_training_aux_and_gradients(tiny_model):
     assert not np.allclose(eval_logits, logits)  # training: input jitter and sampled routes
 
 
+def test_default_backend_is_the_cpu_kernel_and_equals_dense(tiny_model):
+    """moe_backend 'auto' (the default) runs the C++ kernel on CPU, forward and backward, with the same loss and
+    gradients as the dense reference backend."""
+    graphdef, params = tiny_model
+    assert tiny().moe_backend == "auto"
+
+    def grad_fn(graphdef):
+        def loss_fn(params):
+            logits, aux = apply(graphdef, params, TOKENS, training=True, rng=jax.random.key(3))
+            return cross_entropy(logits[:, :-1], TOKENS[:, 1:]) + aux["aux_loss"]
+        return jax.jit(jax.value_and_grad(loss_fn))
+
+    hlo = grad_fn(graphdef).lower(params).as_text()
+    assert "grin_expert_mlp_fwd" in hlo and "grin_expert_mlp_bwd" in hlo
+    dense_graphdef, _ = init(tiny(moe_backend="dense"), 0)
+    (loss, grads), (loss_ref, grads_ref) = grad_fn(graphdef)(params), grad_fn(dense_graphdef)(params)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6 * np.abs(b).max() + 1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_every_nth_layer_moe_and_dense_equivalent():
     config = tiny(num_layers=4, moe_every=2)
     assert config.moe_layer_ids == (1, 3)
