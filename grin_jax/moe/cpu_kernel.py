@@ -145,8 +145,8 @@ def num_threads() -> int:
 def scratch_bytes(tokens: int, top_k: int, d_model: int, d_hidden: int, *, gated: bool = True,
                   threads: int | None = None) -> int:
     """Upper bound of the kernel's own memory beyond its XLA inputs and outputs (which XLA's memory analysis does
-    not see), forward or backward: per thread CHUNK_ROWS (2 D + F + Fi) floats of scratch (kept between calls)
-    and two expert weight-gradient partials; per extra thread a [T, D] accumulator; the [T*K] sorted layout."""
+    not see), forward or backward: per thread CHUNK_ROWS (2 D + F + Fi) floats and two expert weight-gradient
+    partials (kept between calls); per extra thread a [T, D] accumulator; the [T*K] sorted layout."""
     threads = threads or num_threads()
     d_in = 2 * d_hidden if gated else d_hidden
     per_thread = CHUNK_ROWS * (d_model + max(d_model, d_in) + d_hidden + d_in) + 2 * (d_model * d_in + d_hidden * d_model)

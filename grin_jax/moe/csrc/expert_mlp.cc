@@ -21,8 +21,8 @@
 // into its own [T, D] accumulator; weight gradients of experts inside a range are written in place, those of the
 // (at most two) experts a range shares with its neighbours go through per-thread partials. All sums are taken in a
 // fixed order: results are bitwise repeatable for a given thread count (OMP_NUM_THREADS).
-// Memory: the saved pre-activations [M, Fi] (an output); per thread kChunkRows (2 D + F + Fi) floats of scratch
-// kept between calls; per extra thread a [T, D] accumulator and up to two expert weight-gradient partials.
+// Memory: the saved pre-activations [M, Fi] (an output); per thread kChunkRows (2 D + F + Fi) floats and two
+// expert weight-gradient partials of scratch, kept between calls; per extra thread a [T, D] accumulator.
 
 #include <algorithm>
 #include <cmath>
@@ -102,9 +102,9 @@ ffi::Error make_layout(const int32_t* ids, const Shapes& s, Layout* layout) {
   return ffi::Error::Success();
 }
 
-// Per-thread scratch buffer `slot`, at least n floats, kept between calls (grown, never shrunk).
+// Per-thread scratch buffer `slot` (0..5), at least n floats, kept between calls (grown, never shrunk).
 float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[6];
   if (static_cast<int64_t>(buffers[slot].size()) < n) buffers[slot].resize(n);
   return buffers[slot].data();
 }
@@ -309,15 +309,13 @@ void backward(const Shapes& s, const Layout& layout, const float* x, const float
               const float* weights, const float* saved_pre, const float* dy, float* dx, float* dwi, float* dwo,
               float* dweights) {
   const int64_t D = s.d_model, Fi = s.d_in, F = s.d_hidden;
-  std::fill(dwi, dwi + s.experts * D * Fi, 0.0f);  // experts with no rows keep a zero gradient
-  std::fill(dwo, dwo + s.experts * F * D, 0.0f);
   const Plan plan = make_plan(layout);
   // An expert inside one thread's range gets its weight gradient written in place; the first and the last expert
-  // of a range may be shared with the neighbouring threads: those sum into per-thread partials ([2t]: first,
-  // [2t + 1]: last), added into dW in thread order afterwards.
-  std::vector<std::vector<float>> edge_dwi(2 * plan.threads), edge_dwo(2 * plan.threads);
+  // of a range may be shared with the neighbouring threads: those sum into per-thread partials (scratch slots 4
+  // and 5, [D*Fi | F*D] each; edge[2t]: thread t's first expert, edge[2t + 1]: its last), combined in thread order
+  // afterwards.
+  std::vector<float*> edge(2 * plan.threads, nullptr);
   auto edge_slot = [&](int t, int64_t expert) -> int {
-    if (plan.bounds[t] == plan.bounds[t + 1]) return -1;
     if (plan.chunks[plan.bounds[t]].expert == expert) return 2 * t;
     if (plan.chunks[plan.bounds[t + 1] - 1].expert == expert) return 2 * t + 1;
     return -1;
@@ -329,10 +327,9 @@ void backward(const Shapes& s, const Layout& layout, const float* x, const float
     float* dwi_e = dwi + e * D * Fi;
     float* dwo_e = dwo + e * F * D;
     if (const int slot = edge_slot(t, e); slot >= 0) {
-      edge_dwi[slot].resize(D * Fi);
-      edge_dwo[slot].resize(F * D);
-      dwi_e = edge_dwi[slot].data();
-      dwo_e = edge_dwo[slot].data();
+      edge[slot] = scratch(4 + slot % 2, D * Fi + F * D);
+      dwi_e = edge[slot];
+      dwo_e = edge[slot] + D * Fi;
     }
     const int32_t* slots = layout.slot_of_row.data() + c.lo;
     float* xc = scratch(0, kChunkRows * D);
@@ -348,16 +345,31 @@ void backward(const Shapes& s, const Layout& layout, const float* x, const float
     gemm(false, true, c.rows, D, Fi, dpre, Fi, wi + e * D * Fi, Fi, xc, D);
     scatter_add_rows(slots, c.rows, s.top_k, xc, D, acc);
   });
+  std::vector<char> started(s.experts, 0);  // an edge expert's dW holds its first partial
   for (int t = 0; t < plan.threads; ++t) {
     for (int slot = 2 * t; slot < 2 * t + 2; ++slot) {
-      if (edge_dwi[slot].empty()) continue;
+      if (edge[slot] == nullptr) continue;
       const int64_t e = plan.chunks[slot == 2 * t ? plan.bounds[t] : plan.bounds[t + 1] - 1].expert;
       float* di = dwi + e * D * Fi;
       float* dout = dwo + e * F * D;
+      const float* pi = edge[slot];
+      const float* po = edge[slot] + D * Fi;
+      if (!started[e]) {
+        std::copy(pi, pi + D * Fi, di);
+        std::copy(po, po + F * D, dout);
+        started[e] = 1;
+        continue;
+      }
 #pragma omp parallel for simd schedule(static)
-      for (int64_t j = 0; j < D * Fi; ++j) di[j] += edge_dwi[slot][j];
+      for (int64_t j = 0; j < D * Fi; ++j) di[j] += pi[j];
 #pragma omp parallel for simd schedule(static)
-      for (int64_t j = 0; j < F * D; ++j) dout[j] += edge_dwo[slot][j];
+      for (int64_t j = 0; j < F * D; ++j) dout[j] += po[j];
+    }
+  }
+  for (int64_t e = 0; e < s.experts; ++e) {  // experts with no rows: a zero gradient
+    if (layout.offset[e + 1] == layout.offset[e]) {
+      std::fill(dwi + e * D * Fi, dwi + (e + 1) * D * Fi, 0.0f);
+      std::fill(dwo + e * F * D, dwo + (e + 1) * F * D, 0.0f);
     }
   }
 }
