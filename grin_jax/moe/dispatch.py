@@ -10,7 +10,7 @@ Backends (`BACKENDS`):
   kernel      dropless, the fastest on CPU: `cpu_kernel.kernel_expert_mlp`, the whole expert MLP as a C++ XLA FFI
               custom call (per-expert chunks of rows, one OpenBLAS sgemm per matmul and chunk, OpenMP threads,
               custom VJP); built with the system g++ on first use. fwd+bwd on 2 CPU cores: ~1.05-1.1x a dense
-              FFN with the same active FLOPs at E=8 top-2, ~1.2-1.3x at E=64 top-16 (python -m grin_jax.bench).
+              FFN with the same active FLOPs at E=8 top-2, ~1.1-1.2x at E=64 top-16 (python -m grin_jax.bench).
   tiled       dropless, pure XLA: `gmm.tiled_expert_mlp`, the whole expert MLP as loops over row tiles of one
               expert each (gather the tile's tokens, matmuls, weighted scatter-add); no sort, no [M, D] copies;
               custom VJP. ~1.25-1.35x at E=8 top-2, ~1.7x at E=64 top-16 (the CPU fallback of 'auto').
