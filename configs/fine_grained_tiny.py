@@ -1,4 +1,4 @@
-"""fine_grained_tiny: a small fine-grained MoE in the parametrisation of Krajewski et al. (REFERENCE §2), trained on
+"""fine_grained_tiny: a small fine-grained MoE in the parametrisation of Krajewski et al. (docs/fine_grained.md), trained on
 the embedded Python-stdlib corpus with the byte tokenizer (the base of the granularity sweep).
 
 Expansion rate E = 8 (experts hold 8x the parameters of the dense FFN of width d_ff = 4 * d_model), granularity G:
@@ -16,9 +16,7 @@ softmax routing instead of expert choice, capacity backend), `:smoke` (a few ste
 
 import ml_collections
 
-from grin_jax.data import default_data_config
-from grin_jax.sharding import default_distributed_config, default_mesh_config
-from grin_jax.train import default_train_config
+from grin_jax.presets import experiment
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -32,18 +30,21 @@ def model_config() -> ml_collections.ConfigDict:
     m.max_seq_len = 256
     m.norm = "layernorm"
     m.attention_bias = False
-    m.ffn = "moe"
-    # Fine-grained: num_experts = E*G, d_expert = d_ff/G, top_k = G are derived (do not set them).
-    m.expansion_rate = 8.0
-    m.granularity = 1
-    m.d_ff = ml_collections.FieldReference(None, field_type=int)       # None: 4 * d_model
-    m.activation = "gelu"         # plain 2-matrix experts, as the paper
-    m.router = "expert_choice"
-    m.capacity_factor = 1.0
-    m.moe_backend = "capacity"    # used only by token-choice routers (the :topk variant)
-    m.moe_output_norm = True      # "crucial for G > 1"
-    m.load_balance_coef = 0.0     # expert choice is balanced by construction
-    m.z_loss_coef = 0.0
+    m.layout = "moe"
+    # Fine-grained: num_experts = E*G, d_hidden = d_ff/G, top_k = G are derived (do not set them).
+    m.moe = ml_collections.ConfigDict(dict(
+        expansion_rate=8.0, granularity=1,
+        d_ff=ml_collections.FieldReference(None, field_type=int),      # None: 4 * d_model
+        activation="gelu",        # plain 2-matrix experts, as the paper
+        router="expert_choice", router_options={"capacity_factor": 1.0},
+        backend="capacity",       # used only by token-choice routers (the :topk variant) ...
+        capacity_factor=1.0,      # ... with this capacity (expert choice's is in its router_options)
+        output_norm=True,         # "crucial for G > 1"
+        load_balance_coef=0.0,    # expert choice is balanced by construction
+        z_loss_coef=0.0))
+    m.dense = ml_collections.ConfigDict(dict(
+        d_hidden=ml_collections.FieldReference(None, field_type=int),  # None: 4 * d_model (the baseline)
+        activation="gelu"))
     m.tie_embeddings = False
     m.lm_head_bias = False
     m.param_dtype = "float32"
@@ -58,12 +59,8 @@ def get_config(arg=None):
     if unknown:
         raise ValueError(f"config variant(s) {unknown} unknown: accepted variants are 'dense', 'topk', 'smoke' "
                          "(combine with '+')")
-    config = ml_collections.ConfigDict()
-    config.name = "fine_grained_tiny"
-    config.model = model_config()
-    config.data = default_data_config()
+    config = experiment("fine_grained_tiny", model_config())
     config.data.seq_len = 64
-    config.train = default_train_config()
     config.train.steps = 300
     config.train.batch_size = 32
     config.train.learning_rate = 3e-3
@@ -74,15 +71,13 @@ def get_config(arg=None):
     config.train.checkpoint_every = 0
     config.train.keep_checkpoints = 1
     config.train.progress = False
-    config.mesh = default_mesh_config()
-    config.distributed = default_distributed_config()
     if "dense" in variants:
         config.name = "fine_grained_tiny_dense"
-        config.model.ffn = "dense"
+        config.model.layout = "dense"
     if "topk" in variants:
         config.name += "_topk"
-        config.model.router = "topk_softmax"
-        config.model.renormalize = False
+        config.model.moe.router = "topk_softmax"
+        config.model.moe.router_options = {"renormalize": False}
     if "smoke" in variants:
         config.data.seq_len = 16
         config.train.steps = 4

@@ -1,4 +1,4 @@
-"""GRIN-MoE (microsoft/GRIN-MoE, "16x3.8B"): the PhiMoE architecture, exactly (REFERENCE.md §1).
+"""GRIN-MoE (microsoft/GRIN-MoE, "16x3.8B"): the PhiMoE architecture, exactly (docs/architecture.md).
 
 vocab 32064, d_model 4096, 32 layers, 32 query / 8 KV heads (head dim 128), every layer MoE with 16 SwiGLU
 experts of width 6400, top-2 SparseMixer-v2 (jitter eps 0.01) with input jitter 0.01, pre-LN LayerNorm
@@ -8,7 +8,7 @@ head with bias. 41.873B parameters, 6.641B active per token:
     python -m grin_jax.params --config=configs/grin_moe_16x3_8b.py
 
 Variants (`--config=configs/grin_moe_16x3_8b.py:VARIANT`, comma-separated):
-    dense  the dense baseline with the same active parameters (every FFN dense, d_ff = 2 x 6400)
+    dense  the dense baseline with the same active parameters (every FFN dense, width 2 x 6400)
     bf16   bfloat16 parameters, compute and activations (router / attention softmax stay float32)
     topk   the GShard / Mixtral top-2 softmax router instead of SparseMixer-v2 (GRIN's ablation baseline)
 """
@@ -38,22 +38,22 @@ def get_config(arg=None):
         rope_theta=10000.0,
         sliding_window=2047,
         attention_bias=True,
-        ffn="moe",
-        moe_every=1,
-        num_experts=16,
-        top_k=2,
-        d_expert=6400,
-        d_ff=config_dict.placeholder(int),  # dense FFN width; None: top_k * d_expert
-        activation="swiglu",
-        router="sparsemixer_v2",
-        jitter_eps=0.01,
-        renormalize=True,  # only used by router='topk_softmax'
-        input_jitter=0.01,
-        moe_backend="auto",
-        capacity_factor=1.25,
-        load_balance_groups=1,
-        load_balance_coef=0.001,  # transformers' PhimoeConfig default; not a number from the GRIN report
-        z_loss_coef=0.0,
+        layout="moe",
+        moe=ml_collections.ConfigDict(dict(
+            num_experts=16,
+            top_k=2,
+            d_hidden=6400,
+            activation="swiglu",
+            router="sparsemixer_v2",
+            router_options={"jitter_eps": 0.01},
+            input_jitter=0.01,
+            backend="auto",
+            capacity_factor=1.25,
+            load_balance_groups=1,
+            load_balance_coef=0.001,  # transformers' PhimoeConfig default; not a number from the GRIN report
+            z_loss_coef=0.0,
+        )),
+        dense=ml_collections.ConfigDict(dict(d_hidden=2 * 6400, activation="swiglu")),  # the :dense baseline
         tie_embeddings=False,
         lm_head_bias=True,
         param_dtype="float32",
@@ -62,12 +62,12 @@ def get_config(arg=None):
         init_std=0.02,
     ))
     if "dense" in variants:
-        config.model.ffn = "dense"
-        config.model.d_ff = config.model.top_k * config.model.d_expert
+        config.model.layout = "dense"
     if "bf16" in variants:
         config.model.param_dtype = config.model.dtype = config.model.activation_dtype = "bfloat16"
     if "topk" in variants:
-        config.model.router = "topk_softmax"
+        config.model.moe.router = "topk_softmax"
+        config.model.moe.router_options = {"renormalize": True}
     # GRIN proposes tensor parallelism instead of expert parallelism: e.g. --config.mesh.model=8
     # (8 divides the 32 heads, 8 KV heads and the 6400 expert width) within a host, data parallelism across hosts.
     config.mesh = default_mesh_config()

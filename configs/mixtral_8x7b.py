@@ -34,22 +34,22 @@ def get_config(arg=None):
         rope_theta=1e6,
         sliding_window=config_dict.placeholder(int),  # None: full causal attention
         attention_bias=False,
-        ffn="moe",
-        moe_every=1,
-        num_experts=8,
-        top_k=2,
-        d_expert=14336,
-        d_ff=config_dict.placeholder(int),
-        activation="swiglu",
-        router="topk_softmax",
-        jitter_eps=0.01,  # only used by router='sparsemixer_v2'
-        renormalize=True,
-        input_jitter=0.0,  # transformers' MixtralConfig.router_jitter_noise
-        moe_backend="auto",
-        capacity_factor=1.25,
-        load_balance_groups=1,
-        load_balance_coef=0.02,  # router_aux_loss_coef of the released config
-        z_loss_coef=0.0,
+        layout="moe",
+        moe=ml_collections.ConfigDict(dict(
+            num_experts=8,
+            top_k=2,
+            d_hidden=14336,
+            activation="swiglu",
+            router="topk_softmax",
+            router_options={"renormalize": True},
+            input_jitter=0.0,  # transformers' MixtralConfig.router_jitter_noise
+            backend="auto",
+            capacity_factor=1.25,
+            load_balance_groups=1,
+            load_balance_coef=0.02,  # router_aux_loss_coef of the released config
+            z_loss_coef=0.0,
+        )),
+        dense=ml_collections.ConfigDict(dict(d_hidden=2 * 14336, activation="swiglu")),  # the :dense baseline
         tie_embeddings=False,
         lm_head_bias=False,
         param_dtype="float32",
@@ -58,12 +58,12 @@ def get_config(arg=None):
         init_std=0.02,
     ))
     if "dense" in variants:
-        config.model.ffn = "dense"
-        config.model.d_ff = config.model.top_k * config.model.d_expert
+        config.model.layout = "dense"
     if "bf16" in variants:
         config.model.param_dtype = config.model.dtype = config.model.activation_dtype = "bfloat16"
     if "sparsemixer" in variants:
-        config.model.router = "sparsemixer_v2"
+        config.model.moe.router = "sparsemixer_v2"
+        config.model.moe.router_options = {"jitter_eps": 0.01}
     # e.g. --config.mesh.expert=8 (8 experts) or --config.mesh.model=8 (32 heads, 8 KV heads, width 14336).
     config.mesh = default_mesh_config()
     config.distributed = default_distributed_config()

@@ -4,12 +4,14 @@
     python -m grin_jax.params --config=configs/grin_moe_16x3_8b.py
     python -m grin_jax.params --config=configs/grin_moe_16x3_8b.py:dense --config.model.num_layers=16
 
-Active parameters per token = all parameters except the experts a token does not visit: in every MoE layer
-only top_k of num_experts experts run (the router, attention, norms, embedding and LM head always count).
+Active parameters per token = all parameters except those a token does not visit, as each FFN kind says
+(grin_jax.ffn `param_counts`): in an MoE layer only top_k of num_experts experts run (the router, attention, norms,
+embedding and LM head always count).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -18,44 +20,56 @@ from grin_jax.models.config import ModelConfig, model_config_from
 COMPONENTS = ("embedding", "lm_head", "attention", "norms", "router", "experts", "dense_ffn")
 
 
-def _component(name: str, config: ModelConfig) -> str:
+def _backbone_component(name: str) -> str:
     if name.startswith("embed."):
         return "embedding"
     if name.startswith("lm_head"):
         return "lm_head"
-    if name.startswith("final_norm.") or re.search(r"\.(input_norm|post_attn_norm|output_norm)\.", name):
+    if name.startswith("final_norm.") or re.search(r"^layers\.\d+\.(input_norm|post_attn_norm)\.", name):
         return "norms"
-    if ".attn." in name:
+    if re.search(r"^layers\.\d+\.attn\.", name):
         return "attention"
-    match = re.match(r"layers\.(\d+)\.mlp\.(\w+)$", name)
-    if match:
-        if not config.is_moe_layer(int(match.group(1))):
-            return "dense_ffn"
-        return "router" if match.group(2) == "router" else "experts"
     raise ValueError(f"unclassified parameter {name!r}")
 
 
 def count_params(config: ModelConfig) -> dict:
-    """{'total', 'active', 'non_embedding', 'active_non_embedding', and per component (COMPONENTS) the total
-    and '<component>_active'} for `config`, from abstract shapes only."""
+    """{'total', 'active', 'non_embedding', 'active_non_embedding', and per component the total and
+    '<component>_active'} for `config`. The backbone is counted from abstract shapes (nothing allocated); each
+    layer's FFN by its kind's `param_counts` (the split into components and what is active per token), checked
+    against the layer's abstract shapes (what the kind does not claim, e.g. an output norm, counts as 'norms')."""
+    from grin_jax import ffn as _ffn
     from grin_jax.models.lm import abstract_init, flatten_params
 
     _, abstract = abstract_init(config)
-    counts = dict.fromkeys(COMPONENTS, 0)
+    totals, actives = {}, {}
+
+    def add(component, total, active):
+        totals[component] = totals.get(component, 0) + int(total)
+        actives[component] = actives.get(component, 0) + int(active)
+
+    ffn_sizes = {}
     for name, spec in flatten_params(abstract).items():
-        size = 1
-        for dim in spec.shape:
-            size *= int(dim)
-        counts[_component(name, config)] += size
-    result = dict(counts)
-    for comp in COMPONENTS:
-        active = counts[comp]
-        if comp == "experts":
-            active = counts[comp] * config.top_k // config.num_experts
-        result[comp + "_active"] = active
-    result["total"] = sum(counts.values())
-    result["active"] = sum(result[c + "_active"] for c in COMPONENTS)
-    embedding = counts["embedding"] + counts["lm_head"]
+        size = math.prod(int(d) for d in spec.shape)
+        match = re.match(r"layers\.(\d+)\.mlp\.", name)
+        if match:
+            ffn_sizes[int(match.group(1))] = ffn_sizes.get(int(match.group(1)), 0) + size
+        else:
+            add(_backbone_component(name), size, size)
+    for layer in range(config.num_layers):
+        section, kind, ffn_config = config.layer_config(layer)
+        claimed = _ffn.get_ffn(kind).param_counts(ffn_config)
+        for component, (total, active) in claimed.items():
+            add(component, total, active)
+        rest = ffn_sizes.get(layer, 0) - sum(total for total, _ in claimed.values())
+        if rest < 0:
+            raise ValueError(f"FFN kind {kind!r} (section {section!r}) claims more parameters than layer {layer} has")
+        add("norms", rest, rest)
+    result = {c: totals.get(c, 0) for c in dict.fromkeys(COMPONENTS + tuple(totals))}
+    result.update({c + "_active": actives.get(c, 0) for c in list(result)})
+    names = [c for c in result if not c.endswith("_active")]
+    result["total"] = sum(result[c] for c in names)
+    result["active"] = sum(result[c + "_active"] for c in names)
+    embedding = result["embedding"] + result["lm_head"]
     result["non_embedding"] = result["total"] - embedding
     result["active_non_embedding"] = result["active"] - embedding
     return result
@@ -64,7 +78,7 @@ def count_params(config: ModelConfig) -> dict:
 def format_counts(counts: dict, title: str = "") -> str:
     lines = [title] if title else []
     lines.append(f"{'':24s}{'total':>20s}{'active / token':>20s}")
-    for comp in COMPONENTS:
+    for comp in [c for c in counts if c + "_active" in counts]:
         if counts[comp]:
             lines.append(f"  {comp:22s}{counts[comp]:>20,d}{counts[comp + '_active']:>20,d}")
     lines.append(f"  {'non-embedding':22s}{counts['non_embedding']:>20,d}{counts['active_non_embedding']:>20,d}")
@@ -88,8 +102,7 @@ def main(argv=None) -> int:
         return 2
     config = model_config_from(flags_.config.model)
     title = f"{flags_['config'].config_filename}: {config.num_layers} layers, d_model {config.d_model}"
-    if config.ffn == "moe":
-        title += f", {config.num_experts} experts top-{config.top_k} (MoE layers: {len(config.moe_layer_ids)})"
+    title += f", layout {','.join(config.layout)}"
     print(format_counts(count_params(config), title))
     return 0
 

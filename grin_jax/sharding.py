@@ -32,7 +32,7 @@ fall-backs above; Auto gives the same numbers with no model code changes. Switch
 sharding-typed model code.
 
 The mesh reaches the model through the context: the trainer traces its steps under `jax.set_mesh(mesh)` and the
-MoE block (nn/mlp.py) reads `jax.sharding.get_abstract_mesh()`; on a mesh with more than one device it calls
+MoE FFN kind (grin_jax/ffn/moe.py) reads `jax.sharding.get_abstract_mesh()`; on a mesh with more than one device it calls
 `moe_layer_parallel` (one shard_map), otherwise the single-device `moe_layer`.
 
 Multi-process: `initialize_distributed(config.distributed)` must run before anything touches the devices (the
@@ -180,10 +180,9 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
              platform: str | None = None) -> tuple[int, int, int]:
     """Check the mesh against the model and the batch before anything compiles; returns (data, expert, model).
 
-    Raises ValueError naming the key and the value: mesh sizes (see resolve_mesh_shape), model.num_experts vs
-    mesh.expert, model.num_heads / model.d_expert / the dense FFN width vs mesh.model, train.batch_size vs the data
-    shards (mesh.data x mesh.expert) and the processes, model.load_balance_groups vs the data shards,
-    model.moe_parallel ('ragged_alltoall' is not implemented on CPU)."""
+    Raises ValueError naming the key and the value: mesh sizes (see resolve_mesh_shape), model.num_heads vs
+    mesh.model, each FFN section against the mesh (its kind's `check_mesh`: e.g. moe.num_experts vs mesh.expert),
+    train.batch_size vs the data shards (mesh.data x mesh.expert) and the processes."""
     from grin_jax.models.config import model_config_from  # models imports nn imports moe; keep this module light
 
     num_devices = jax.device_count() if num_devices is None else num_devices
@@ -192,19 +191,13 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     data, expert, model = resolve_mesh_shape(mesh_config_of(config), num_devices, process_count=process_count)
     m = model_config_from(config.model)
     shards = data * expert
-    if m.ffn == "moe" and m.num_experts % expert:
-        raise ValueError(f"model.num_experts={m.num_experts} is not divisible by mesh.expert={expert}: accepted "
-                         f"values of mesh.expert are divisors of {m.num_experts}")
     if m.num_heads % model:
         raise ValueError(f"model.num_heads={m.num_heads} is not divisible by mesh.model={model}: attention heads are "
                          f"sharded over the model axis; accepted values of mesh.model divide {m.num_heads}")
-    if m.ffn == "moe" and m.d_expert % model:
-        raise ValueError(f"model.d_expert={m.d_expert} is not divisible by mesh.model={model}: the expert width is "
-                         "sharded over the model axis (tensor parallelism)")
-    has_dense = m.ffn == "dense" or m.moe_every > 1
-    if has_dense and m.resolved_d_ff % model:
-        raise ValueError(f"model.d_ff={m.resolved_d_ff} is not divisible by mesh.model={model}: the dense FFN width "
-                         "is sharded over the model axis")
+    from grin_jax import ffn as _ffn
+    for name in dict.fromkeys(m.layout):
+        _ffn.get_ffn(m.kind_of(name)).check_mesh(m.section(name), {"data": data, "expert": expert, "model": model,
+                                                                         "platform": platform})
     batch_size = config.train.batch_size
     if batch_size % shards:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {shards} data shards "
@@ -212,15 +205,6 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     if batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes: "
                          f"train.batch_size is global; accepted values are multiples of {process_count}")
-    if shards * model > 1 and m.ffn == "moe" and m.router != "expert_choice":  # token routers: moe_layer_parallel
-        groups = m.load_balance_groups
-        if groups not in (1, shards):
-            raise ValueError(f"model.load_balance_groups={groups} is not supported on a mesh with {shards} data "
-                             f"shards: accepted values are 1 (global balance, GRIN) or {shards} (per data shard)")
-        strategy = getattr(m, "moe_parallel", "allgather")
-        if strategy == "ragged_alltoall" and platform == "cpu":
-            raise ValueError("model.moe_parallel='ragged_alltoall' is invalid on CPU (lax.ragged_all_to_all is not "
-                             "implemented by XLA:CPU): accepted values are 'allgather' or 'alltoall'")
     return data, expert, model
 
 

@@ -11,6 +11,10 @@ A sweep config is an ml_collections file whose get_config() returns:
     executor:    'local' | 'slurm'     parallel: trials at once for 'local' (default: one per 2 cores)
     slurm:       submitit parameters for 'slurm' (partition, timeout_min, gpus_per_node, ...)
 Each trial is a normal `python -m grin_jax.train` run in `<sweep_dir>/trials/<trial_id>/` (its log in log.txt).
+Trial ids are short and stable: `t-` and 8 hex digits of a hash of the trial's overrides (trial_id), the same on
+every rerun of the sweep and independent of the trial's place in it. What a trial overrides is in
+`<sweep_dir>/sweep.json` (every trial's id and overrides), in `<trial>/trial.json` and in the trial's resolved
+config (`<trial>/config.json`); results.csv has one column per overridden field.
 A trial is finished when its workdir has summary.json (written atomically by the trainer); rerunning the sweep
 skips finished trials and restarts unfinished ones, which resume from their own checkpoints. A failing trial
 writes error.json (exit code, last lines of its log) and the others go on. At the end every trial's summary is
@@ -82,11 +86,21 @@ def expand_trials(sweep) -> list[dict]:
 
 
 def trial_id(overrides: dict) -> str:
-    """A readable, stable directory name for a trial."""
-    parts = [f"{k.split('.')[-1]}={_format_value(v)}" for k, v in sorted(overrides.items())]
-    readable = ",".join(parts).replace("/", "_").replace(" ", "")
+    """A short, stable directory name for a trial: 't-' + the first 8 hex digits of the SHA-1 of its overrides
+    (as sorted JSON). Equal overrides give equal ids; the overrides themselves are in sweep.json."""
     digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{readable[:80]}-{digest}" if readable else digest
+    return f"t-{digest}"
+
+
+def _check_unique(trials: list[dict]) -> None:
+    seen: dict[str, dict] = {}
+    for trial in trials:
+        tid = trial_id(trial)
+        if tid in seen:
+            raise ValueError(f"sweep trials {seen[tid]} and {trial} have the same id {tid!r}: "
+                             + ("they are the same trial; remove the repeated axis value" if seen[tid] == trial
+                                else "a hash collision; change an override"))
+        seen[tid] = trial
 
 
 def trial_command(base_config: str, workdir: str, overrides: dict) -> list[str]:
@@ -181,32 +195,30 @@ def _slurm_executor(sweep, sweep_dir: str):
     return executor
 
 
-def run_sweep(sweep, sweep_dir: str, *, parallel: int | None = None, executor: str | None = None,
-              progress: bool = True) -> list[dict]:
-    """Run every unfinished trial of `sweep` and write `<sweep_dir>/results.csv`. Returns the result rows."""
+def _base_config(sweep) -> str:
     base_config = sweep.get("base_config", None)
     if not base_config:
         raise ValueError("sweep config key 'base_config' is missing: give the experiment config path, "
                          "e.g. 'configs/grin_tiny.py'")
     if not os.path.exists(base_config.split(":")[0]):
         raise ValueError(f"sweep config key 'base_config'={base_config!r}: no such file")
-    executor = executor or sweep.get("executor", "local")
-    if executor not in ("local", "slurm"):
-        raise ValueError(f"executor={executor!r} is unknown: accepted values are ['local', 'slurm']")
-    parallel = parallel or sweep.get("parallel", 0) or max(1, (os.cpu_count() or 2) // 2)
-    trials = expand_trials(sweep)
-    os.makedirs(os.path.join(sweep_dir, "trials"), exist_ok=True)
-    _write_json_atomic(os.path.join(sweep_dir, "sweep.json"),
-                       {"base_config": base_config, "trials": [{"id": trial_id(t), "overrides": t} for t in trials]})
-    todo = [t for t in trials if not os.path.exists(os.path.join(sweep_dir, "trials", trial_id(t), SUMMARY))]
-    print(f"sweep: {len(trials)} trials, {len(trials) - len(todo)} already finished, {len(todo)} to run "
-          f"({executor}, {parallel if executor == 'local' else 'scheduler'} at once)", flush=True)
-    jobs = [(trial_command(base_config, os.path.join(sweep_dir, "trials", trial_id(t)), t),
-             os.path.join(sweep_dir, "trials", trial_id(t))) for t in todo]
-    bar = None
-    if progress and jobs:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="trials", unit="trial")
+    return base_config
+
+
+def _prepare_jobs(base_config: str, sweep_dir: str, todo: list[dict]) -> list[tuple[list[str], str]]:
+    """(command, workdir) of every trial to run; each workdir gets trial.json (id, base config, overrides)."""
+    jobs = []
+    for t in todo:
+        workdir = os.path.join(sweep_dir, "trials", trial_id(t))
+        os.makedirs(workdir, exist_ok=True)
+        _write_json_atomic(os.path.join(workdir, "trial.json"),
+                           {"id": trial_id(t), "base_config": base_config, "overrides": t})
+        jobs.append((trial_command(base_config, workdir, t), workdir))
+    return jobs
+
+
+def _run_jobs(jobs, sweep, sweep_dir: str, executor: str, parallel: int, bar) -> int:
+    """Run the jobs locally or through submitit; returns how many failed."""
     failures = 0
     if executor == "local":
         with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -215,17 +227,42 @@ def run_sweep(sweep, sweep_dir: str, *, parallel: int | None = None, executor: s
                 failures += "error" in future.result()
                 if bar:
                     bar.update(1)
-    else:
-        slurm = _slurm_executor(sweep, sweep_dir)
-        submitted = [slurm.submit(run_trial, cmd, wd) for cmd, wd in jobs]
-        for job in submitted:
-            try:
-                failures += "error" in job.result()
-            except Exception as exc:  # the scheduler lost the job: recorded, the others go on
-                failures += 1
-                print(f"sweep: job {job.job_id} failed: {exc}", file=sys.stderr)
-            if bar:
-                bar.update(1)
+        return failures
+    slurm = _slurm_executor(sweep, sweep_dir)
+    submitted = [slurm.submit(run_trial, cmd, wd) for cmd, wd in jobs]
+    for job in submitted:
+        try:
+            failures += "error" in job.result()
+        except Exception as exc:  # the scheduler lost the job: recorded, the others go on
+            failures += 1
+            print(f"sweep: job {job.job_id} failed: {exc}", file=sys.stderr)
+        if bar:
+            bar.update(1)
+    return failures
+
+
+def run_sweep(sweep, sweep_dir: str, *, parallel: int | None = None, executor: str | None = None,
+              progress: bool = True) -> list[dict]:
+    """Run every unfinished trial of `sweep` and write `<sweep_dir>/results.csv`. Returns the result rows."""
+    base_config = _base_config(sweep)
+    executor = executor or sweep.get("executor", "local")
+    if executor not in ("local", "slurm"):
+        raise ValueError(f"executor={executor!r} is unknown: accepted values are ['local', 'slurm']")
+    parallel = parallel or sweep.get("parallel", 0) or max(1, (os.cpu_count() or 2) // 2)
+    trials = expand_trials(sweep)
+    _check_unique(trials)
+    os.makedirs(os.path.join(sweep_dir, "trials"), exist_ok=True)
+    _write_json_atomic(os.path.join(sweep_dir, "sweep.json"),
+                       {"base_config": base_config, "trials": [{"id": trial_id(t), "overrides": t} for t in trials]})
+    todo = [t for t in trials if not os.path.exists(os.path.join(sweep_dir, "trials", trial_id(t), SUMMARY))]
+    print(f"sweep: {len(trials)} trials, {len(trials) - len(todo)} already finished, {len(todo)} to run "
+          f"({executor}, {parallel if executor == 'local' else 'scheduler'} at once)", flush=True)
+    jobs = _prepare_jobs(base_config, sweep_dir, todo)
+    bar = None
+    if progress and jobs:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="trials", unit="trial")
+    failures = _run_jobs(jobs, sweep, sweep_dir, executor, parallel, bar)
     if bar:
         bar.close()
     rows = gather_results(sweep_dir, trials)

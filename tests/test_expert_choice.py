@@ -5,7 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grin_jax.moe import experts, expert_choice
+from grin_jax.moe import experts, expert_choice, layer
+
+
+def expert_choice_ffn(params, router, x, *, top_k, activation="swiglu", capacity_factor=1.0):
+    """The MoE layer with the 'expert_choice' router: (y [B, S, D], aux)."""
+    config = layer.MoEConfig(num_experts=router.shape[1], top_k=top_k, d_model=x.shape[-1],
+                             d_hidden=params["w_up"].shape[-1], activation=activation, router="expert_choice",
+                             router_options={"capacity_factor": capacity_factor})
+    return layer.moe_layer({"router": router, "experts": params}, x, config=config, training=True)
 
 
 def brute_force(params, router, x_BSD, capacity, activation):
@@ -38,7 +46,7 @@ def test_matches_brute_force(activation):
     params = experts.init_expert_params(k[0], num_experts=num_experts, d_model=d, d_hidden=f, activation=activation)
     router = jax.random.normal(k[1], (d, num_experts))
     x = jax.random.normal(k[2], (batch, seq, d))
-    y, aux = jax.jit(lambda p, r, x: expert_choice.expert_choice_ffn(p, r, x, top_k=top_k, activation=activation))(
+    y, aux = jax.jit(lambda p, r, x: expert_choice_ffn(p, r, x, top_k=top_k, activation=activation))(
         params, router, x)
     capacity = expert_choice.tokens_per_expert(batch, num_experts, top_k, 1.0)
     assert capacity == 4
@@ -53,15 +61,15 @@ def test_causal_and_differentiable():
     params = experts.init_expert_params(k[0], num_experts=num_experts, d_model=d, d_hidden=f)
     router = jax.random.normal(k[1], (d, num_experts))
     x = jax.random.normal(k[2], (batch, seq, d))
-    fn = lambda x: expert_choice.expert_choice_ffn(params, router, x, top_k=2)[0]
+    fn = lambda x: expert_choice_ffn(params, router, x, top_k=2)[0]
     y = fn(x)
     y_changed_future = fn(x.at[:, 3:].set(7.0))
     np.testing.assert_array_equal(np.asarray(y[:, :3]), np.asarray(y_changed_future[:, :3]))
-    grads = jax.grad(lambda r: jnp.sum(expert_choice.expert_choice_ffn(params, r, x, top_k=2)[0] ** 2))(router)
+    grads = jax.grad(lambda r: jnp.sum(expert_choice_ffn(params, r, x, top_k=2)[0] ** 2))(router)
     assert np.all(np.isfinite(np.asarray(grads))) and float(jnp.abs(grads).sum()) > 0
 
 
 def test_bad_input_shape():
     params = experts.init_expert_params(jax.random.key(0), num_experts=4, d_model=6, d_hidden=5)
     with pytest.raises(ValueError, match="batch, seq"):
-        expert_choice.expert_choice_ffn(params, jnp.zeros((6, 4)), jnp.zeros((3, 6)), top_k=1)
+        expert_choice_ffn(params, jnp.zeros((6, 4)), jnp.zeros((3, 6)), top_k=1)

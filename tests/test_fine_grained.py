@@ -1,4 +1,4 @@
-"""Fine-grained MoE (Krajewski et al., REFERENCE §2): the parametrisation, its validation, expert-choice routing
+"""Fine-grained MoE (Krajewski et al., docs/fine_grained.md): the parametrisation, its validation, expert-choice routing
 and the MoE output norm in the model, and the paper's FLOP formula against XLA's count."""
 
 import os
@@ -13,6 +13,7 @@ from grin_jax import models, params as _params
 from grin_jax.models import ModelConfig
 from grin_jax.moe import layer as _layer
 from grin_jax.scaling import flops as _flops
+from grin_jax.scaling.summary import paper_flops_per_token
 from grin_jax.train import optim as _optim
 from grin_jax.train import trainer as _trainer
 
@@ -20,39 +21,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A paper-style block: full multi-head attention without biases (4 d^2), plain 2-matrix GELU experts.
 PAPER = dict(vocab_size=259, d_model=64, num_layers=2, num_heads=4, num_kv_heads=4, max_seq_len=64,
-             attention_bias=False, activation="gelu", expansion_rate=8.0, router="expert_choice",
-             capacity_factor=1.0)
+             attention_bias=False)
+PAPER_MOE = dict(activation="gelu", expansion_rate=8.0, router="expert_choice", router_options={"capacity_factor": 1.0})
+
+
+def paper(moe=None, **backbone) -> ModelConfig:
+    """The paper-style model with `moe` changes to its MoE section and `backbone` changes."""
+    return ModelConfig.make(**{**PAPER, **backbone}, layout="moe", moe={**PAPER_MOE, **(moe or {})})
 
 
 # ------------------------------------------------------------------------------------------ parametrisation
 @pytest.mark.parametrize("granularity", [1, 2, 4, 8])
 def test_fine_grained_fields_derive_experts_width_and_top_k(granularity):
-    c = ModelConfig(**PAPER, granularity=granularity)
-    assert c.num_experts == 8 * granularity
-    assert c.d_expert == 4 * 64 // granularity
-    assert c.top_k == granularity
-    assert c.resolved_d_ff == 4 * 64  # the dense FFN the experts are cut from
+    moe = paper(moe=dict(granularity=granularity)).section("moe")
+    assert moe.num_experts == 8 * granularity
+    assert moe.d_hidden == 4 * 64 // granularity
+    assert moe.top_k == granularity
+    assert moe.top_k * moe.d_hidden == 4 * 64  # the dense FFN the experts are cut from
     ref = _flops.fine_grained(64, 8, granularity)  # the scaling module's helper agrees
-    assert (ref.num_experts, ref.expert_width, ref.top_k) == (c.num_experts, c.d_expert, c.top_k)
-    moe = c.moe_config()
-    assert (moe.num_experts, moe.d_hidden, moe.top_k, moe.router) == (8 * granularity, 256 // granularity,
-                                                                      granularity, "expert_choice")
+    assert (ref.num_experts, ref.expert_width, ref.top_k) == (moe.num_experts, moe.d_hidden, moe.top_k)
+    assert moe.router == "expert_choice"
 
 
 def test_explicit_d_ff_and_fractional_expansion():
-    with pytest.raises(ValueError, match=r"ModelConfig\.top_k"):  # E < 1: G slots but only E*G < G experts
-        ModelConfig(**{**PAPER, "expansion_rate": 0.5}, granularity=4, d_ff=128)
-    c = ModelConfig(**{**PAPER, "expansion_rate": 2}, granularity=4, d_ff=128)
-    assert (c.num_experts, c.d_expert, c.top_k) == (8, 32, 4)
+    with pytest.raises(ValueError, match=r"moe\.top_k"):  # E < 1: G slots but only E*G < G experts
+        paper(moe=dict(expansion_rate=0.5, granularity=4, d_ff=128))
+    c = paper(moe=dict(expansion_rate=2, granularity=4, d_ff=128)).section("moe")
+    assert (c.num_experts, c.d_hidden, c.top_k) == (8, 32, 4)
 
 
 def test_active_params_do_not_depend_on_granularity_and_n_matches_the_paper():
     """N (the law) = d^2 (8E + 4) per block: the experts (8 E d^2) plus attention (4 d^2) exactly; our
     non-embedding count adds only the router (d E G per block) and the norms."""
-    d, L, E = PAPER["d_model"], PAPER["num_layers"], PAPER["expansion_rate"]
+    d, L, E = PAPER["d_model"], PAPER["num_layers"], PAPER_MOE["expansion_rate"]
     active = set()
     for granularity in (1, 2, 4, 8):
-        c = ModelConfig(**PAPER, granularity=granularity, moe_output_norm=True)
+        c = paper(moe=dict(granularity=granularity, output_norm=True))
         n = _params.count_params(c)
         assert n["experts"] + n["attention"] == d * d * (8 * E + 4) * L == _flops.param_count(d, L, E)
         assert n["router"] == d * E * granularity * L == _flops.router_param_count(d, L, E, granularity)
@@ -65,21 +69,22 @@ def test_active_params_do_not_depend_on_granularity_and_n_matches_the_paper():
 
 
 def test_dense_baseline_of_a_fine_grained_config():
-    c = ModelConfig(**PAPER, granularity=4).replace(ffn="dense")
+    c = paper(moe=dict(granularity=4)).replace(layout="dense", dense={"activation": "gelu"})
     n = _params.count_params(c)
-    assert c.resolved_d_ff == 256 and n["dense_ffn"] == 8 * 64 * 64 * 2
-    assert ModelConfig(**PAPER, granularity=4).dense_equivalent().resolved_d_ff == 256
+    assert c.section("dense").d_hidden == 256 and n["dense_ffn"] == 8 * 64 * 64 * 2
 
 
 def test_round_trip_and_replace_rederive():
-    c = ModelConfig(**PAPER, granularity=2)
-    assert ModelConfig.from_dict(c.to_dict()) == c  # derived values given back explicitly are consistent
-    c8 = c.replace(granularity=8)
-    assert (c8.num_experts, c8.d_expert, c8.top_k) == (64, 32, 8)
-    wide = c.replace(d_model=128)
-    assert (wide.num_experts, wide.d_expert, wide.top_k) == (16, 256, 2)
-    plain = ModelConfig(**{k: v for k, v in PAPER.items() if k not in ("expansion_rate", "router")})
-    assert (plain.num_experts, plain.top_k, plain.d_expert, plain.granularity) == (16, 2, 1024, 1)
+    c = paper(moe=dict(granularity=2))
+    assert ModelConfig.from_dict(c.to_dict()) == c
+    c8 = c.replace(moe={"granularity": 8}).section("moe")
+    assert (c8.num_experts, c8.d_hidden, c8.top_k) == (64, 32, 8)
+    wide = c.replace(d_model=128).section("moe")
+    assert (wide.num_experts, wide.d_hidden, wide.top_k) == (16, 256, 2)
+    plain = ModelConfig.make(**PAPER, layout="moe", moe={}).section("moe")
+    assert (plain.num_experts, plain.top_k, plain.d_hidden, plain.granularity) == (16, 2, 1024, 1)
+    # an explicit value equal to the derived one is accepted
+    assert paper(moe=dict(granularity=2, num_experts=16)).section("moe") == c.section("moe")
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -87,17 +92,19 @@ def test_round_trip_and_replace_rederive():
     (dict(granularity=4, d_ff=102), "granularity"),             # 4 does not divide 102
     (dict(granularity=2, num_experts=8), "num_experts"),         # derived: 16
     (dict(granularity=2, top_k=1), "top_k"),                     # derived: 2
-    (dict(granularity=2, d_expert=256), "d_expert"),            # derived: 128
+    (dict(granularity=2, d_hidden=256), "d_hidden"),            # derived: 128
     (dict(granularity=0), "granularity"),
     (dict(granularity=4, expansion_rate=0.1), "expansion_rate"),  # 0.4 experts
     (dict(expansion_rate=-1.0), "expansion_rate"),
     (dict(expansion_rate=None, granularity=2), "granularity"),  # G without E
     (dict(router="expert_chioce"), "router"),
-    (dict(moe_output_norm="yes"), "moe_output_norm"),
+    (dict(output_norm="yes"), "output_norm"),
+    (dict(expansion_rate=float("inf")), "expansion_rate"),
+    (dict(router_options={"capacity_factor": float("nan")}), "router_options.capacity_factor"),
 ])
 def test_errors_name_the_field(changes, field):
-    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}"):
-        ModelConfig(**{**PAPER, **changes})
+    with pytest.raises(ValueError, match=rf"\b(moe|router_options)\.{field.split('.')[-1]}="):
+        paper(moe=changes)
 
 
 def test_router_name_accepted_by_moe_config_and_rejected_by_the_token_layer():
@@ -105,7 +112,7 @@ def test_router_name_accepted_by_moe_config_and_rejected_by_the_token_layer():
     with pytest.raises(ValueError, match="expert_choice"):
         _layer.MoEConfig(num_experts=4, top_k=2, d_model=8, d_hidden=8, router="nope")
     params = _layer.init_moe_params(jax.random.key(0), cfg)
-    with pytest.raises(ValueError, match=r"\[B, S, D\]"):
+    with pytest.raises(ValueError, match=r"\[batch, seq, d_model\]"):
         _layer.moe_layer(params, jnp.ones((4, 8)), config=cfg, training=False)
     # the token-choice routers are untouched
     _layer.MoEConfig(num_experts=4, top_k=2, d_model=8, d_hidden=8, router="topk_softmax")
@@ -118,9 +125,10 @@ def test_config_files():
         for variant in ("", "smoke", "dense", "topk", "dense+smoke"):
             config = fine_grained_tiny.get_config(variant)
             c = models.model_config_from(config.model)
-            assert c.expansion_rate == 8.0 and c.activation == "gelu"
-            assert c.router == ("topk_softmax" if "topk" in variant else "expert_choice")
-            assert c.ffn == ("dense" if "dense" in variant else "moe")
+            moe = c.section("moe")
+            assert moe.expansion_rate == 8.0 and moe.activation == "gelu"
+            assert moe.router == ("topk_softmax" if "topk" in variant else "expert_choice")
+            assert set(c.layout) == ({"dense"} if "dense" in variant else {"moe"})
         with pytest.raises(ValueError, match="variant"):
             fine_grained_tiny.get_config("huge")
     finally:
@@ -136,7 +144,7 @@ def test_config_files():
     trials = _sweep.expand_trials(module.get_config())
     assert len(trials) == 30
     assert trials[0]["train.seed"] == 0 and trials[-1]["train.seed"] == 1  # seed outermost
-    assert {(t["model.ffn"], t["model.granularity"]) for t in trials} == {
+    assert {(t["model.layout"], t["model.moe.granularity"]) for t in trials} == {
         ("moe", 1), ("moe", 2), ("moe", 4), ("moe", 8), ("dense", 1)}
 
 
@@ -144,8 +152,7 @@ def test_config_files():
 def test_expert_choice_train_step_with_output_norm():
     """Two optimizer steps of a G = 4 expert-choice model with the MoE output norm: finite loss and gradients,
     the router and the output norm receive gradient, the params change."""
-    c = ModelConfig(**{**PAPER, "num_layers": 1, "d_model": 32, "max_seq_len": 16}, granularity=4,
-                    moe_output_norm=True)
+    c = paper(moe=dict(granularity=4, output_norm=True), num_layers=1, d_model=32, max_seq_len=16)
     graphdef, params = models.init(c, rng=0)
     names = _params_names(params)
     assert "layers.0.mlp.output_norm.scale" in names and "layers.0.mlp.output_norm.bias" in names
@@ -188,7 +195,7 @@ def _xla_flops_per_token(c: ModelConfig, batch: int, seq: int) -> float:
 
 def test_paper_flops_against_xla():
     """The paper's FLOPs per token (c_f = 6 per active non-embedding parameter, c_r = 14 per router parameter;
-    trainer.paper_flops_per_token) against XLA's cost analysis of the compiled forward + backward (no optimizer).
+    scaling.summary.paper_flops_per_token) against XLA's cost analysis of the compiled forward + backward (no optimizer).
 
     Configs where XLA counts only active expert FLOPs: expert choice and the capacity backend, both at
     capacity_factor 1 (every expert processes exactly T*G/(E*G) token rows: no padding), ReLU experts so the
@@ -216,23 +223,24 @@ def test_paper_flops_against_xla():
     and the paper's c_r = 14 (21,504): XLA sees the router's softmax / top-k elementwise work, not the routing
     data movement the paper's extra 8 FLOPs stand for.
     """
-    base = {**PAPER, "num_layers": 1, "activation": "relu", "max_seq_len": 16}
+    base = {"num_layers": 1, "max_seq_len": 16}
     batch, seq = 16, 16
-    d, L, V = base["d_model"], base["num_layers"], base["vocab_size"]
+    d, L, V = PAPER["d_model"], base["num_layers"], PAPER["vocab_size"]
     results = {}
     for name, changes in [("ec1", dict(granularity=1)), ("ec4", dict(granularity=4)),
-                          ("cap2", dict(granularity=2, router="topk_softmax", moe_backend="capacity",
-                                        renormalize=False))]:
-        c = ModelConfig(**{**base, **changes})
+                          ("cap2", dict(granularity=2, router="topk_softmax", backend="capacity", capacity_factor=1.0,
+                                        router_options={"renormalize": False}))]:
+        c = paper(moe={"activation": "relu", **changes}, **base)
         counts = _params.count_params(c)
-        paper = _trainer.paper_flops_per_token(c, counts)
+        paper_flops = paper_flops_per_token(c, counts)
         # the paper formula in the scaling module agrees (active 12 d^2 per block and the router d E G)
-        # (+ 6 per norm parameter: the trainer counts them as active non-embedding parameters)
-        assert paper == pytest.approx(_flops.flops_per_token(d, L, 8, c.granularity) + 6 * counts["norms"])
-        expected = paper - 8 * counts["router"] + 6 * d * V + 12 * seq * d * L
+        # (+ 6 per norm parameter: counted as active non-embedding parameters)
+        assert paper_flops == pytest.approx(_flops.flops_per_token(d, L, 8, c.section("moe").granularity)
+                                            + 6 * counts["norms"])
+        expected = paper_flops - 8 * counts["router"] + 6 * d * V + 12 * seq * d * L
         xla = _xla_flops_per_token(c, batch, seq)
         results[name] = xla
-        assert 1.0 <= xla / expected <= 1.08, (name, xla, expected, paper)
-        assert xla / paper > 1.2  # the LM head and attention scores are real at this size
+        assert 1.0 <= xla / expected <= 1.08, (name, xla, expected, paper_flops)
+        assert xla / paper_flops > 1.2  # the LM head and attention scores are real at this size
     delta_router = 6 * d * 8 * (4 - 1) * L
     assert delta_router <= results["ec4"] - results["ec1"] <= 14 / 6 * delta_router

@@ -8,10 +8,11 @@ import pytest
 from grin_jax.models import ModelConfig, apply_jit, generate, init, sample_logits
 
 PROMPT, NEW = 5, 9
-CONFIG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
-                     sliding_window=6,  # < PROMPT + NEW: the window slides during decoding
-                     attention_bias=True, num_experts=4, top_k=2, d_expert=24, lm_head_bias=True, input_jitter=0.01,
-                     jitter_eps=0.3)
+CONFIG = ModelConfig.make(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32,
+                          sliding_window=6,  # < PROMPT + NEW: the window slides during decoding
+                          attention_bias=True, lm_head_bias=True, layout="moe",
+                          moe=dict(num_experts=4, top_k=2, d_hidden=24, input_jitter=0.01,
+                                   router_options={"jitter_eps": 0.3}))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grin_jax.moe import dispatch, experts, gmm
+from grin_jax.moe import cpu_kernel, dispatch, experts, gmm
 from grin_jax.moe.layer import MoEConfig
 
 M, K_IN, N_OUT, E = 300, 16, 12, 6
@@ -134,6 +134,8 @@ def _moe_value_and_grads(backend, activation):
 @pytest.mark.parametrize("num_experts,top_k,d_hidden", [(8, 2, 8), (64, 16, 8)])
 def test_fused_moe_equals_dense_at_reduced_benchmark_shapes(num_experts, top_k, d_hidden, backend):
     """M = 1024 and 8192 rows: several of the kernel's 512-row chunks, split over its threads."""
+    if backend == "kernel" and cpu_kernel.unavailable_reason() is not None:
+        pytest.skip(f"the CPU kernel is unavailable here: {cpu_kernel.unavailable_reason().splitlines()[0]}")
     tokens, d_model = 512, 64
     rs = np.random.RandomState(3)
     params = experts.init_expert_params(jax.random.key(0), num_experts=num_experts, d_model=d_model,
@@ -187,7 +189,11 @@ def test_default_backend_and_auto():
         gmm.default_backend(3)
     assert "auto" in dispatch.BACKENDS and dispatch.BACKENDS[0] == "dense"
     assert dispatch.resolve_backend("auto", "gpu") == "ragged_dot"
-    assert dispatch.resolve_backend("auto", "cpu") == dispatch.default_backend("cpu") == "kernel"
+    cpu_default = "kernel" if cpu_kernel.available() else "tiled"  # no C++ compiler here: the fallback
+    assert dispatch.resolve_backend("auto", "cpu") == dispatch.default_backend("cpu") == cpu_default
+    assert dispatch.resolve_backend("auto", "cpu", activation="swiglu", dtype=jnp.float32) == cpu_default
+    assert dispatch.resolve_backend("auto", "cpu", activation="swiglu", dtype=jnp.bfloat16) == "tiled"
+    assert dispatch.resolve_backend("auto", "gpu", activation="swiglu", dtype=jnp.bfloat16) == "ragged_dot"
     assert dispatch.resolve_backend("auto", "tpu") == dispatch.default_backend("tpu") == "ragged_dot"
     assert dispatch.resolve_backend("capacity") == "capacity"
     with pytest.raises(ValueError, match=r"backend='nope'.*accepted values.*'auto'"):

@@ -19,8 +19,10 @@ T, D, F, E, K = 128, 16, 32, 8, 2
 
 
 def make_config(**overrides):
-    fields = dict(num_experts=E, top_k=K, d_model=D, d_hidden=F, jitter_eps=0.5)
+    fields = dict(num_experts=E, top_k=K, d_model=D, d_hidden=F)
     fields.update(overrides)
+    if fields.get("router", "sparsemixer_v2") == "sparsemixer_v2":
+        fields.setdefault("router_options", {"jitter_eps": 0.5})
     return MoEConfig(**fields)
 
 
@@ -28,7 +30,7 @@ def _value_and_grads(params, x, cot, rng, *, config):
     """Layer output, aux, and the gradients of sum(y * cot) + load_balance + z_loss w.r.t. (params, x)."""
     def loss(params, x):
         y, aux = layer.moe_layer(params, x, config=config, training=True, rng=rng)
-        return jnp.sum(y * cot) + aux["load_balance_loss"] + 1e-3 * aux["z_loss"], (y, aux)
+        return jnp.sum(y * cot) + aux["losses"]["load_balance_loss"] + 1e-3 * aux["losses"]["z_loss"], (y, aux)
     grads, (y, aux) = jax.grad(loss, argnums=(0, 1), has_aux=True)(params, x)
     return y, aux, grads
 
@@ -45,7 +47,7 @@ def inputs(seed=0):
     return (jnp.asarray(rs.randn(T, D), jnp.float32), jnp.asarray(rs.randn(T, D), jnp.float32))
 
 
-@pytest.mark.parametrize("router", sorted(routing.ROUTERS))
+@pytest.mark.parametrize("router", sorted(n for n, r in routing.ROUTERS.items() if r.dispatch == "token_choice"))
 def test_layer_every_backend_equals_dense(router):
     """Training, under jit: outputs, aux losses and gradients w.r.t. x, the router and every expert weight equal
     the dense backend's (capacity with C = M: nothing dropped)."""
@@ -59,7 +61,8 @@ def test_layer_every_backend_equals_dense(router):
         y, aux, grads = results[backend]
         np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), err_msg=backend, **tol)
         for name in ("load_balance_loss", "z_loss"):
-            np.testing.assert_allclose(float(aux[name]), float(aux_ref[name]), rtol=1e-6, err_msg=backend)
+            np.testing.assert_allclose(float(aux["losses"][name]), float(aux_ref["losses"][name]), rtol=1e-6,
+                                       err_msg=backend)
         flat, _ = jax.tree_util.tree_flatten_with_path(grads)
         for (path, g), g_ref in zip(flat, jax.tree_util.tree_leaves(grads_ref)):
             np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), err_msg=backend + jax.tree_util.keystr(path),
@@ -77,14 +80,14 @@ def test_layer_composition_with_explicit_noise():
     params = layer.init_moe_params(jax.random.key(2), config)
     x, _ = inputs(2)
     rs = np.random.RandomState(2)
-    noise = {"gumbel_KTE": jnp.asarray(rs.gumbel(size=(K, T, E)), jnp.float32),
-             "uniform_KT": jnp.asarray(rs.rand(K, T), jnp.float32)}
+    noise = {"gumbel_TKE": jnp.asarray(rs.gumbel(size=(T, K, E)), jnp.float32),
+             "uniform_TK": jnp.asarray(rs.rand(T, K), jnp.float32)}
 
     @jax.jit
     def both(params, x, noise):
-        y, aux = layer.moe_layer(params, x, config=config, training=True, router_noise=noise)
+        y, aux = layer.moe_layer(params, x, config=config, training=True, noise=noise)
         logits = x @ params["router"]
-        r = routing.route("sparsemixer_v2", logits, top_k=K, training=True, jitter_eps=0.5, **noise)
+        r = routing.route("sparsemixer_v2", logits, top_k=K, training=True, options={"jitter_eps": 0.5}, noise=noise)
         y_ref, _ = dispatch.moe_ffn(params["experts"], x, r.expert_ids, r.weights, activation="swiglu",
                                     backend="dense")
         lb = losses.load_balance_loss(r.expert_ids, r.probs, num_groups=4)
@@ -93,8 +96,8 @@ def test_layer_composition_with_explicit_noise():
     y, aux, r, y_ref, lb, z_loss = both(params, x, noise)
     assert np.mean(np.asarray(r.weights) < 0.34) > 0.1  # c = 0.3333 occurs: experts see the scaled weight
     np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(float(aux["load_balance_loss"]), float(lb), rtol=1e-6)
-    np.testing.assert_allclose(float(aux["z_loss"]), float(z_loss), rtol=1e-6)
+    np.testing.assert_allclose(float(aux["losses"]["load_balance_loss"]), float(lb), rtol=1e-6)
+    np.testing.assert_allclose(float(aux["losses"]["z_loss"]), float(z_loss), rtol=1e-6)
     metrics = aux["metrics"]
     for key in ("expert_load", "max_load", "router_entropy", "router_grad_fraction", "dropped_fraction"):
         assert key in metrics, key
@@ -115,7 +118,7 @@ def test_input_jitter_applied_once_in_training_only():
     @jax.jit
     def run(params, x, rng):
         y = layer.moe_layer(params, x, config=config, training=True, rng=rng)[0]
-        x_jittered = layer.apply_input_jitter(x, eps, jax.random.split(rng)[0])
+        x_jittered = x * jax.random.uniform(jax.random.split(rng)[0], x.shape, jnp.float32, 1 - eps, 1 + eps)
         y_once = layer.moe_layer(params, x_jittered, config=plain, training=True, rng=rng)[0]
         y_none = layer.moe_layer(params, x, config=plain, training=True, rng=rng)[0]
         y_eval = layer.moe_layer(params, x, config=config, training=False, rng=rng)[0]
@@ -138,13 +141,17 @@ def test_input_jitter_applied_once_in_training_only():
     ("d_model", 16.0, r"d_model=16.0 is invalid: accepted values are integers >= 1"),
     ("d_hidden", -1, r"d_hidden=-1 is invalid"),
     ("load_balance_groups", 0, r"load_balance_groups=0 is invalid"),
-    ("router", "gshard", r"router='gshard' is unknown: accepted values are .*'sparsemixer_v2', 'topk_softmax'"),
-    ("activation", "tanh", r"activation='tanh' is unknown: accepted values are .*'swiglu'"),
+    ("router", "gshard", r"router='gshard' is invalid: accepted values are .*'sparsemixer_v2', 'topk_softmax'"),
+    ("activation", "tanh", r"activation='tanh' is invalid: accepted values are .*'swiglu'"),
     ("backend", "megablocks", r"backend='megablocks' is unknown: accepted values are .*'dense'"),
-    ("jitter_eps", -0.01, r"jitter_eps=-0.01 is invalid: accepted values are >= 0"),
-    ("input_jitter", 1.0, r"input_jitter=1.0 is invalid: accepted values are in \[0, 1\)"),
-    ("capacity_factor", 0.0, r"capacity_factor=0.0 is invalid: accepted values are > 0"),
-    ("router_dtype", "float16", r"router_dtype='float16' is invalid: accepted values are 'float32'"),
+    ("router_options", {"jitter_eps": -0.01}, r"jitter_eps=-0.01 is invalid: accepted values are finite numbers >= 0"),
+    ("router_options", {"jitter_eps": float("nan")}, r"jitter_eps=nan is invalid"),
+    ("router_options", {"eps": 0.1}, r"router_options \['eps'\] are unknown for router='sparsemixer_v2'"),
+    ("input_jitter", 1.0, r"input_jitter=1.0 is invalid: accepted values are finite numbers in \[0.0, 1.0\)"),
+    ("input_jitter", float("inf"), r"input_jitter=inf is invalid"),
+    ("capacity_factor", 0.0, r"capacity_factor=0.0 is invalid: accepted values are finite numbers in \(0.0, inf\)"),
+    ("load_balance_coef", float("nan"), r"load_balance_coef=nan is invalid"),
+    ("router_dtype", "float16", r"router_dtype='float16' is invalid: accepted values are \['float32'"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -157,6 +164,10 @@ def test_layer_bad_input_shape():
     with pytest.raises(ValueError, match=r"x must be \[tokens, d_model=16\]"):
         layer.moe_layer(params, jnp.zeros((4, 8)), config=config, training=False)
     with pytest.raises(ValueError, match=r"x must be \[tokens, d_model=16\]"):
-        layer.moe_layer(params, jnp.zeros((2, 4, 16)), config=config, training=False)
+        layer.moe_layer(params, jnp.zeros((2, 2, 4, 16)), config=config, training=False)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 16))  # [B, S, D] = the flattened tokens
+    np.testing.assert_array_equal(np.asarray(layer.moe_layer(params, x, config=config, training=False)[0]),
+                                  np.asarray(layer.moe_layer(params, x.reshape(8, 16), config=config,
+                                                             training=False)[0]).reshape(2, 4, 16))
     with pytest.raises(ValueError, match="rng"):
         layer.moe_layer(params, jnp.zeros((4, 16)), config=config, training=True)

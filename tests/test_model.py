@@ -14,12 +14,13 @@ from grin_jax.models import (ModelConfig, apply, apply_jit, cross_entropy, flatt
 from grin_jax.params import count_params
 
 TINY = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32, sliding_window=6,
-            attention_bias=True, num_experts=4, top_k=2, d_expert=24, lm_head_bias=True, input_jitter=0.01,
-            jitter_eps=0.3, load_balance_coef=0.01, z_loss_coef=0.001)
+            attention_bias=True, lm_head_bias=True, layout="moe")
+TINY_MOE = dict(num_experts=4, top_k=2, d_hidden=24, input_jitter=0.01, router_options={"jitter_eps": 0.3},
+                load_balance_coef=0.01, z_loss_coef=0.001)
 
 
-def tiny(**kw):
-    return ModelConfig(**{**TINY, **kw})
+def tiny(moe=None, **kw):
+    return ModelConfig.make(**{**TINY, **kw}, moe={**TINY_MOE, **(moe or {})}, dense={"d_hidden": 48})
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +33,25 @@ TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY["vocab_size"])
 
 @pytest.mark.parametrize("changes, match", [
     (dict(num_heads=4, num_kv_heads=3), r"num_heads=4 is not divisible by num_kv_heads=3"),
-    (dict(sliding_window=33), r"sliding_window=33 is larger than the context max_seq_len=32"),
-    (dict(router="top2"), r"router='top2' is invalid: accepted values are \[.*'sparsemixer_v2'.*'topk_softmax'"),
-    (dict(activation="swish"), r"activation='swish' is invalid"),
+    (dict(sliding_window=33), r"sliding_window=33 is invalid: accepted values are None or 1..max_seq_len=32"),
+    (dict(moe=dict(router="top2")), r"moe.router='top2' is invalid: accepted values are \[.*'sparsemixer_v2'.*'topk"),
+    (dict(moe=dict(activation="swish")), r"moe.activation='swish' is invalid"),
     (dict(norm="batchnorm"), r"norm='batchnorm' is invalid: accepted values are \['layernorm', 'rmsnorm'\]"),
-    (dict(moe_backend="magic"), r"moe_backend='magic' is invalid"),
-    (dict(ffn="sparse"), r"ffn='sparse' is invalid"),
+    (dict(moe=dict(backend="magic")), r"backend='magic' is unknown"),
+    (dict(layout="sparse"), r"model.layout='sparse' names 'sparse', which is not a section of the model config"),
+    (dict(layout="moe,dense,moe"), r"model.layout='moe,dense,moe' has 3 entries: accepted are one entry per layer "
+                                   r"or a pattern whose length divides num_layers=2"),
+    (dict(moe=dict(kind="nope")), r"model.moe: FFN kind 'nope' is unknown: accepted kinds are \['dense', .*'moe'"),
+    (dict(moe=dict(num_expert=4)), r"moe: unknown key\(s\) \['num_expert'\]: accepted keys are \['num_experts'"),
     (dict(dtype="int8"), r"dtype='int8' is invalid"),
-    (dict(top_k=5), r"top_k=5 is invalid: accepted values are 1..num_experts=4"),
+    (dict(moe=dict(top_k=5)), r"top_k=5 is invalid: accepted values are 1..num_experts=4"),
+    (dict(rope_theta=float("inf")), r"rope_theta=inf is invalid: accepted values are finite numbers > 0"),
+    (dict(norm_eps=float("nan")), r"norm_eps=nan is invalid"),
     (dict(d_model=30, num_heads=4), r"d_model=30 is not divisible by num_heads=4"),
     (dict(head_dim=7), r"head_dim=7 is invalid: RoPE needs an even head dim"),
     (dict(num_layers=0), r"num_layers=0 is invalid: accepted values are integers >= 1"),
     (dict(attention_bias=1), r"attention_bias=1 is invalid: accepted values are True or False"),
-    (dict(input_jitter=1.5), r"input_jitter=1.5 is invalid"),
+    (dict(moe=dict(input_jitter=1.5)), r"input_jitter=1.5 is invalid"),
 ])
 def test_config_errors_before_tracing(changes, match):
     with pytest.raises(ValueError, match=match):
@@ -54,9 +61,10 @@ def test_config_errors_before_tracing(changes, match):
 def test_model_config_from_config_dict():
     import ml_collections
 
-    assert model_config_from(ml_collections.ConfigDict(TINY)) == tiny()
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['num_expert'\]"):
-        model_config_from({**TINY, "num_expert": 4})
+    values = {**TINY, "moe": TINY_MOE, "dense": {"d_hidden": 48}}
+    assert model_config_from(ml_collections.ConfigDict(values)) == tiny()
+    with pytest.raises(ValueError, match=r"model.num_expert is unknown: accepted keys are \["):
+        model_config_from({**values, "num_expert": 4})
 
 
 def test_forward_training_aux_and_gradients(tiny_model):
@@ -73,13 +81,13 @@ def test_forward_training_aux_and_gradients(tiny_model):
     assert logits.shape == (2, 12, config.vocab_size) and logits.dtype == jnp.float32
     assert np.isfinite(float(loss))
     num_moe = config.num_layers
-    assert aux["load_balance_loss"].shape == (num_moe,) and aux["z_loss"].shape == (num_moe,)
-    assert aux["metrics"]["expert_load"].shape == (num_moe, config.num_experts)
-    np.testing.assert_allclose(np.sum(aux["metrics"]["expert_load"], axis=-1), 1.0, rtol=1e-6)
+    assert set(aux["losses"]) == {"moe/load_balance_loss", "moe/z_loss"}
+    assert aux["metrics"]["moe/expert_load"].shape == (num_moe, 4)
+    np.testing.assert_allclose(np.sum(aux["metrics"]["moe/expert_load"], axis=-1), 1.0, rtol=1e-6)
     for key in ("router_grad_fraction", "max_load", "router_entropy", "dropped_fraction"):
-        assert aux["metrics"][key].shape == (num_moe,), key
-    np.testing.assert_allclose(aux["aux_loss"], 0.01 * np.mean(aux["load_balance_loss"])
-                               + 0.001 * np.mean(aux["z_loss"]), rtol=1e-6)
+        assert aux["metrics"]["moe/" + key].shape == (num_moe,), key
+    np.testing.assert_allclose(aux["aux_loss"], 0.01 * aux["losses"]["moe/load_balance_loss"]
+                               + 0.001 * aux["losses"]["moe/z_loss"], rtol=1e-6)
     flat_grads = flatten_params(grads)
     for name in ("layers.0.mlp.router", "layers.1.mlp.w_gate", "layers.0.attn.q.kernel", "embed.embedding"):
         assert np.all(np.isfinite(flat_grads[name])) and np.any(flat_grads[name] != 0), name
@@ -93,7 +101,7 @@ def test_default_backend_is_the_cpu_kernel_and_equals_dense(tiny_model):
     """moe_backend 'auto' (the default) runs the C++ kernel on CPU, forward and backward, with the same loss and
     gradients as the dense reference backend."""
     graphdef, params = tiny_model
-    assert tiny().moe_backend == "auto"
+    assert tiny().section("moe").backend == "auto"
 
     def grad_fn(graphdef):
         def loss_fn(params):
@@ -103,7 +111,7 @@ def test_default_backend_is_the_cpu_kernel_and_equals_dense(tiny_model):
 
     hlo = grad_fn(graphdef).lower(params).as_text()
     assert "grin_expert_mlp_fwd" in hlo and "grin_expert_mlp_bwd" in hlo
-    dense_graphdef, _ = init(tiny(moe_backend="dense"), 0)
+    dense_graphdef, _ = init(tiny(moe=dict(backend="dense")), 0)
     (loss, grads), (loss_ref, grads_ref) = grad_fn(graphdef)(params), grad_fn(dense_graphdef)(params)
     np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_ref)):
@@ -111,17 +119,18 @@ def test_default_backend_is_the_cpu_kernel_and_equals_dense(tiny_model):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def test_every_nth_layer_moe_and_dense_equivalent():
-    config = tiny(num_layers=4, moe_every=2)
-    assert config.moe_layer_ids == (1, 3)
+def test_layout_pattern_and_dense_baseline():
+    config = tiny(num_layers=4, layout="dense,moe")
+    assert config.layout == ("dense", "moe", "dense", "moe") and config.layers_of("moe") == (1, 3)
     graphdef, params = init(config, 0)
     flat = flatten_params(params)
-    assert flat["layers.0.mlp.w_gate"].shape == (32, 48)            # dense FFN, d_ff = top_k * d_expert
+    assert flat["layers.0.mlp.w_gate"].shape == (32, 48)            # dense FFN, width top_k * d_hidden
     assert flat["layers.1.mlp.w_gate"].shape == (4, 32, 24)         # MoE
     _, aux = apply_jit(graphdef, params, jnp.zeros((1, 8), jnp.int32))
-    assert aux["load_balance_loss"].shape == (2,)
+    assert aux["metrics"]["moe/expert_load"].shape == (2, 4)         # stacked over the 2 MoE layers only
+    assert tiny(num_layers=4, layout=["moe", "dense", "dense", "moe"]).layers_of("moe") == (0, 3)
     # the dense baseline has the MoE's active parameters, except the routers (d_model x experts per layer)
-    moe, dense = count_params(tiny()), count_params(tiny().dense_equivalent())
+    moe, dense = count_params(tiny()), count_params(tiny(layout="dense"))
     assert dense["total"] == dense["active"]
     assert moe["active"] - dense["active"] == tiny().num_layers * 32 * 4
     assert moe["total"] - moe["active"] == tiny().num_layers * 3 * 32 * 24 * (4 - 2)
@@ -156,7 +165,7 @@ def test_bfloat16_dtypes(tiny_model):
     assert all(v.dtype == jnp.bfloat16 for v in flatten_params(params).values())
     logits, aux = apply_jit(graphdef, params, TOKENS)
     assert logits.dtype == jnp.float32 and np.all(np.isfinite(logits))
-    assert aux["z_loss"].dtype == jnp.float32
+    assert aux["losses"]["moe/z_loss"].dtype == jnp.float32
     logits32, _ = apply_jit(graphdef32, params32, TOKENS)
     assert np.corrcoef(np.asarray(logits).ravel(), np.asarray(logits32).ravel())[0, 1] > 0.98
 
@@ -164,4 +173,5 @@ def test_bfloat16_dtypes(tiny_model):
 def test_config_round_trips_through_dict():
     config = tiny(sliding_window=None, head_dim=16)
     assert ModelConfig.from_dict(config.to_dict()) == config
-    assert dataclasses.replace(config, top_k=1).top_k == 1
+    assert config.replace(moe={"top_k": 1}).section("moe").top_k == 1
+    assert config.replace(moe={"top_k": 1}).section("moe").num_experts == 4

@@ -87,3 +87,21 @@ average_seeds = False
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "48 MoE, 12 dense" in text and "best G =" in text and "gamma" in text
     assert "fit over 48 points (single runs)" in text
+
+
+def test_routing_gradients(tmp_path):
+    notebook = run_notebook("routing_gradients.ipynb", """
+problems = 2
+mc_samples = 200
+scales = (0.5, 2.0)
+eps_grid = (0.01, float("inf"))
+head = "quad"
+top_k = 2
+tokens = 5000
+seed = 0
+""", tmp_path)
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    images = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) == 3
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "router gradient for" in text and "sparsemixer_v2 eps=inf" in text

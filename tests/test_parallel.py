@@ -27,7 +27,7 @@ assert jax.device_count() >= 8, "these tests need 8 (fake) CPU devices: see test
 def config(router="sparsemixer_v2", **kw):
     options = dict(num_experts=E, top_k=K, d_model=D, d_hidden=F, router=router)
     if router == "sparsemixer_v2":
-        options["jitter_eps"] = 0.3
+        options["router_options"] = {"jitter_eps": 0.3}
     options.update(kw)
     return MoEConfig(**options)
 
@@ -40,13 +40,13 @@ def inputs():
     params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) / np.sqrt(s.shape[-2])),
                           shapes)
     x = jnp.asarray(rng.standard_normal((T, D), np.float32))
-    noise = {"gumbel_KTE": jnp.asarray(rng.gumbel(size=(K, T, E)).astype(np.float32)),
-             "uniform_KT": jnp.asarray(rng.uniform(size=(K, T)).astype(np.float32))}
+    noise = {"gumbel_TKE": jnp.asarray(rng.gumbel(size=(T, K, E)).astype(np.float32)),
+             "uniform_TK": jnp.asarray(rng.uniform(size=(T, K)).astype(np.float32))}
     return params, x, noise
 
 
 def scalar_loss(y, aux):
-    return jnp.mean(jnp.square(y)) + 0.1 * aux["load_balance_loss"] + 0.01 * aux["z_loss"]
+    return jnp.mean(jnp.square(y)) + 0.1 * aux["losses"]["load_balance_loss"] + 0.01 * aux["losses"]["z_loss"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,7 +57,7 @@ def reference(router):
     noise = noise if router == "sparsemixer_v2" else None
 
     def loss(p, x):
-        y, aux = moe_layer(p, x, config=cfg, training=True, router_noise=noise)
+        y, aux = moe_layer(p, x, config=cfg, training=True, noise=noise)
         return scalar_loss(y, aux), (y, aux)
 
     (value, (y, aux)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
@@ -93,8 +93,8 @@ def assert_matches_reference(router, result):
     assert max_abs_diff(y0, y1) < TOL
     assert max_abs_diff(grads0, grads1) < TOL, "gradients w.r.t. (router, experts, x) differ"
     for name in ("load_balance_loss", "z_loss"):
-        assert max_abs_diff(aux0[name], aux1[name]) < TOL, name
-        assert aux1[name].sharding.is_fully_replicated
+        assert max_abs_diff(aux0["losses"][name], aux1["losses"][name]) < TOL, name
+        assert aux1["losses"][name].sharding.is_fully_replicated
     for name, value in aux0["metrics"].items():
         assert max_abs_diff(value, aux1["metrics"][name]) < TOL, name
     if router == "sparsemixer_v2":
@@ -203,7 +203,7 @@ def test_load_balance_global_vs_local_brute_force():
         kw = dict(config=cfg, mesh=mesh, strategy="allgather", training=False)
         _, aux_global = par.moe_layer_parallel(p, x, load_balance="global", **kw)
         _, aux_local = par.moe_layer_parallel(p, x, load_balance="local", **kw)
-        return aux_global["load_balance_loss"], aux_local["load_balance_loss"]
+        return aux_global["losses"]["load_balance_loss"], aux_local["losses"]["load_balance_loss"]
 
     with jax.set_mesh(mesh):
         lb_global, lb_local = jax.jit(both)(params, x)
@@ -213,26 +213,49 @@ def test_load_balance_global_vs_local_brute_force():
     assert abs(float(lb_global) - float(lb_local)) > 1e-3  # the two modes really differ on this batch
 
 
-def test_rng_is_folded_with_the_data_shard_index():
-    """With a key, data shard i routes (and jitters its input) with fold_in(key, i); model shards agree.
-    Parameters are placed with param_shardings first (the layer's reshard is then a no-op)."""
+def test_rng_noise_is_drawn_on_the_global_token_axis():
+    """With a key, the mesh layer draws its noise (router draws and input jitter) on the global token axis, so it
+    equals the single-device layer with the same key. Parameters are placed with param_shardings first (the
+    layer's reshard is then a no-op)."""
     params, x, _ = inputs()
     cfg = config("sparsemixer_v2", input_jitter=0.05)
     key = jax.random.key(7)
     mesh = par.make_mesh(2, 2, 2)
-    num_data = 4
     params = jax.device_put(params, par.param_shardings(params, mesh))
     assert params["experts"]["w_down"].sharding.spec == P("expert", "model", None)
     with jax.set_mesh(mesh):
         y, aux = jax.jit(functools.partial(par.moe_layer_parallel, config=cfg, mesh=mesh, training=True))(
             params, x, rng=key)
-
-    layer = jax.jit(lambda p, xs, k: moe_layer(p, xs, config=cfg, training=True, rng=k)[0])  # one compile
-    fold_in = jax.jit(jax.random.fold_in)
-    params = jax.device_get(params)
-    y_ref = np.concatenate([layer(params, x_shard, fold_in(key, i))
-                            for i, x_shard in enumerate(np.split(np.asarray(x), num_data))])
+    y_ref, aux_ref = jax.jit(lambda p, xs, k: moe_layer(p, xs, config=cfg, training=True, rng=k))(
+        jax.device_get(params), x, key)
     assert max_abs_diff(y, y_ref) < TOL
+    assert max_abs_diff(aux["losses"], aux_ref["losses"]) < TOL
+    y_other = jax.jit(lambda p, xs, k: moe_layer(p, xs, config=cfg, training=True, rng=k))(
+        jax.device_get(params), x, jax.random.key(8))[0]
+    assert max_abs_diff(y, y_other) > 1e-3  # the key matters
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_expert_choice_matches_single_device(mesh_shape):
+    """Expert choice (groups = the batch at one position, spanning the data shards) on a mesh: values, aux and
+    gradients equal one device."""
+    params, _, _ = inputs()
+    cfg = config("expert_choice", router_options={"capacity_factor": 0.5})  # C = 2 of 16: some tokens dropped
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((16, 4, D), np.float32))  # [B, S, D]
+    mesh = par.make_mesh(*mesh_shape)
+
+    def loss(p, x, mesh):
+        y, aux = moe_layer(p, x, config=cfg, training=True, mesh=mesh)
+        return scalar_loss(y, aux), (y, aux)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+    (v0, (y0, aux0)), g0 = jax.jit(functools.partial(grad, mesh=None))(params, x)
+    with jax.set_mesh(mesh):
+        (v1, (y1, aux1)), g1 = jax.jit(functools.partial(grad, mesh=mesh))(params, x)
+    assert y1.shape == (16, 4, D)
+    assert max_abs_diff((v0, y0, g0), (v1, y1, g1)) < TOL
+    assert max_abs_diff(aux0, aux1) < TOL
+    assert float(aux1["metrics"]["dropped_fraction"]) > 0  # expert choice really leaves some tokens out
 
 
 def test_emulated_ragged_all_to_all_matches_the_documented_example():
@@ -282,13 +305,13 @@ def test_ragged_alltoall_real_primitive_lowers_with_gradients():
 @pytest.mark.parametrize("change,message", [
     (dict(cfg=dict(num_experts=6)), r"num_experts=6 is not divisible by the expert axis 'expert' of size 4"),
     (dict(cfg=dict(d_hidden=12), mesh=(1, 1, 8)), r"d_hidden=12 is not divisible by the model axis 'model'"),
-    (dict(tokens=60), r"number of tokens 60 is not divisible by the 8 data shards"),
-    (dict(strategy="gshard"), r"strategy='gshard' is unknown: accepted values are \['allgather', 'alltoall'"),
+    (dict(tokens=60), r"leading dimension of x \(60 tokens or sequences\) is not divisible by the 8 data shards"),
+    (dict(strategy="gshard"), r"moe.parallel='gshard' is invalid: accepted values are \['allgather', 'alltoall'"),
     (dict(load_balance="group"), r"load_balance='group' is unknown: accepted values are \['global', 'local'\]"),
     (dict(kw=dict(model_axis="tensor")), r"model_axis: axis 'tensor' is not in the mesh; the mesh axes are"),
     (dict(kw=dict(data_axes=("data", "batch"))), r"data_axes: axis 'batch' is not in the mesh"),
     (dict(kw=dict(data_axes=("data",))), r"expert_axis='expert' must also be one of data_axes"),
-    (dict(cfg=dict(load_balance_groups=2)), r"load_balance_groups=2 is not supported.*load_balance='local'"),
+    (dict(cfg=dict(load_balance_groups=2)), r"load_balance_groups=2 is not supported on a mesh with 8 data shards"),
     (dict(kw=dict(capacity_factor=0.0)), r"capacity_factor=0.0 is invalid"),
 ])
 def test_impossible_layouts_raise_clear_errors(change, message):

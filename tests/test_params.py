@@ -21,7 +21,7 @@ def _config(name, arg=None):
 
 
 def test_grin_moe_counts_match_the_paper():
-    """GRIN tech report / REFERENCE.md: 41.873B parameters, 6.641B active per token (embedding and untied head
+    """GRIN tech report (docs/architecture.md): 41.873B parameters, 6.641B active per token (embedding and untied head
     with bias included). Counting 42B parameters in float32 would need 167 GB: this proves nothing is allocated."""
     counts = count_params(_config("grin_moe_16x3_8b"))
     assert counts["total"] == 41_873_153_344

@@ -19,7 +19,8 @@ T, E = 512, 16
 @functools.partial(jax.jit, static_argnames=("router", "options"))
 def _route_and_grad(logits, cot, rng, *, router, options):
     def loss(z):
-        r = routing.route(router, z, rng=rng, **dict(options))
+        opts = dict(options)
+        r = routing.route(router, z, rng=rng, top_k=opts.pop("top_k"), training=opts.pop("training"), options=opts)
         return jnp.sum(r.weights * cot), r.metrics
     return jax.grad(loss, has_aux=True)(logits)
 
@@ -37,7 +38,9 @@ def test_registry():
     assert {"sparsemixer_v2", "topk_softmax"} <= set(routing.ROUTERS)
     rs = np.random.RandomState(0)
     z = jnp.asarray(rs.randn(8, 4), jnp.float32)
-    for name in routing.ROUTERS:
+    token_routers = [n for n, spec in routing.ROUTERS.items() if spec.dispatch == "token_choice"]
+    assert {"sparsemixer_v2", "topk_softmax"} <= set(token_routers)
+    for name in token_routers:
         r = jax.jit(functools.partial(routing.route, name, top_k=2, training=True))(z, rng=jax.random.key(0))
         assert isinstance(r, routing.Routing)
         assert r.expert_ids.shape == (8, 2) and r.expert_ids.dtype == jnp.int32 and r.weights.shape == (8, 2)
@@ -125,7 +128,8 @@ def test_topk_softmax_equals_numpy(top_k, renormalize):
     @jax.jit
     def run(z, cot):
         def f(zz):
-            r = routing.route("topk_softmax", zz, top_k=top_k, training=False, renormalize=renormalize)
+            r = routing.route("topk_softmax", zz, top_k=top_k, training=False,
+                              options={"renormalize": renormalize})
             return r.weights, r.expert_ids
         w, vjp, ids = jax.vjp(f, z, has_aux=True)
         return w, ids, vjp(cot)[0]
@@ -143,13 +147,15 @@ def test_sparsemixer_router_passes_noise_and_options():
     z = jnp.asarray(rs.randn(32, 8), jnp.float32)
     noise = dict(gumbel_KTE=jnp.asarray(rs.gumbel(size=(2, 32, 8)), jnp.float32),
                  uniform_KT=jnp.asarray(rs.rand(2, 32), jnp.float32))
+    token_first = {"gumbel_TKE": jnp.swapaxes(noise["gumbel_KTE"], 0, 1), "uniform_TK": noise["uniform_KT"].T}
 
     @jax.jit
-    def run(z, noise):
-        return (routing.route("sparsemixer_v2", z, top_k=2, training=True, jitter_eps=0.3, **noise),
+    def run(z, noise, token_first):
+        return (routing.route("sparsemixer_v2", z, top_k=2, training=True, options={"jitter_eps": 0.3},
+                              noise=token_first),
                 sparsemixer_v2(z, top_k=2, jitter_eps=0.3, training=True, **noise))
 
-    r, (ids, w, cands) = run(z, noise)
+    r, (ids, w, cands) = run(z, noise, token_first)
     np.testing.assert_array_equal(np.asarray(r.expert_ids), np.asarray(ids))
     np.testing.assert_array_equal(np.asarray(r.weights), np.asarray(w))
     np.testing.assert_allclose(float(r.metrics["mean_candidates"]), np.mean(np.asarray(cands)))
@@ -161,13 +167,16 @@ def test_bad_arguments_raise_value_error():
     z = jnp.zeros((4, 8), jnp.float32)
     with pytest.raises(ValueError, match=r"router='gshard' is unknown: accepted values are .*sparsemixer_v2"):
         routing.route("gshard", z, top_k=2, training=False)
-    for name in routing.ROUTERS:
+    for name in ("sparsemixer_v2", "topk_softmax", "expert_choice"):
         for bad in (0, 9):
             with pytest.raises(ValueError, match=rf"top_k={bad} is invalid: accepted values .*1..num_experts=8"):
                 routing.route(name, z, top_k=bad, training=False)
     with pytest.raises(ValueError, match=r"logits must be \[tokens, experts\]"):
         routing.route("topk_softmax", jnp.zeros((2, 4, 8)), top_k=2, training=False)
-    with pytest.raises(ValueError, match=r"jitter_eps=-0.5 is invalid: accepted values are >= 0"):
-        routing.route("sparsemixer_v2", z, top_k=2, training=False, jitter_eps=-0.5)
-    with pytest.raises(ValueError, match=r"rng"):
+    with pytest.raises(ValueError, match=r"router_options.jitter_eps=-0.5 is invalid: accepted values are finite"):
+        routing.route("sparsemixer_v2", z, top_k=2, training=False, options={"jitter_eps": -0.5})
+    with pytest.raises(ValueError, match=r"router_options \['eps'\] are unknown for router='sparsemixer_v2': "
+                                         r"accepted keys are \['jitter_eps'\]"):
+        routing.route("sparsemixer_v2", z, top_k=2, training=False, options={"eps": 0.1})
+    with pytest.raises(ValueError, match=r"training needs its noise"):
         routing.route("sparsemixer_v2", z, top_k=2, training=True)

@@ -1,7 +1,8 @@
 """grin_jax.scaling: the fine-grained MoE law, FLOP accounting, the fit and the compute-optimal search.
 
-Paper numbers (Krajewski et al., REFERENCE.md §2, Table 2) are reproduced from the published coefficients; the
-fitter is checked on synthetic data drawn from the law. Pure numpy/scipy, no JAX.
+Paper numbers (Krajewski et al., arXiv 2402.07871, Table 2) are reproduced from the published coefficients (see
+docs/fine_grained.md#the-papers-table-2-and-how-close-we-are); the fitter is checked on synthetic data drawn from the
+law. Pure numpy/scipy, no JAX.
 """
 import json
 import math
@@ -318,6 +319,53 @@ def test_fit_cli_writes_coefficients_and_plots(tmp_path):
     d2 = json.loads(out2.read_text())
     assert d2["fit"]["law"] == "dense" and not d2["fit"]["c_fixed"] and "bootstrap" not in d2
     assert [os.path.basename(p) for p in d2["plots"]] == ["loss_vs_flops.png"]
+
+
+def _write_mixed_sweep(path):
+    """A sweep table with MoE rows (the law, G in model.moe.granularity) and dense rows whose G column reads 1."""
+    rng = np.random.default_rng(2)
+    rows = ["trial,model.layout,model.moe.granularity,train.seed,N,D,G,loss,status"]
+    for N in (1e7, 1e8, 1e9):
+        for D in (1e9, 1e10):
+            for G in (1, 2, 4, 8):
+                L = loss(N, D, G, PAPER_MOE_E64) * math.exp(0.005 * rng.standard_normal())
+                rows.append(f"t-{len(rows):08x},moe,{G},0,{N:g},{D:g},{G},{L:.6f},done")
+            rows.append(f"t-{len(rows):08x},dense,,0,{N:g},{D:g},1,{3 * loss(N, D, 1, PAPER_MOE_E64):.6f},done")
+    rows.append(f"t-{len(rows):08x},moe,16,0,1e9,1e10,16,,failed")
+    path.write_text("\n".join(rows) + "\n")
+
+
+def test_fit_where_selects_rows_and_reports_what_it_dropped(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    _write_mixed_sweep(sweep / "results.csv")
+    args = [f"--sweep={sweep}", "--out", str(tmp_path / "c.json"), "--bootstrap", "0", "--starts", "2"]
+    # Mixed FFN kinds and no filter: refused (the dense rows would be read as G = 1).
+    with pytest.raises(ValueError, match=r"mixes model.layout values \['dense', 'moe'\].*--where model.layout"):
+        fit_mod.main(args)
+    data = fit_mod.main(args + ["--where", "model.layout=moe"])
+    assert data["fit"]["n_points"] == 24
+    assert data["selection"] == {"rows_read": 31, "rows_kept": 24, "where": ["model.layout=moe"], "dropped": {
+        "status=failed (not done)": 1, "model.layout=dense (--where model.layout=moe)": 6}}
+    err = capsys.readouterr().err
+    assert "24 of 31 rows selected (--where model.layout=moe)" in err
+    assert "dropped 6 rows: model.layout=dense (--where model.layout=moe)" in err
+    assert "dropped 1 row: status=failed (not done)" in err
+    k = from_json(tmp_path / "c.json")
+    assert 0.05 < k.alpha < 0.2
+    # Repeatable; numbers match numerically; != excludes.
+    table, selection = fit_mod.read_selected(sweep / "results.csv", where=[
+        "model.layout=moe", "model.moe.granularity!=8", "train.seed=0.0"])
+    assert table["N"].size == 18 and set(table["G"]) == {1.0, 2.0, 4.0}
+    assert selection["dropped"]["model.moe.granularity=8 (--where model.moe.granularity!=8)"] == 6
+    dense = fit_mod.read_table(sweep / "results.csv", dense=True, where=["model.layout=dense"])
+    assert dense["N"].size == 6
+    with pytest.raises(ValueError, match="no column 'model.ffn'"):
+        fit_mod.main(args + ["--where", "model.ffn=moe"])
+    with pytest.raises(ValueError, match="COLUMN=VALUE"):
+        fit_mod.main(args + ["--where", "model.layout"])
+    with pytest.raises(ValueError, match="no \\(finished, selected\\) data rows"):
+        fit_mod.main(args + ["--where", "model.layout=peer"])
 
 
 def test_fit_cli_bad_arguments(tmp_path):

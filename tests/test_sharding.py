@@ -41,9 +41,10 @@ def small_config(mesh=(1, 1, 1), **model):
     c.model.num_layers = 1
     c.model.num_heads = 8
     c.model.head_dim = 8
-    c.model.jitter_eps = 0.3  # more tokens keep two candidates: more of the router gets a gradient
+    c.model.moe.router_options.jitter_eps = 0.3  # more tokens keep two candidates: more router gradient
     for key, value in model.items():
-        c.model[key] = value
+        target = c.model if key in c.model and key != "moe" else c.model.moe  # MoE keys go to the moe section
+        target[key] = value
     c.data.seq_len = S
     c.train.batch_size = B
     c.train.clip_norm = 0.0  # plain AdamW: after step 1 its first moment is (1 - b1) * gradient (read back below)
@@ -147,7 +148,7 @@ def test_sharded_training_equals_one_device():
         print(f"{name} {shape}: max |d grad| {max_abs_diff(result['grads'], reference['grads']):.2e}, "
               f"max |d loss| {max_abs_diff(result['losses'], reference['losses']):.2e}")
         assert max_abs_diff(result["grads"], reference["grads"]) < TOL, name
-        for key in ("loss", "total_loss", "aux_loss", "grad_norm", "load_balance_loss", "z_loss",
+        for key in ("loss", "total_loss", "aux_loss", "grad_norm", "moe/load_balance_loss", "moe/z_loss",
                     "moe/expert_load", "moe/router_grad_fraction"):
             assert max_abs_diff(result["metrics"][0][key], reference["metrics"][0][key]) < TOL, (name, key)
         np.testing.assert_allclose(result["losses"], reference["losses"], atol=TOL, rtol=0, err_msg=name)
@@ -174,7 +175,7 @@ def forward(mesh_shape, params, **model):
 
     def fn(params, tokens):
         logits, aux = models.apply(graphdef, params, tokens, training=True, rng=jax.random.key(3))
-        return logits, aux["load_balance_loss"], aux["metrics"]["expert_load"]
+        return logits, aux["losses"]["moe/load_balance_loss"], aux["metrics"]["moe/expert_load"]
 
     with jax.set_mesh(mesh):
         lowered = jax.jit(fn).lower(params, tokens)
@@ -182,12 +183,12 @@ def forward(mesh_shape, params, **model):
 
 
 def test_alltoall_strategy_and_local_balance_match_one_device():
-    """model.moe_parallel='alltoall' with capacity_factor = E / K (no drops) and per-data-shard balance
+    """moe.parallel='alltoall' with capacity_factor = E / K (no drops) and per-data-shard balance
     (load_balance_groups = 8 data shards of the (2, 4, 1) mesh) equal one device with 8 balance groups."""
     params = jax.device_get(random_state((1, 1, 1))[3]["params"])
     options = dict(load_balance_groups=8, capacity_factor=4.0)
     _, expected = forward((1, 1, 1), params, **options)
-    text, result = forward((2, 4, 1), params, moe_parallel="alltoall", **options)
+    text, result = forward((2, 4, 1), params, parallel="alltoall", **options)
     assert "all_to_all" in text  # the strategy reached the layer
     assert max_abs_diff(result, expected) < TOL
 
@@ -274,14 +275,14 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     (dict(mesh=(-1, 3, 1)), r"mesh.data=-1 cannot be filled: mesh.expert=3 x mesh.model=1 = 3 does not divide"),
     (dict(mesh=(-1, -1, 1)), r"mesh.expert=-1 is invalid: only one of"),
     (dict(mesh=(0, 1, 1)), r"mesh.data=0 is invalid"),
-    (dict(mesh=(1, 4, 2), model=dict(num_experts=6)), r"model.num_experts=6 is not divisible by mesh.expert=4"),
+    (dict(mesh=(1, 4, 2), model=dict(num_experts=6)), r"moe.num_experts=6 is not divisible by mesh.expert=4"),
     (dict(mesh=(1, 1, 8), model=dict(num_heads=4, head_dim=16)),
      r"model.num_heads=4 is not divisible by mesh.model=8"),
-    (dict(mesh=(1, 1, 8), model=dict(d_expert=20)), r"model.d_expert=20 is not divisible by mesh.model=8"),
+    (dict(mesh=(1, 1, 8), model=dict(d_hidden=20)), r"moe.d_hidden=20 is not divisible by mesh.model=8"),
     (dict(mesh=(8, 1, 1), train=dict(batch_size=4)), r"train.batch_size=4 is not divisible by the 8 data shards"),
-    (dict(mesh=(8, 1, 1), model=dict(load_balance_groups=2)), r"model.load_balance_groups=2 is not supported"),
-    (dict(mesh=(2, 4, 1), model=dict(moe_parallel="ragged_alltoall")),
-     r"model.moe_parallel='ragged_alltoall' is invalid on CPU"),
+    (dict(mesh=(8, 1, 1), model=dict(load_balance_groups=2)), r"moe.load_balance_groups=2 is not supported"),
+    (dict(mesh=(2, 4, 1), model=dict(parallel="ragged_alltoall")),
+     r"moe.parallel='ragged_alltoall' is invalid on CPU"),
 ])
 def test_impossible_layouts_fail_before_compiling(changes, message):
     config = small_config(changes["mesh"], **changes.get("model", {}))

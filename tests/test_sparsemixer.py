@@ -1,9 +1,10 @@
 """SparseMixer-v2 (grin_jax/moe/sparsemixer.py) against the reference implementation.
 
 1. Exact replay of transformers' PhiMoE `sparsemixer` (torch, CPU): the torch random draws are replayed as explicit
-   Gumbel / uniform inputs (REFERENCE.md §1), selections must be identical, weights and logit gradients equal to
-   1e-6 (float32) / 1e-12 (float64), in training and eval, over several logit regimes and jitter eps values.
-2. An independent NumPy implementation of REFERENCE.md §1 (any top_k, closed-form backward rule).
+   Gumbel / uniform inputs (docs/sparsemixer.md#replaying-transformers-random-draws), selections must be identical,
+   weights and logit gradients equal to 1e-6 (float32) / 1e-12 (float64), in training and eval, over several logit
+   regimes and jitter eps values.
+2. An independent NumPy implementation of docs/sparsemixer.md (any top_k, closed-form backward rule).
 3. Statistics of the sampled path (fixed seeds; each bound is a test with false-alarm probability <= 1e-6).
 
 Axes: T tokens, E experts, K slots.
@@ -28,7 +29,7 @@ C_SMALL = np.float32(0.3333)  # the reference's c for a non-argmax pick that fai
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# NumPy reference of REFERENCE.md §1 (written from the text, not from the JAX code)
+# NumPy reference of docs/sparsemixer.md (written from the text, not from the JAX code)
 # ----------------------------------------------------------------------------------------------------------------
 
 def np_softmax(x):
@@ -134,7 +135,8 @@ def torch_sparsemixer_with_noise(z, cot, *, eps, training, seed):
     """Run transformers' sparsemixer on z (torch autograd for dL/dz, L = sum(w * cot)), then replay its draws.
 
     torch draws, in order: exponential_ [T,E] (Gumbel = -log), rand [T,1], exponential_ [T,E], rand [T,1]
-    (discarded: `rand_like(...).uniform_()` overwrites it), uniform_ [T,1] (REFERENCE.md §1)."""
+    (discarded: `rand_like(...).uniform_()` overwrites it), uniform_ [T,1]
+    (docs/sparsemixer.md#replaying-transformers-random-draws)."""
     dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[z.dtype]
     z_t = torch.tensor(z, dtype=dtype, requires_grad=True)
     torch.manual_seed(seed)
@@ -391,9 +393,10 @@ def test_custom_backward_equals_closed_form_with_rng():
 
 
 def test_reference_consequences_at_grin_eps():
-    """REFERENCE.md §1: at eps = 0.01 on N(0,1) logits (E = 16) only ~3-5 % of tokens keep >= 2 candidates in a
-    slot, and at eval ~95 % of the weights are exactly 1.0. (Measured: slot 1 4.7 %, slot 2 6.3 %, either 10.8 %,
-    94.4 % of eval weights 1.0; the bounds below are > 10 standard errors wide at T = 20000.)"""
+    """docs/sparsemixer.md#how-many-tokens-get-a-router-gradient: at eps = 0.01 on N(0,1) logits (E = 16) only
+    ~5 % of tokens keep >= 2 candidates in a slot, and at eval ~95 % of the weights are exactly 1.0. (Measured:
+    slot 1 5.0 %, slot 2 6.7 %, either 11.4 %, 94.2 % of eval weights 1.0; the bounds below are > 10 standard
+    errors wide at T = 20000.)"""
     z = jnp.asarray(np.random.RandomState(11).randn(20_000, 16), jnp.float32)
     _, w, cands = jax.jit(functools.partial(sparsemixer_v2, top_k=2, jitter_eps=0.01, training=False))(z)
     cands, w = np.asarray(cands), np.asarray(w)

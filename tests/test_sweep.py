@@ -1,8 +1,10 @@
-"""The sweep runner: trials expand as configured, a failing trial is recorded without stopping the others,
-rerunning runs only what is missing, and results.csv is complete and parseable."""
+"""The sweep runner: trials expand as configured and get short stable ids, a failing trial is recorded without
+stopping the others, rerunning runs only what is missing, and results.csv is complete and parseable."""
 
 import csv
+import json
 import os
+import re
 import sys
 
 import ml_collections
@@ -17,7 +19,7 @@ def make_sweep(**kw):
     s = ml_collections.ConfigDict()
     s.base_config = os.path.join(REPO, "configs", "grin_tiny.py:smoke")
     s.overrides = {"train": {"steps": 2, "warmup_steps": 1, "eval_every": 0, "checkpoint_every": 0,
-                             "eval_batches": 1}}
+                             "eval_batches": 1, "final_eval_batches": 1}}
     s.product = {}
     s.zip = {}
     s.executor = "local"
@@ -37,6 +39,17 @@ def test_expand_product_and_zip():
     assert len({sweep_lib.trial_id(t) for t in trials}) == len(trials)
 
 
+def test_trial_ids_are_short_and_stable():
+    trial = {"model.moe.granularity": 4, "model.layout": "moe", "train.seed": 2, "model.d_model": 96,
+             "train.steps": 300, "train.warmup_steps": 30, "data.seq_len": 128}
+    tid = sweep_lib.trial_id(trial)
+    assert re.fullmatch(r"t-[0-9a-f]{8}", tid)
+    assert sweep_lib.trial_id(dict(reversed(list(trial.items())))) == tid  # order of the keys does not matter
+    assert sweep_lib.trial_id({**trial, "train.seed": 3}) != tid
+    with pytest.raises(ValueError, match="same id"):
+        sweep_lib.run_sweep(make_sweep(product={"train": {"seed": [0, 0]}}), "/tmp/unused", progress=False)
+
+
 def test_bad_sweeps_rejected():
     with pytest.raises(ValueError, match="zip"):
         sweep_lib.expand_trials(make_sweep(zip={"model": {"a": [1, 2], "b": [1]}}))
@@ -53,14 +66,26 @@ def read_csv(path):
 
 def test_failures_isolated_and_resume_runs_only_missing(tmp_path):
     # Three trials; top_k=99 is an invalid config value, so that trial fails fast with a clear error.
-    s = make_sweep(product={"model": {"top_k": [1, 2, 99]}})
+    s = make_sweep(product={"model": {"moe": {"top_k": [1, 2, 99]}}})
     sweep_dir = str(tmp_path / "sweep")
     rows = sweep_lib.run_sweep(s, sweep_dir, progress=False)
-    status = {r["model.top_k"]: r["status"] for r in rows}
+    status = {r["model.moe.top_k"]: r["status"] for r in rows}
     assert status == {1: "done", 2: "done", 99: "failed"}
+    # Short trial directories; the overrides in sweep.json, in each trial's trial.json and its resolved config.
+    with open(os.path.join(sweep_dir, "sweep.json")) as f:
+        listed = json.load(f)["trials"]
+    assert sorted(os.listdir(os.path.join(sweep_dir, "trials"))) == sorted(t["id"] for t in listed)
+    for entry in listed:
+        workdir = os.path.join(sweep_dir, "trials", entry["id"])
+        assert re.fullmatch(r"t-[0-9a-f]{8}", entry["id"]) and entry["overrides"]["train.steps"] == 2
+        with open(os.path.join(workdir, "trial.json")) as f:
+            assert json.load(f)["overrides"] == entry["overrides"]
+        if entry["overrides"]["model.moe.top_k"] != 99:
+            with open(os.path.join(workdir, "config.json")) as f:
+                assert json.load(f)["model"]["moe"]["top_k"] == entry["overrides"]["model.moe.top_k"]
     table = read_csv(os.path.join(sweep_dir, "results.csv"))
     assert len(table) == 3
-    failed = next(r for r in table if r["model.top_k"] == "99")
+    failed = next(r for r in table if r["model.moe.top_k"] == "99")
     assert "top_k" in failed["error"]
     done = [r for r in table if r["status"] == "done"]
     for row in done:
@@ -71,11 +96,11 @@ def test_failures_isolated_and_resume_runs_only_missing(tmp_path):
     # Interrupt one finished trial (no summary.json: as if killed) and rerun the sweep: only it and the failed
     # trial run again.
     trials = sweep_lib.expand_trials(s)
-    by_k = {t["model.top_k"]: os.path.join(sweep_dir, "trials", sweep_lib.trial_id(t)) for t in trials}
+    by_k = {t["model.moe.top_k"]: os.path.join(sweep_dir, "trials", sweep_lib.trial_id(t)) for t in trials}
     os.remove(os.path.join(by_k[2], "summary.json"))
     untouched = os.path.getmtime(os.path.join(by_k[1], "summary.json"))
     rows = sweep_lib.run_sweep(s, sweep_dir, progress=False)
-    assert {r["model.top_k"]: r["status"] for r in rows} == {1: "done", 2: "done", 99: "failed"}
+    assert {r["model.moe.top_k"]: r["status"] for r in rows} == {1: "done", 2: "done", 99: "failed"}
     assert os.path.getmtime(os.path.join(by_k[1], "summary.json")) == untouched
     with open(os.path.join(by_k[2], "log.txt")) as f:
         assert f.read().count("\n$ ") == 2  # ran twice
@@ -85,11 +110,11 @@ def test_failures_isolated_and_resume_runs_only_missing(tmp_path):
 
 def test_slurm_executor_through_submitit_local_cluster(tmp_path):
     """executor='slurm' goes through submitit; its 'local' cluster runs the same jobs as subprocesses."""
-    s = make_sweep(product={"model": {"top_k": [2, 99]}}, executor="slurm",
+    s = make_sweep(product={"model": {"moe": {"top_k": [2, 99]}}}, executor="slurm",
                    slurm={"cluster": "local", "timeout_min": 10})
     sweep_dir = str(tmp_path / "slurm")
     rows = sweep_lib.run_sweep(s, sweep_dir, progress=False)
-    assert {r["model.top_k"]: r["status"] for r in rows} == {2: "done", 99: "failed"}
+    assert {r["model.moe.top_k"]: r["status"] for r in rows} == {2: "done", 99: "failed"}
     assert os.listdir(os.path.join(sweep_dir, "submitit"))
     table = read_csv(os.path.join(sweep_dir, "results.csv"))
-    assert float(next(r for r in table if r["model.top_k"] == "2")["loss"]) > 0
+    assert float(next(r for r in table if r["model.moe.top_k"] == "2")["loss"]) > 0

@@ -1,15 +1,25 @@
-"""The trainer: runs, resumes exactly, writes its outputs, rejects bad configs before compiling."""
+"""The trainer: runs, resumes exactly, writes its outputs (the final validation loss over the whole split with its
+standard error, where the data stream is, the code's git commit), rejects bad configs before compiling."""
 
 import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from grin_jax import data as data_lib
+from grin_jax import models
+from grin_jax.scaling import summary as scaling_summary
+from grin_jax.train import provenance
+from grin_jax.train import step as step_module
 from grin_jax.train import trainer
 from grin_jax.train.metrics import read_jsonl
 
@@ -22,6 +32,7 @@ import grin_tiny  # noqa: E402
 
 def smoke_config(**train_overrides):
     config = grin_tiny.get_config("smoke")
+    config.train.final_eval_batches = 2  # the whole split (the default) is tested on a small corpus below
     for key, value in train_overrides.items():
         config.train[key] = value
     return config
@@ -58,6 +69,66 @@ def test_run_writes_everything(full_run):
     records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     load = next(r["train/moe/expert_load"] for r in records if "train/moe/expert_load" in r)
     assert np.allclose(np.sum(load, axis=-1), 1.0, atol=1e-5)  # per layer, fractions of token-slots
+    # The model's aux losses and metrics are logged under their own names (no prefix added by the trainer).
+    first = next(r for r in records if "train/loss" in r)
+    for key in ("train/total_loss", "train/aux_loss", "train/grad_norm", "train/moe/load_balance_loss",
+                "train/moe/z_loss", "train/moe/router_entropy", "train/learning_rate", "train/tokens_per_second"):
+        assert isinstance(first.get(key), float), key
+    # Where the data stream was after each logged step's batch: rows seen / rows per epoch of the train split.
+    rows_per_epoch = len(data_lib.packed_rows(smoke_config().data))
+    for r in (r for r in records if "train/loss" in r):
+        assert r["data/epoch"] == 0
+        assert r["data/corpus_fraction"] == pytest.approx(r["step"] * 4 / rows_per_epoch, rel=1e-12)
+    evals = [r for r in records if "eval/loss" in r]
+    assert [(r["step"], r["eval/final"]) for r in evals] == [(3, False), (6, True)]
+    for r in evals:  # 2 batches of 4 x 32 tokens: inside the split's first document (stderr needs two)
+        assert r["eval/documents"] == 1 and r["eval/stderr"] is None and r["eval/tokens"] == 2 * 4 * 32
+
+
+SUMMARY_KEYS = {  # read by grin_jax.sweep, grin_jax.scaling.fit, experiments/granularity/analyze.py
+    "config_name", "steps", "tokens_seen", "final_train_loss", "smoothed_train_loss", "validation_loss",
+    "validation_bits_per_byte", "wall_seconds", "params", "plots", "compile_seconds", "tokens_per_second",
+    "xla_flops_per_token", "paper_flops_per_token", "N", "D", "G", "loss", "flops",
+    "validation_loss_stderr", "validation_documents", "corpus_fraction", "git_commit", "git_dirty"}
+
+
+def test_summary_keys_and_scaling_columns(full_run):
+    workdir, summary = full_run
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert set(on_disk) == SUMMARY_KEYS == set(summary)
+    assert on_disk["validation_documents"] == 1 and on_disk["validation_loss_stderr"] is None  # see above
+    assert on_disk["git_commit"] == provenance.git_provenance()["git_commit"]
+    assert on_disk["corpus_fraction"] == pytest.approx(6 * 4 / len(data_lib.packed_rows(smoke_config().data)))
+    counts = on_disk["params"]
+    assert on_disk["D"] == on_disk["tokens_seen"] and on_disk["G"] == 1
+    assert on_disk["loss"] == on_disk["smoothed_train_loss"]
+    assert on_disk["N"] == counts["non_embedding"] - counts["router"] - counts["norms"]
+    assert on_disk["paper_flops_per_token"] == pytest.approx(
+        6 * (counts["active_non_embedding"] - counts["router"]) + 14 * counts["router"])
+    assert on_disk["flops"] == pytest.approx(on_disk["paper_flops_per_token"] * on_disk["D"])
+
+
+def test_granularity_read_from_either_model_layout():
+    assert scaling_summary.granularity_of(ml_collections.ConfigDict({"moe": {"granularity": 4}})) == 4
+    assert scaling_summary.granularity_of(ml_collections.ConfigDict({"granularity": 2, "d_model": 8})) == 2
+    assert scaling_summary.granularity_of({"moe": {"top_k": 2}, "granularity": 8}) == 8
+    assert scaling_summary.granularity_of(ml_collections.ConfigDict({"d_model": 8})) == 1
+
+
+def test_aux_terms_accepts_the_new_and_the_old_aux():
+    new = {"aux_loss": jnp.float32(0.1), "losses": {"moe/z_loss": jnp.float32(2.0)},
+           "metrics": {"moe/expert_load": jnp.ones((2, 4)) / 4}}
+    losses, metrics = step_module.aux_terms(new)
+    assert set(losses) == {"moe/z_loss"} and set(metrics) == {"moe/expert_load"}
+    old = {"aux_loss": jnp.float32(0.1), "load_balance_loss": jnp.array([1.0, 3.0]), "z_loss": jnp.zeros((0,)),
+           "metrics": {"router_entropy": jnp.array([0.5, 1.5])}}
+    losses, metrics = step_module.aux_terms(old)
+    assert float(losses["moe/load_balance_loss"]) == 2.0 and float(losses["moe/z_loss"]) == 0.0
+    assert set(metrics) == {"moe/router_entropy"}
+    host = trainer._host_metrics({"loss": jnp.float32(1.5), "moe/router_entropy": jnp.array([0.5, 1.5]),
+                                  "moe/expert_load": jnp.ones((2, 4)) / 4})
+    assert host == {"loss": 1.5, "moe/router_entropy": 1.0, "moe/expert_load": [[0.25] * 4] * 2}
 
 
 def test_killed_run_resumes_step_for_step(full_run, tmp_path, monkeypatch):
@@ -66,11 +137,11 @@ def test_killed_run_resumes_step_for_step(full_run, tmp_path, monkeypatch):
     calls = {"n": 0}
     original = trainer._device_batch
 
-    def crash_after_five(batch):
+    def crash_after_five(batch, *args):
         calls["n"] += 1
         if calls["n"] > 5:
             raise KeyboardInterrupt("simulated kill")
-        return original(batch)
+        return original(batch, *args)
 
     monkeypatch.setattr(trainer, "_device_batch", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
@@ -83,6 +154,10 @@ def test_killed_run_resumes_step_for_step(full_run, tmp_path, monkeypatch):
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], abs=1e-5), step
     assert summary["steps"] == 6
+    positions = {r["step"]: r["data/corpus_fraction"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                 if "train/loss" in r}
+    assert positions == {r["step"]: r["data/corpus_fraction"]
+                         for r in read_jsonl(os.path.join(full_workdir, "metrics.jsonl")) if "train/loss" in r}
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -99,6 +174,69 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
 
 
+def test_host_reads_step_metrics_only_after_the_next_step_is_dispatched(tmp_path, monkeypatch):
+    # The loop must not wait for step N on the host before step N + 1 is queued on the device: record every
+    # dispatch of the compiled train step and which step's metrics every host read (_host_metrics) pulls.
+    events, step_of, alive = [], {}, []
+    compile_train_step, host_metrics = trainer.compile_train_step, trainer._host_metrics
+
+    class Recording:
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __getattr__(self, name):  # cost_analysis, ...
+            return getattr(self.compiled, name)
+
+        def __call__(self, state, batch):
+            new_state, metrics = self.compiled(state, batch)
+            alive.append(metrics)  # keeps the ids unique
+            step_of[id(metrics["loss"])] = len(alive)
+            events.append(("dispatch", len(alive)))
+            return new_state, metrics
+
+    def reading(metrics):
+        events.append(("read", step_of[id(metrics["loss"])]))
+        return host_metrics(metrics)
+
+    monkeypatch.setattr(trainer, "compile_train_step", lambda *a, **k: Recording(compile_train_step(*a, **k)))
+    monkeypatch.setattr(trainer, "_host_metrics", reading)
+    # Eval and checkpoint only at the end (they read the pending step first); log every other step.
+    summary = trainer.train(smoke_config(checkpoint_every=0, eval_every=0, log_every=2), str(tmp_path / "run"))
+    expected = [("dispatch", 1)]
+    for n in range(1, 6):
+        expected += [("dispatch", n + 1), ("read", n)]
+    assert events == expected + [("read", 6)]
+    assert sorted(train_losses(str(tmp_path / "run"))) == [2, 4, 6] and summary["steps"] == 6
+
+
+@pytest.mark.parametrize("bad_step", [3, 4])
+def test_nonfinite_loss_read_late_is_never_checkpointed(bad_step, tmp_path, monkeypatch):
+    # Checkpoints every 2 steps; the loss of `bad_step` is NaN while its state stays finite, so only the loss
+    # check can stop it. Step 3's loss is read after step 4 is dispatched, step 4's before step 4 is saved:
+    # either way the run stops naming the bad step and the kept checkpoint (step 2) precedes it.
+    make_train_step = step_module.make_train_step
+
+    def poisoned(graphdef, tx):
+        inner = make_train_step(graphdef, tx)
+
+        def train_step(state, batch):
+            new_state, metrics = inner(state, batch)
+            metrics["loss"] = jnp.where(state["step"] == bad_step - 1, jnp.nan, metrics["loss"])
+            return new_state, metrics
+
+        return train_step
+
+    monkeypatch.setattr(step_module, "make_train_step", poisoned)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(trainer.NonFiniteLossError, match=f"at step {bad_step}") as error:
+        trainer.train(smoke_config(checkpoint_every=2, eval_every=0), workdir)
+    assert "(step 2)" in str(error.value)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [2] and steps[-1] < bad_step
+    assert sorted(train_losses(workdir)) == list(range(1, bad_step))  # the bad step is not logged
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("train.steps", 0, "train.steps"),
     ("train.learning_rate", -1.0, "train.learning_rate"),
@@ -107,6 +245,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     ("model.router", "nope", "router"),
     ("data.tokenizer", "nope", "tokenizer"),
     ("data.seq_len", 100000, "seq_len"),
+    ("data.document_attention", "yes", "document_attention"),
 ])
 def test_invalid_values_rejected_before_compiling(key, value, match):
     config = smoke_config()
@@ -129,3 +268,112 @@ def test_bad_override_fails_fast_naming_the_key(override, needle, tmp_path):
     assert result.returncode != 0
     assert needle in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_resumed_after_the_final_step_summarises_without_logging_twice(full_run, tmp_path):
+    full_workdir, summary = full_run
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(full_workdir, workdir)
+    os.remove(os.path.join(workdir, "summary.json"))  # killed after the final checkpoint, before the summary
+    again = trainer.train(smoke_config(checkpoint_every=2), workdir)
+    assert again["steps"] == 6 and again["validation_loss"] == pytest.approx(summary["validation_loss"], abs=1e-6)
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert records == read_jsonl(os.path.join(full_workdir, "metrics.jsonl"))  # nothing logged twice
+
+
+def small_corpus_config(tmp_path, **data):
+    """The smoke model on a corpus of 300 short JSONL documents (many per 32-token row); the final evaluation
+    covers the whole validation split (train.final_eval_batches = 0, the default)."""
+    lines = [json.dumps({"text": f"doc {i}: " + "abcdefghij"[: i % 11] * (1 + i % 3)}) for i in range(300)]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    config = grin_tiny.get_config("smoke")
+    config.data.name, config.data.paths = "text", str(tmp_path / "d.jsonl")
+    config.data.data_dir = str(tmp_path / "data_dir")
+    for key, value in data.items():
+        config.data[key] = value
+    config.train.steps, config.train.eval_every, config.train.checkpoint_every = 2, 0, 0
+    config.train.warmup_steps = 1
+    assert config.train.final_eval_batches == 0
+    return config
+
+
+_apply = jax.jit(models.apply, static_argnames=("graphdef", "training"))
+
+
+def _token_nll(logits_BSV, targets_BS):
+    logp = jax.nn.log_softmax(logits_BSV, axis=-1)
+    return -np.asarray(jnp.take_along_axis(logp, jnp.asarray(targets_BS)[..., None], axis=-1)[..., 0])
+
+
+def _scored_by_hand(config, graphdef, params, tokenizer):
+    """(DocumentLosses of the validation split scored as packed documents, {doc: number of rows it spans})."""
+    acc, rows_of = data_lib.DocumentLosses(), {}
+    for b in data_lib.eval_batches(config.data, batch_size=config.train.batch_size, tokenizer=tokenizer):
+        logits, _ = _apply(graphdef, params, jnp.asarray(b["inputs"]), positions_BS=jnp.asarray(b["positions"]),
+                           segment_ids_BS=jnp.asarray(b["segment_ids"]))
+        acc.add(b["doc_ids"], _token_nll(logits, b["targets"]), b["loss_mask"])
+        for row in b["doc_ids"]:
+            for d in set(row[row >= 0].tolist()):
+                rows_of[d] = rows_of.get(d, 0) + 1
+    return acc, rows_of
+
+
+def _nll_alone(graphdef, params, encoded, eos_id, pad_id):
+    """Summed NLL of each document evaluated alone (`EOS d EOS`, padded at the end; no packing)."""
+    length = max(len(e) for e in encoded) + 2
+    rows = np.full((len(encoded), length), pad_id, np.int32)
+    mask = np.zeros((len(encoded), length - 1), np.float32)
+    for i, e in enumerate(encoded):
+        rows[i, :len(e) + 2] = np.concatenate([[eos_id], e, [eos_id]])
+        mask[i, :len(e) + 1] = 1.0
+    logits, _ = _apply(graphdef, params, jnp.asarray(rows[:, :-1]))
+    return (_token_nll(logits, rows[:, 1:]) * mask).sum(axis=1)
+
+
+def test_final_eval_covers_the_whole_split_with_its_stderr(tmp_path):
+    config = small_corpus_config(tmp_path)
+    workdir = str(tmp_path / "run")
+    summary = trainer.train(config, workdir)
+    split = data_lib.split_statistics(config.data)
+    assert 30 <= split["documents"] < 100
+    assert summary["validation_documents"] == split["documents"]
+    final = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "eval/loss" in r]
+    assert len(final) == 1 and final[0]["eval/final"] and final[0]["eval/tokens"] == split["tokens"]
+    assert summary["validation_bits_per_byte"] == pytest.approx(
+        summary["validation_loss"] * split["tokens"] / split["bytes"] / math.log(2), rel=1e-9)
+    # The loss and its standard error over documents, computed here from the data helpers and the model.
+    _, graphdef, params, tokenizer = trainer.load_trained(workdir)
+    acc, rows_of = _scored_by_hand(config, graphdef, params, tokenizer)
+    by_hand = acc.stats()
+    assert by_hand["documents"] == split["documents"]
+    assert summary["validation_loss"] == pytest.approx(by_hand["loss"], rel=1e-6)
+    assert summary["validation_loss_stderr"] == pytest.approx(by_hand["stderr"], rel=1e-5)
+    assert 0 < summary["validation_loss_stderr"] < 0.5
+    # Packing is invisible: a document inside one packed row scores as it does alone.
+    docs = data_lib.documents(config.data, "validation")
+    whole = [d for d, n in sorted(rows_of.items()) if n == 1]
+    assert len(whole) >= 10
+    alone = _nll_alone(graphdef, params, [np.asarray(tokenizer.encode(docs[d]), np.int32) for d in whole],
+                       tokenizer.eos_id, tokenizer.pad_id)
+    np.testing.assert_allclose(acc.nll[whole], alone, rtol=1e-5, atol=1e-4)
+    # data.document_attention=False: rows attend across documents with positions 0..S-1, as before; the device
+    # batch has no positions / segment ids and the loss differs.
+    config.data.document_attention = False
+    trainer.resolve(config)
+    leaky = trainer.evaluate(jax.jit(trainer.make_eval_step(graphdef)), params, config, tokenizer, max_batches=None)
+    assert leaky["documents"] == split["documents"] and abs(leaky["loss"] - summary["validation_loss"]) > 1e-3
+    batch = next(iter(data_lib.eval_batches(config.data, batch_size=2, tokenizer=tokenizer)))
+    assert set(trainer._device_batch(batch, False)) == {"inputs", "targets", "loss_mask"}
+    assert set(trainer._device_batch(batch)) == set(trainer.batch_spec(2, 32)) == set(data_lib.FEATURES)
+
+
+def test_provenance_is_the_package_checkout_or_null(tmp_path):
+    assert provenance.git_provenance(str(tmp_path)) == {"git_commit": None, "git_dirty": None}
+    head = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True)
+    found = provenance.git_provenance()
+    if head.returncode != 0:  # not a checkout (an sdist, an installed copy)
+        assert found == {"git_commit": None, "git_dirty": None}
+        return
+    status = subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True,
+                            env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"))
+    assert found == {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}

@@ -1,4 +1,4 @@
-"""The granularity sweep (Krajewski et al., REFERENCE §2) at toy scale on the embedded corpus (byte tokens).
+"""The granularity sweep (Krajewski et al.; docs/fine_grained.md) at toy scale on the embedded corpus (byte tokens).
 
     python -m grin_jax.sweep --config=configs/sweeps/granularity.py --sweep_dir=experiments/granularity/runs \
         --parallel=2
@@ -8,7 +8,7 @@
 Base: configs/fine_grained_tiny.py (E = 8, expert choice, plain GELU experts, LayerNorm on the MoE output,
 2 blocks, 300 steps x 32 x 64 tokens = 614k tokens). Axes: seed (outermost, so a cut-short sweep still has one
 complete seed) x zipped rows d_model in {64, 96, 128} x [G in {1, 2, 4, 8} fine-grained MoE, plus the dense baseline with the
-same active parameters (ffn='dense', width 4 d_model; its G column reads 1)] = 2 x 3 x 5 = 30 trials.
+same active parameters (layout='dense', width 4 d_model; its G column reads 1)] = 2 x 3 x 5 = 30 trials.
 Every MoE trial of one size has the same active parameters and (up to the router, d*E*G*14 FLOPs per token and
 block) the same training FLOPs, so comparing G at fixed size is comparing at (almost) equal compute.
 Variant `:quick` (1 seed, 2 sizes, 60 steps) checks the pipeline in a few minutes.
@@ -17,12 +17,13 @@ Variant `:quick` (1 seed, 2 sizes, 60 steps) checks the pipeline in a few minute
 import ml_collections
 
 
-VARIANTS = [("moe", 1), ("moe", 2), ("moe", 4), ("moe", 8), ("dense", 1)]  # (ffn, granularity)
+VARIANTS = [("moe", 1), ("moe", 2), ("moe", 4), ("moe", 8), ("dense", 1)]  # (layout, granularity)
 
 
 def _size_variants(d_models):
-    rows = [(d, ffn, g) for d in d_models for ffn, g in VARIANTS]
-    return {"d_model": [r[0] for r in rows], "ffn": [r[1] for r in rows], "granularity": [r[2] for r in rows]}
+    rows = [(d, layout, g) for d in d_models for layout, g in VARIANTS]
+    return {"d_model": [r[0] for r in rows], "layout": [r[1] for r in rows],
+            "moe": {"granularity": [r[2] for r in rows]}}
 
 
 def get_config(arg=None):

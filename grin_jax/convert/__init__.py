@@ -19,7 +19,7 @@ from grin_jax.convert.hf import (FAMILIES, LAYOUTS, cast_flat, family_of, flat_f
 
 def import_hf(path: str, *, dtype: str | None = None, **overrides):
     """A transformers checkpoint directory -> (ModelConfig, graphdef, params). dtype sets param_dtype (default:
-    the checkpoint's dtype); overrides replace ModelConfig fields (e.g. moe_backend='dense')."""
+    the checkpoint's dtype); overrides replace ModelConfig fields; moe={...} updates the MoE section (e.g. moe={'backend': 'dense'})."""
     from grin_jax.models.lm import unflatten_params
 
     if dtype is not None:

@@ -55,17 +55,17 @@ def _rope_theta(hf: Mapping) -> float:
 def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
     """A transformers PhimoeConfig / MixtralConfig (config.json as a dict) -> ModelConfig.
 
-    Mapping: hidden_size -> d_model, intermediate_size -> d_expert, num_hidden_layers -> num_layers,
+    Mapping: hidden_size -> d_model, intermediate_size -> moe.d_hidden, num_hidden_layers -> num_layers,
     num_attention_heads -> num_heads, num_key_value_heads -> num_kv_heads, head_dim, max_position_embeddings ->
     max_seq_len, rms_norm_eps -> norm_eps (also the LayerNorm eps of PhiMoE), rope_theta / rope_parameters,
-    sliding_window, num_local_experts -> num_experts, num_experts_per_tok -> top_k, tie_word_embeddings ->
-    tie_embeddings, router_aux_loss_coef -> load_balance_coef, dtype / torch_dtype -> param_dtype.
-    PhiMoE: LayerNorm, router 'sparsemixer_v2', router_jitter_noise -> jitter_eps, input_jitter_noise ->
-      input_jitter, attention_bias, lm_head_bias.
-    Mixtral: RMSNorm, router 'topk_softmax' (renormalised), router_jitter_noise -> input_jitter (in Mixtral it
+    sliding_window, num_local_experts -> moe.num_experts, num_experts_per_tok -> moe.top_k, tie_word_embeddings ->
+    tie_embeddings, router_aux_loss_coef -> moe.load_balance_coef, dtype / torch_dtype -> param_dtype.
+    PhiMoE: LayerNorm, router 'sparsemixer_v2', router_jitter_noise -> moe.router_options.jitter_eps,
+      input_jitter_noise -> moe.input_jitter, attention_bias, lm_head_bias.
+    Mixtral: RMSNorm, router 'topk_softmax' (renormalised), router_jitter_noise -> moe.input_jitter (in Mixtral it
       is the multiplicative input jitter), no biases.
     Not modelled (training-time only, no effect on eval logits): attention_dropout.
-    `overrides` replace any resulting field (e.g. moe_backend='dense').
+    `overrides` replace any resulting field; `moe={...}` updates the MoE section (e.g. moe={'backend': 'dense'}).
     """
     family = hf.get("model_type")
     if family not in FAMILIES:
@@ -80,51 +80,66 @@ def model_config_from_hf(hf: Mapping, **overrides) -> ModelConfig:
         num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim") or None, max_seq_len=hf["max_position_embeddings"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=_rope_theta(hf),
-        sliding_window=hf.get("sliding_window"), ffn="moe", moe_every=1,
-        num_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok", 2), d_expert=hf["intermediate_size"],
-        activation="swiglu", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        load_balance_coef=float(hf.get("router_aux_loss_coef", 0.0)),
+        sliding_window=hf.get("sliding_window"), layout="moe",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         param_dtype=dtype if dtype in DTYPES else "float32",
     )
+    moe = dict(num_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok", 2),
+               d_hidden=hf["intermediate_size"], activation="swiglu",
+               load_balance_coef=float(hf.get("router_aux_loss_coef", 0.0)))
     if family == "phimoe":
-        if values["top_k"] != 2:
-            raise ValueError(f"config.json num_experts_per_tok={values['top_k']} is not supported for phimoe: "
+        if moe["top_k"] != 2:
+            raise ValueError(f"config.json num_experts_per_tok={moe['top_k']} is not supported for phimoe: "
                              "accepted values are [2] (transformers' sparsemixer always routes to 2 experts)")
-        values.update(norm="layernorm", router="sparsemixer_v2",
-                      jitter_eps=float(hf.get("router_jitter_noise", 0.01)),
-                      input_jitter=float(hf.get("input_jitter_noise", 0.0)),
-                      attention_bias=bool(hf.get("attention_bias", False)),
+        values.update(norm="layernorm", attention_bias=bool(hf.get("attention_bias", False)),
                       lm_head_bias=bool(hf.get("lm_head_bias", False)))
+        moe.update(router="sparsemixer_v2", router_options={"jitter_eps": float(hf.get("router_jitter_noise", 0.01))},
+                   input_jitter=float(hf.get("input_jitter_noise", 0.0)))
     else:
-        values.update(norm="rmsnorm", router="topk_softmax", renormalize=True,
-                      input_jitter=float(hf.get("router_jitter_noise", 0.0)), attention_bias=False, lm_head_bias=False)
-    values.update(overrides)
-    return ModelConfig(**values)
+        values.update(norm="rmsnorm", attention_bias=False, lm_head_bias=False)
+        moe.update(router="topk_softmax", router_options={"renormalize": True},
+                   input_jitter=float(hf.get("router_jitter_noise", 0.0)))
+    moe.update(overrides.pop("moe", {}))
+    values.update(overrides, moe=moe)
+    return ModelConfig.from_dict(values)
+
+
+def moe_section(config: ModelConfig):
+    """The MoEConfig of a model whose every layer is the same MoE section (what PhiMoE / Mixtral express), else
+    None."""
+    names = set(config.layout)
+    if len(names) != 1:
+        return None
+    name = names.pop()
+    return config.section(name) if config.kind_of(name) == "moe" else None
 
 
 def family_of(config: ModelConfig) -> str:
     """'phimoe' or 'mixtral': which transformers architecture expresses `config` (ValueError if none does)."""
     problems = []
-    if config.ffn != "moe" or config.moe_every != 1:
-        problems.append(f"ffn={config.ffn!r}, moe_every={config.moe_every} (both need every layer MoE)")
-    if config.activation != "swiglu":
-        problems.append(f"activation={config.activation!r} (both need 'swiglu')")
-    if config.norm == "layernorm" and config.router == "sparsemixer_v2":
+    moe = moe_section(config)
+    if moe is None:
+        raise ValueError(f"this ModelConfig has no transformers PhiMoE / Mixtral equivalent: layout="
+                         f"{','.join(config.layout)} (both need every layer the same MoE section)")
+    options = moe.router_options
+    if moe.activation != "swiglu":
+        problems.append(f"moe.activation={moe.activation!r} (both need 'swiglu')")
+    if config.norm == "layernorm" and moe.router == "sparsemixer_v2":
         family = "phimoe"
-        if config.top_k != 2:
-            problems.append(f"top_k={config.top_k} (transformers' PhiMoE sparsemixer is top-2 only)")
+        if moe.top_k != 2:
+            problems.append(f"moe.top_k={moe.top_k} (transformers' PhiMoE sparsemixer is top-2 only)")
         if config.head_dim is not None and config.head_dim != config.d_model // config.num_heads:
             problems.append(f"head_dim={config.head_dim} (PhiMoE needs d_model // num_heads)")
-    elif config.norm == "rmsnorm" and config.router == "topk_softmax" and config.renormalize:
+    elif config.norm == "rmsnorm" and moe.router == "topk_softmax" and options.renormalize:
         family = "mixtral"
         if config.attention_bias or config.lm_head_bias:
             problems.append("attention_bias / lm_head_bias (Mixtral has no biases)")
     else:
         family = None
-        problems.append(f"norm={config.norm!r} with router={config.router!r}, renormalize={config.renormalize} "
+        problems.append(f"norm={config.norm!r} with moe.router={moe.router!r}, router_options={options} "
                         "(PhiMoE: 'layernorm' + 'sparsemixer_v2'; Mixtral: 'rmsnorm' + 'topk_softmax' renormalised)")
-    if getattr(config, "moe_output_norm", False):
-        problems.append("moe_output_norm=True (neither has a norm on the MoE output)")
+    if moe.output_norm:
+        problems.append("moe.output_norm=True (neither has a norm on the MoE output)")
     if problems:
         raise ValueError("this ModelConfig has no transformers PhiMoE / Mixtral equivalent: " + "; ".join(problems))
     return family
@@ -138,23 +153,24 @@ def hf_config_from_model_config(config: ModelConfig, *, layout: str = "5.x", bas
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is unknown: accepted values are {list(LAYOUTS)}")
     family = family_of(config)
+    moe = moe_section(config)
     hf = dict(base or {})
     for key in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "head_dim",
                 "transformers_version", "auto_map"):
         hf.pop(key, None)
     hf.update(
         architectures=[ARCHITECTURES[family]], model_type=family, vocab_size=config.vocab_size,
-        hidden_size=config.d_model, intermediate_size=config.d_expert, num_hidden_layers=config.num_layers,
+        hidden_size=config.d_model, intermediate_size=moe.d_hidden, num_hidden_layers=config.num_layers,
         num_attention_heads=config.num_heads, num_key_value_heads=config.num_kv_heads,
         max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, sliding_window=config.sliding_window,
-        num_local_experts=config.num_experts, num_experts_per_tok=config.top_k, hidden_act="silu",
-        tie_word_embeddings=config.tie_embeddings, router_aux_loss_coef=config.load_balance_coef,
+        num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k, hidden_act="silu",
+        tie_word_embeddings=config.tie_embeddings, router_aux_loss_coef=moe.load_balance_coef,
     )
     if family == "phimoe":
-        hf.update(router_jitter_noise=config.jitter_eps, input_jitter_noise=config.input_jitter,
+        hf.update(router_jitter_noise=moe.router_options.jitter_eps, input_jitter_noise=moe.input_jitter,
                   attention_bias=config.attention_bias, lm_head_bias=config.lm_head_bias)
     else:
-        hf.update(router_jitter_noise=config.input_jitter)
+        hf.update(router_jitter_noise=moe.input_jitter)
         if config.head_dim is not None:
             hf["head_dim"] = config.head_dim
     if layout == "5.x":
@@ -179,7 +195,7 @@ def flat_from_hf_state(state: Mapping[str, np.ndarray], config: ModelConfig) -> 
     family = family_of(config)
     layout = detect_layout(state)
     c = config
-    H, G, K, D, E, F = c.num_heads, c.num_kv_heads, c.resolved_head_dim, c.d_model, c.num_experts, c.d_expert
+    H, G, K, D, E, F = c.num_heads, c.num_kv_heads, c.resolved_head_dim, c.d_model, moe_section(c).num_experts, moe_section(c).d_hidden
     used = set()
 
     def get(name):
@@ -245,7 +261,7 @@ def hf_state_from_flat(flat: Mapping[str, np.ndarray], config: ModelConfig, *, l
         raise ValueError(f"layout={layout!r} is unknown: accepted values are {list(LAYOUTS)}")
     family = family_of(config)
     c = config
-    H, G, K, D, E = c.num_heads, c.num_kv_heads, c.resolved_head_dim, c.d_model, c.num_experts
+    H, G, K, D, E = c.num_heads, c.num_kv_heads, c.resolved_head_dim, c.d_model, moe_section(c).num_experts
 
     def get(name):
         if name not in flat:

@@ -16,15 +16,25 @@ Fields:
     train_split          split read by `make_dataset` ('train').
     eval_split           split read by `eval_batches` ('validation'; lm1b has only 'test').
     validation_fraction  for 'python_stdlib' and 'text': the fraction of documents (chosen by a hash of their
-                         relative path) that form the 'validation' split.
+                         relative path, the same on every machine) that form the 'validation' split. Default 0.15:
+                         on CPython 3.11's stdlib 111 files, 1.43 MB (0.02, the value before the global shuffle:
+                         12 files, 199 KB, too few to resolve 0.01 nats).
     tokenizer            'byte' (ids 0..255 are the bytes, 256 PAD, 257 BOS, 258 EOS; vocabulary 259) or
                          'sentencepiece' (trained locally on a sample of the train split and cached in data_dir).
     vocab_size           0 = the tokenizer's default (byte: 259, sentencepiece: 8192); byte accepts only 0 or 259.
     sp_model_type        'unigram' or 'bpe'.
     sp_train_bytes       how many bytes of training documents the SentencePiece trainer sees.
     seq_len              tokens per training row (inputs and targets are both [B, seq_len]).
-    shuffle_windows      size of the window-level shuffle buffer after packing (0: documents are still shuffled,
-                         but consecutive rows of one long document stay adjacent).
+    shuffle              how the training stream is ordered (pipeline.py):
+                         'global' (default): the split is packed once into rows (cached in data_dir) and every
+                           epoch reads all rows in a fresh uniformly random order: each batch is a uniform sample
+                           of the corpus, no document is seen twice within an epoch;
+                         'windows': the earlier stream, also the streaming mode for corpora too large to
+                           tokenize ahead: documents in a random order per epoch, packed on the fly, rows mixed in
+                           a shuffle buffer of `shuffle_windows` rows (strongly local for long documents unless
+                           the buffer holds many documents).
+    shuffle_windows      shuffle='windows' only: size of the row shuffle buffer after packing (0: documents are
+                         still shuffled, but consecutive rows of one long document stay adjacent).
 """
 from __future__ import annotations
 
@@ -37,6 +47,8 @@ SP_MODEL_TYPES = ("unigram", "bpe")
 EMBEDDED_NAME = "python_stdlib"
 TEXT_NAME = "text"
 MIN_SP_VOCAB_SIZE = 300  # 256 byte pieces + 4 specials + a few learned pieces
+SHUFFLES = ("global", "windows")
+DEFAULT_VALIDATION_FRACTION = 0.15
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -48,12 +60,13 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.text_key = "text"
     c.train_split = "train"
     c.eval_split = "validation"
-    c.validation_fraction = 0.02
+    c.validation_fraction = DEFAULT_VALIDATION_FRACTION
     c.tokenizer = "byte"
     c.vocab_size = 0
     c.sp_model_type = "unigram"
     c.sp_train_bytes = 2_000_000
     c.seq_len = 256
+    c.shuffle = "global"
     c.shuffle_windows = 1024
     return c
 
@@ -113,6 +126,9 @@ def validate_data_config(config) -> None:
     s = _get(config, "seq_len")
     if not _is_int(s) or s < 1:
         raise _bad("seq_len", s, "an int >= 1")
+    sh = _get(config, "shuffle")
+    if sh not in SHUFFLES:
+        raise _bad("shuffle", sh, list(SHUFFLES))
     w = _get(config, "shuffle_windows")
     if not _is_int(w) or w < 0:
         raise _bad("shuffle_windows", w, "an int >= 0 (0 disables the window shuffle)")

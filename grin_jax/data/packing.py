@@ -14,6 +14,13 @@ Layout (S = seq_len). The token stream is
                              `EOS d -> d EOS`, exactly as if it were alone.
     positions   [S] int32    index within the segment in this row (0 at each segment start and at the row start).
     loss_mask   [S] float32  1 for real targets, 0 for padding.
+    doc_ids     [S] int32    (evaluation only, `with_doc_ids=True`) the index, among the packed documents, of the
+                             document each target belongs to; -1 for padding. Lets a caller sum the loss per
+                             document (stats.validation_stats).
+
+Feeding a model: attention masked to equal `segment_ids` (causal on the index in the row) with RoPE at
+`positions` models every document of a row exactly as if it were alone in a row of its own (the first rows
+of a long document included: its continuation rows start a fresh context at position 0).
 
 Consecutive rows share one token (the last target of row k is the first input of row k+1), so every token of the
 stream after the leading EOS is a target exactly once. Documents are cut across rows; no token is dropped and
@@ -33,10 +40,13 @@ import grain
 import numpy as np
 
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+EVAL_FEATURES = FEATURES + ("doc_ids",)
 
 
-def window_features(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Row features from a window of n <= S+1 stream tokens and the document index of each token."""
+def window_features(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int, pad_id: int, *,
+                    with_doc_ids: bool = False) -> dict[str, np.ndarray]:
+    """Row features from a window of n <= S+1 stream tokens and the document index of each token (consecutive
+    documents: consecutive indices)."""
     n = len(tokens)
     m = max(n - 1, 0)  # real (input, target) pairs
     seg = doc_ids[1:] - doc_ids[1] + 1 if m > 0 else np.zeros(0, np.int64)
@@ -56,30 +66,37 @@ def window_features(tokens: np.ndarray, doc_ids: np.ndarray, seq_len: int, pad_i
     out["segment_ids"][:m] = seg
     out["positions"][:m] = pos
     out["loss_mask"][:m] = 1.0
+    if with_doc_ids:
+        out["doc_ids"] = np.full(seq_len, -1, np.int32)
+        out["doc_ids"][:m] = doc_ids[1:]
     return out
 
 
 class _PackIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, eos_id: int, pad_id: int, pad_final: bool):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, eos_id: int, pad_id: int, pad_final: bool,
+                 with_doc_ids: bool = False):
         super().__init__(parent)
+        self._with_doc_ids = with_doc_ids
         self._seq_len = seq_len
         self._eos = np.array([eos_id], np.int32)
         self._pad_id = pad_id
         self._pad_final = pad_final
-        # (parent state just before this document, its tokens + EOS); docs[0] holds the next row's first token.
-        self._docs: collections.deque[tuple[Any, np.ndarray]] = collections.deque()
+        # (parent state just before this document, its tokens + EOS, its index among the documents read, -1 for
+        # the leading EOS); docs[0] holds the next row's first token.
+        self._docs: collections.deque[tuple[Any, np.ndarray, int]] = collections.deque()
         self._offset = 0
         self._started = False
+        self._next_doc = 0  # index of the next document read from the parent
 
     def _buffered(self) -> int:
-        return sum(len(d) for _, d in self._docs) - self._offset
+        return sum(len(d) for _, d, _ in self._docs) - self._offset
 
     def __next__(self) -> dict[str, np.ndarray]:
         S = self._seq_len
         if not self._started:
             self._started = True
-            self._docs.append((None, self._eos))  # the leading EOS; consumed by the first row
+            self._docs.append((None, self._eos, -1))  # the leading EOS; consumed by the first row
         have = self._buffered()
         while have < S + 1:
             state = self._parent.get_state()
@@ -88,7 +105,8 @@ class _PackIterator(grain.DatasetIterator):
             except StopIteration:
                 break
             toks = np.concatenate([np.asarray(doc, np.int32).reshape(-1), self._eos])
-            self._docs.append((state, toks))
+            self._docs.append((state, toks, self._next_doc))
+            self._next_doc += 1
             have += len(toks)
         if have < S + 1 and (not self._pad_final or have <= 1):
             self._docs.clear()
@@ -96,7 +114,7 @@ class _PackIterator(grain.DatasetIterator):
             raise StopIteration
         tokens, doc_ids = [], []
         need, off = S + 1, self._offset
-        for j, (_, d) in enumerate(self._docs):
+        for _, d, j in self._docs:
             piece = d[off:off + need]
             tokens.append(piece)
             doc_ids.append(np.full(len(piece), j))
@@ -104,7 +122,8 @@ class _PackIterator(grain.DatasetIterator):
             off = 0
             if need == 0:
                 break
-        row = window_features(np.concatenate(tokens), np.concatenate(doc_ids), S, self._pad_id)
+        row = window_features(np.concatenate(tokens), np.concatenate(doc_ids), S, self._pad_id,
+                              with_doc_ids=self._with_doc_ids)
         if have < S + 1:  # the padded last row of a finite stream
             self._docs.clear()
             self._offset = 0
@@ -116,26 +135,28 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         if self._docs:
-            parent_state = self._docs[0][0]
+            parent_state, doc_index = self._docs[0][0], self._docs[0][2]
         else:
-            parent_state = self._parent.get_state()
-        return {"parent": parent_state, "offset": self._offset, "started": self._started}
+            parent_state, doc_index = self._parent.get_state(), self._next_doc
+        return {"parent": parent_state, "offset": self._offset, "started": self._started, "doc_index": doc_index}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._docs.clear()
         self._offset = int(state["offset"])
         self._started = bool(state["started"])
+        self._next_doc = int(state.get("doc_index", 0))  # states written before doc_index existed: 0
 
 
 class PackIterDataset(grain.IterDataset):
     """Token-id documents -> rows of `FEATURES` (see the module docstring for the layout).
 
     pad_final: emit the last, partial row of a finite stream padded (evaluation); otherwise it is dropped.
+    with_doc_ids: add the 'doc_ids' feature (EVAL_FEATURES).
     """
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, eos_id: int, pad_id: int,
-                 pad_final: bool = False):
+                 pad_final: bool = False, with_doc_ids: bool = False):
         super().__init__(parent)
         if seq_len < 1:
             raise ValueError(f"seq_len={seq_len!r} is invalid: accepted values are ints >= 1")
@@ -143,9 +164,11 @@ class PackIterDataset(grain.IterDataset):
         self._eos_id = eos_id
         self._pad_id = pad_id
         self._pad_final = pad_final
+        self._with_doc_ids = with_doc_ids
 
     def __iter__(self) -> _PackIterator:
-        return _PackIterator(self._parent.__iter__(), self._seq_len, self._eos_id, self._pad_id, self._pad_final)
+        return _PackIterator(self._parent.__iter__(), self._seq_len, self._eos_id, self._pad_id, self._pad_final,
+                             self._with_doc_ids)
 
     def __str__(self) -> str:
         return f"PackIterDataset(seq_len={self._seq_len})"

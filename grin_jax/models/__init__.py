@@ -3,10 +3,10 @@
 from grin_jax.models.config import ModelConfig, model_config_from
 from grin_jax.models.generate import generate, sample_logits
 from grin_jax.models.lm import (DecoderLM, abstract_init, apply, apply_jit, apply_with_cache, cross_entropy,
-                                flatten_params, init, init_cache, stack_aux, unflatten_params)
+                                flatten_params, init, init_cache, combine_aux, unflatten_params)
 
 __all__ = [
     "ModelConfig", "model_config_from", "DecoderLM", "abstract_init", "apply", "apply_jit", "apply_with_cache",
-    "cross_entropy", "flatten_params", "init", "init_cache", "stack_aux", "unflatten_params", "generate",
+    "cross_entropy", "flatten_params", "init", "init_cache", "combine_aux", "unflatten_params", "generate",
     "sample_logits",
 ]

@@ -1,6 +1,16 @@
-"""`ModelConfig`: the frozen, validated description of a decoder-only (MoE) language model.
+"""`ModelConfig`: the frozen, validated description of a decoder-only language model.
 
-Every mistake raises `ValueError` naming the field, the value and what would be accepted, when the config is
+The backbone (embedding, attention, norms, head, dtypes) is declared here; each FFN kind declares its own settings
+in its own config dataclass (grin_jax.ffn: `moe` -> moe.layer.MoEConfig, `dense` -> ffn.dense.DenseConfig, ...),
+and the model config holds one section per kind used plus a per-layer `layout`:
+
+    model.layout = 'moe'              # every layer the section 'moe'
+    model.layout = 'dense,moe'        # a pattern repeated over the layers (its length must divide num_layers)
+    model.layout = 'moe,moe,peer,moe' # or one entry per layer
+    model.moe = {...}                 # a section: its kind is its 'kind' key, else its name
+    model.moe_ds = {'kind': 'moe', 'router': 'ds', ...}   # a second MoE section with other settings
+
+Every mistake raises `ValueError` naming the key, the value and what would be accepted, when the config is
 constructed (before anything is traced or compiled).
 """
 
@@ -10,50 +20,24 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-from grin_jax.moe import dispatch as _dispatch
-from grin_jax.moe import experts as _experts
-from grin_jax.moe import routing as _routing
-from grin_jax.moe.layer import PARALLEL_STRATEGIES, MoEConfig
+from grin_jax import ffn as _ffn
 
 NORMS = ("layernorm", "rmsnorm")
-FFNS = ("moe", "dense")
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_FIELDS = ("param_dtype", "dtype", "activation_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Decoder LM: embed -> num_layers x pre-LN [attention, FFN] -> final norm -> LM head.
+    """Decoder LM: embed -> num_layers x pre-LN [attention, FFN of the layer's section] -> final norm -> LM head.
 
     Sizes: vocab_size, d_model, num_layers, num_heads (query heads), num_kv_heads (GQA; must divide num_heads),
       head_dim (None = d_model // num_heads), max_seq_len (context; RoPE positions and KV caches up to it).
     Attention: rope_theta; sliding_window (None = full causal; W = each query sees W keys including itself,
       transformers 5.x semantics); attention_bias (q/k/v/o projections with bias).
     Norm: 'layernorm' (weight + bias, GRIN/PhiMoE) or 'rmsnorm' (Mixtral); norm_eps.
-    FFN: ffn='moe' (MoE every `moe_every`-th layer: layer i is MoE when (i + 1) % moe_every == 0, dense FFN of
-      width d_ff in between) or 'dense' (every layer a dense FFN of width d_ff: the dense baseline).
-      d_ff None = top_k * d_expert, which gives the dense FFN the active expert parameters of the MoE layer.
-    MoE (see grin_jax.moe.MoEConfig): num_experts, top_k, d_expert (expert width; None = 16, 2, 1024 unless
-      fine-grained, below), activation, router ('sparsemixer_v2' | 'topk_softmax' | 'expert_choice'), jitter_eps (SparseMixer-v2 mask eps), renormalize (top-k softmax),
-      input_jitter (multiplicative input jitter in training, applied once), moe_backend, capacity_factor,
-      load_balance_groups.
-      router='expert_choice': Krajewski et al.'s expert choice grouped by position (moe.expert_choice): each
-      expert takes the top C = ceil(capacity_factor * B * top_k / num_experts) tokens of the batch at every
-      position; input_jitter, jitter_eps, renormalize, moe_backend and load_balance_groups do not apply.
-      moe_output_norm: a norm of kind `norm` on the MoE output before the residual add ("crucial for G > 1").
-      moe_parallel: the MoE layer's strategy on a mesh of more than one device (grin_jax.sharding; token routers):
-      'allgather' (dropless, default), 'alltoall' (capacity_factor, drops), 'ragged_alltoall' (dropless, GPU/TPU).
-      load_balance_groups 1 = GRIN's global balance (over all data shards); = the number of data shards (mesh.data x
-      mesh.expert) = per-shard ("local") balance; the numbers are the same on any mesh.
-    Fine-grained MoE (Krajewski et al., REFERENCE §2): expansion_rate E (None = not fine-grained) and
-      granularity G (default 1). When expansion_rate is set, d_ff is the dense FFN width the experts are cut
-      from (None = 4 * d_model) and num_experts = E*G, d_expert = d_ff/G, top_k = G are DERIVED: leave them
-      None (or give exactly the derived values); any other value is a ValueError naming the field, as is a G
-      that does not divide d_ff or E*G that is not an integer. Active expert parameters then do not change with G.
-      With activation 'gelu'/'relu' (plain 2-matrix experts) and attention 4*d^2, the non-embedding parameters
-      without router and norms are d^2 (8E + 4) per block (the law's N). granularity without expansion_rate must
-      be 1 (it is only a label then, e.g. for dense baselines in a sweep). `replace` re-derives the fields when
-      a fine-grained input (expansion_rate, granularity, d_ff, d_model) changes.
-    Aux losses: load_balance_coef, z_loss_coef: aux['aux_loss'] = lb_coef * mean_l(LB_l) + z_coef * mean_l(Z_l).
+    FFN: layout (above) and `sections`, a tuple of (section name, kind config) pairs (built by from_dict from the
+      mapping-valued keys; construct directly with `ModelConfig.make(..., moe={...})`).
     Head: tie_embeddings (LM head = embedding^T), lm_head_bias.
     Dtypes: param_dtype (storage), dtype (matmul compute), activation_dtype (residual stream). Router and
       attention softmax always run in float32; logits are returned in float32.
@@ -72,26 +56,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     attention_bias: bool = False
-    ffn: str = "moe"
-    moe_every: int = 1
-    num_experts: int | None = None
-    top_k: int | None = None
-    d_expert: int | None = None
-    d_ff: int | None = None
-    granularity: int = 1
-    expansion_rate: float | None = None
-    moe_output_norm: bool = False
-    activation: str = "swiglu"
-    router: str = "sparsemixer_v2"
-    jitter_eps: float = 0.01
-    renormalize: bool = True
-    input_jitter: float = 0.0
-    moe_backend: str = "auto"
-    capacity_factor: float = 1.25
-    load_balance_groups: int = 1
-    moe_parallel: str = "allgather"
-    load_balance_coef: float = 0.0
-    z_loss_coef: float = 0.0
+    layout: Any = "moe"
+    sections: tuple = ()
     tie_embeddings: bool = False
     lm_head_bias: bool = False
     param_dtype: str = "float32"
@@ -101,165 +67,149 @@ class ModelConfig:
 
     def __post_init__(self):
         def fail(name, accepted):
-            raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is invalid: accepted values are {accepted}")
+            raise ValueError(f"model.{name}={getattr(self, name)!r} is invalid: accepted values are {accepted}")
 
-        self._resolve_fine_grained()
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len",
-                     "moe_every", "num_experts", "top_k", "d_expert", "load_balance_groups", "granularity"):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, "integers >= 1")
-        for name in ("head_dim", "sliding_window", "d_ff"):
+        for name in ("head_dim", "sliding_window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "None or integers >= 1")
-        for name in ("attention_bias", "renormalize", "tie_embeddings", "lm_head_bias", "moe_output_norm"):
+        for name in ("attention_bias", "tie_embeddings", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelConfig.num_heads={self.num_heads} is not divisible by "
-                             f"num_kv_heads={self.num_kv_heads}: accepted values of num_kv_heads are the divisors "
-                             f"of num_heads {[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}")
+            raise ValueError(f"model.num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}: "
+                             "accepted values of num_kv_heads are the divisors of num_heads "
+                             f"{[d for d in range(1, self.num_heads + 1) if self.num_heads % d == 0]}")
         if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}: "
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by num_heads={self.num_heads}: "
                              "set head_dim explicitly or choose d_model a multiple of num_heads")
         if self.resolved_head_dim % 2:
-            raise ValueError(f"ModelConfig.head_dim={self.resolved_head_dim} is invalid: RoPE needs an even head "
-                             "dim (accepted values: even integers >= 2)")
+            raise ValueError(f"model.head_dim={self.resolved_head_dim} is invalid: RoPE needs an even head dim "
+                             "(accepted values: even integers >= 2)")
         if self.sliding_window is not None and self.sliding_window > self.max_seq_len:
-            raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} is larger than the context "
-                             f"max_seq_len={self.max_seq_len}: accepted values are None or 1..{self.max_seq_len}")
+            fail("sliding_window", f"None or 1..max_seq_len={self.max_seq_len}")
         if self.norm not in NORMS:
             fail("norm", list(NORMS))
-        if self.ffn not in FFNS:
-            fail("ffn", list(FFNS))
-        if self.activation not in _experts.ACTIVATIONS:
-            fail("activation", sorted(_experts.ACTIVATIONS))
-        if self.router not in _routing.ROUTERS and self.router != EXPERT_CHOICE:
-            fail("router", sorted(_routing.ROUTERS) + [EXPERT_CHOICE])
-        if self.moe_backend not in _dispatch.BACKENDS:
-            fail("moe_backend", list(_dispatch.BACKENDS))
-        if self.moe_parallel not in PARALLEL_STRATEGIES:
-            fail("moe_parallel", list(PARALLEL_STRATEGIES))
-        if self.top_k > self.num_experts:
-            fail("top_k", f"1..num_experts={self.num_experts}")
         for name in DTYPE_FIELDS:
             if getattr(self, name) not in DTYPES:
                 fail(name, list(DTYPES))
-        for name in ("norm_eps", "rope_theta", "capacity_factor", "init_std"):
+        for name in ("norm_eps", "rope_theta", "init_std"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                fail(name, "numbers > 0")
-        for name in ("jitter_eps", "load_balance_coef", "z_loss_coef"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                fail(name, "numbers >= 0")
-        if not isinstance(self.input_jitter, (int, float)) or not 0 <= self.input_jitter < 1:
-            fail("input_jitter", "numbers in [0, 1)")
-        if self.ffn == "moe" and self.moe_every > self.num_layers:
-            fail("moe_every", f"1..num_layers={self.num_layers} (no layer would be MoE)")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                fail(name, "finite numbers > 0")
+        object.__setattr__(self, "sections", self._resolve_sections(self.sections))
+        object.__setattr__(self, "layout", self._resolve_layout(self.layout))
 
-    def _resolve_fine_grained(self) -> None:
-        """Derive num_experts, d_expert, top_k from (expansion_rate, granularity, d_ff) or fill the defaults.
+    def _resolve_sections(self, sections) -> tuple:
+        pairs = tuple(sections.items()) if isinstance(sections, Mapping) else tuple(sections)
+        resolved = []
+        for name, value in pairs:
+            if not isinstance(value, Mapping) and hasattr(value, "to_section"):
+                resolved.append((name, value))
+                continue
+            values = dict(value.to_dict() if hasattr(value, "to_dict") else value)
+            kind = values.pop("kind", name)
+            try:
+                kind_class = _ffn.get_ffn(kind)
+            except ValueError as error:
+                raise ValueError(f"model.{name}: {error} (a section's kind is its 'kind' key, else its name)") from None
+            resolved.append((name, kind_class.Config.from_section(values, d_model=self.d_model)))
+        return tuple(sorted(resolved, key=lambda pair: pair[0]))  # order-free: equal configs compare equal
 
-        Precedence: the fine-grained fields win; an explicit num_experts / d_expert / top_k is accepted only when
-        it equals the derived value (so to_dict -> from_dict round-trips), anything else is a conflict."""
-        g, e = self.granularity, self.expansion_rate
-        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
-            raise ValueError(f"ModelConfig.granularity={g!r} is invalid: accepted values are integers >= 1")
-        if e is None:
-            if g != 1:
-                raise ValueError(f"ModelConfig.granularity={g!r} needs expansion_rate: set expansion_rate (E) to "
-                                 "derive num_experts = E*G, d_expert = d_ff/G, top_k = G, or use granularity=1")
-            for name, default in LEGACY_MOE_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, default)
-            return
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) or e <= 0:
-            raise ValueError(f"ModelConfig.expansion_rate={e!r} is invalid: accepted values are None or numbers > 0")
-        d_ff = self.d_ff if self.d_ff is not None else 4 * self.d_model
-        if not isinstance(d_ff, int) or isinstance(d_ff, bool) or d_ff < 1:
-            raise ValueError(f"ModelConfig.d_ff={self.d_ff!r} is invalid: accepted values are None or integers >= 1")
-        if d_ff % g:
-            divisors = [k for k in range(1, d_ff + 1) if d_ff % k == 0 and k <= 256]
-            raise ValueError(f"ModelConfig.granularity={g} does not divide the dense FFN width d_ff={d_ff}"
-                             f"{' (4 * d_model)' if self.d_ff is None else ''}: accepted values are divisors of "
-                             f"d_ff, e.g. {divisors}")
-        num_experts = e * g
-        if not float(num_experts).is_integer():
-            raise ValueError(f"ModelConfig.expansion_rate={e!r} is invalid with granularity={g}: the number of "
-                             f"experts expansion_rate*granularity={num_experts!r} must be an integer")
-        derived = {"num_experts": int(num_experts), "d_expert": d_ff // g, "top_k": g}
-        for name, value in derived.items():
-            given = getattr(self, name)
-            if given is not None and given != value:
-                raise ValueError(f"ModelConfig.{name}={given!r} conflicts with the fine-grained parametrisation "
-                                 f"(expansion_rate={e}, granularity={g}, d_ff={d_ff}) which derives {name}={value}: "
-                                 f"leave {name} None (or set it to {value}), or unset expansion_rate")
-            object.__setattr__(self, name, value)
-
-    @property
-    def is_fine_grained(self) -> bool:
-        return self.expansion_rate is not None
+    def _resolve_layout(self, layout) -> tuple:
+        entries = [s.strip() for s in layout.split(",")] if isinstance(layout, str) else list(layout)
+        known = [name for name, _ in self.sections]
+        for entry in dict.fromkeys(entries):  # a kind's name without a section: that kind with its defaults
+            if entry not in known and entry in _ffn.known_kinds():
+                object.__setattr__(self, "sections", self._resolve_sections(self.sections + ((entry, {}),)))
+                known.append(entry)
+        for entry in entries:
+            if entry not in known:
+                raise ValueError(f"model.layout={layout!r} names {entry!r}, which is not a section of the model "
+                                 f"config: accepted names are its FFN sections {known}")
+        if not entries or self.num_layers % len(entries):
+            raise ValueError(f"model.layout={layout!r} has {len(entries)} entries: accepted are one entry per layer "
+                             f"or a pattern whose length divides num_layers={self.num_layers}")
+        return tuple(entries) * (self.num_layers // len(entries))
 
     # ----------------------------------------------------------------------------------------------- derived
+    @classmethod
+    def make(cls, **values) -> "ModelConfig":
+        """ModelConfig from keyword arguments with FFN sections given as mappings, e.g.
+        `ModelConfig.make(vocab_size=.., ..., layout='moe', moe={'num_experts': 8})` (= from_dict)."""
+        return cls.from_dict(values)
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
 
-    @property
-    def resolved_d_ff(self) -> int:
-        return self.d_ff if self.d_ff is not None else self.top_k * self.d_expert
+    def section(self, name: str):
+        """The config of FFN section `name`."""
+        for section_name, config in self.sections:
+            if section_name == name:
+                return config
+        raise KeyError(f"model has no FFN section {name!r}: its sections are {[n for n, _ in self.sections]}")
 
-    def is_moe_layer(self, layer: int) -> bool:
-        return self.ffn == "moe" and (layer + 1) % self.moe_every == 0
+    def kind_of(self, name: str) -> str:
+        config = self.section(name)
+        return next(kind for kind, cls in _ffn.FFN_KINDS.items() if isinstance(config, cls.Config))
 
-    @property
-    def moe_layer_ids(self) -> tuple[int, ...]:
-        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+    def layer_config(self, layer: int):
+        """(section name, kind name, kind config) of `layer`."""
+        name = self.layout[layer]
+        return name, self.kind_of(name), self.section(name)
 
-    def moe_config(self) -> MoEConfig:
-        return MoEConfig(num_experts=self.num_experts, top_k=self.top_k, d_model=self.d_model,
-                         d_hidden=self.d_expert, router=self.router, jitter_eps=float(self.jitter_eps),
-                         renormalize=self.renormalize, input_jitter=float(self.input_jitter),
-                         activation=self.activation, backend=self.moe_backend,
-                         capacity_factor=float(self.capacity_factor), router_dtype="float32",
-                         load_balance_groups=self.load_balance_groups, parallel=self.moe_parallel)
-
-    def dense_equivalent(self) -> "ModelConfig":
-        """The dense baseline with the same active parameters: every FFN dense, d_ff = top_k * d_expert
-        (equal to the active expert parameters; the MoE's router, d_model * num_experts per layer, is the only
-        difference)."""
-        return dataclasses.replace(self, ffn="dense", d_ff=self.top_k * self.d_expert)
+    def layers_of(self, name: str) -> tuple[int, ...]:
+        return tuple(i for i, entry in enumerate(self.layout) if entry == name)
 
     def replace(self, **changes) -> "ModelConfig":
-        """dataclasses.replace; for a fine-grained result the derived fields (num_experts, d_expert, top_k) are
-        re-derived unless given explicitly, so e.g. `config.replace(granularity=4)` works."""
-        fine_inputs = ("expansion_rate", "granularity", "d_ff", "d_model")
-        if changes.get("expansion_rate", self.expansion_rate) is not None and any(k in changes for k in fine_inputs):
-            for name in LEGACY_MOE_DEFAULTS:
-                changes.setdefault(name, None)
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; a mapping value for an FFN section updates that section's keys (fine-grained
+        shape fields re-derive, e.g. `config.replace(moe={'granularity': 4})` or `config.replace(d_model=128)`)."""
+        values = self.to_dict()
+        for key, value in changes.items():
+            if isinstance(values.get(key), dict) and isinstance(value, Mapping):
+                values[key] = {**values[key], **value}
+            else:
+                values[key] = value
+        return ModelConfig.from_dict(values)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Flat mapping: backbone fields, 'layout' (its shortest repeating pattern) and one dict per section."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        period = next(p for p in range(1, len(self.layout) + 1)
+                      if len(self.layout) % p == 0 and self.layout == self.layout[:p] * (len(self.layout) // p))
+        values["layout"] = ",".join(self.layout[:period])  # the shortest pattern
+        for name, config in self.sections:
+            section = config.to_section()
+            kind = self.kind_of(name)
+            if kind != name:
+                section = {"kind": kind, **section}
+            values[name] = section
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown field(s) {unknown}: accepted fields are {sorted(fields)}")
+        """From a flat mapping (a config file's `model` section): backbone fields plus one mapping per FFN
+        section. Unknown scalar keys raise naming the accepted fields."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"sections"}
+        backbone, sections = {}, {}
+        for key, value in dict(values).items():
+            if isinstance(value, Mapping) or hasattr(value, "to_dict"):
+                sections[key] = value
+            elif key in fields:
+                backbone[key] = value
+            else:
+                raise ValueError(f"model.{key} is unknown: accepted keys are {sorted(fields)} and FFN sections "
+                                 f"(mappings) of the kinds {sorted(_ffn.FFN_KINDS) or ['dense', 'moe']}")
         required = [f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.name not in values]
+                    if f.default is dataclasses.MISSING and f.name not in backbone]
         if required:
-            raise ValueError(f"ModelConfig: missing required field(s) {required}")
-        return cls(**dict(values))
-
-
-DTYPE_FIELDS = ("param_dtype", "dtype", "activation_dtype")
-EXPERT_CHOICE = "expert_choice"
-LEGACY_MOE_DEFAULTS = {"num_experts": 16, "top_k": 2, "d_expert": 1024}  # when not fine-grained and not given
+            raise ValueError(f"model: missing required field(s) {required}")
+        return cls(**backbone, sections=tuple(sections.items()))
 
 
 def model_config_from(config_model) -> ModelConfig:

@@ -11,10 +11,9 @@ Pure (for a trainer):
     logits_BSV, aux = apply(graphdef, params, tokens_BS, training=True, rng=key)
     loss = cross_entropy(logits_BSV, targets_BS) + aux['aux_loss']
 
-aux (stacked over the MoE layers, in layer order `config.moe_layer_ids`):
-    'load_balance_loss' [Lm], 'z_loss' [Lm] (unscaled), 'aux_loss' scalar (= load_balance_coef * mean LB +
-    z_loss_coef * mean Z), 'metrics': moe_layer's metrics stacked per layer (expert_load [Lm, E], max_load [Lm],
-    router_entropy [Lm], router_grad_fraction [Lm], dropped_fraction [Lm], ...).
+aux (`combine_aux`): 'aux_loss' scalar (sum over FFN sections of loss weight * mean over the section's layers),
+    'losses' {'<section>/<loss>': mean over the section's layers, unweighted, e.g. 'moe/load_balance_loss'},
+    'metrics' {'<section>/<metric>': stacked over the section's layers, e.g. 'moe/expert_load' [Lm, E]}.
 """
 
 from __future__ import annotations
@@ -30,24 +29,23 @@ from grin_jax.nn.layers import Dense, Embed, make_norm, param
 
 
 class DecoderLM(nnx.Module):
-    """Sub-modules (checkpoint names): embed, layers.{i}, final_norm, lm_head (untied) / lm_head_bias (tied +
-    bias)."""
+    """Sub-modules (checkpoint names): embed, layers.{i} (mlp = the layer's FFN kind), final_norm, lm_head (untied) /
+    lm_head_bias (tied + bias)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         c = config
         pdt, dt, adt = jnp.dtype(c.param_dtype), jnp.dtype(c.dtype), jnp.dtype(c.activation_dtype)
         self.embed = Embed(c.vocab_size, c.d_model, param_dtype=pdt, dtype=adt, init_std=c.init_std, rngs=rngs)
-        moe = c.moe_config() if c.ffn == "moe" else None
-        self.layers = nnx.List([
-            DecoderBlock(d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                         head_dim=c.resolved_head_dim, norm=c.norm, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                         sliding_window=c.sliding_window, attention_bias=c.attention_bias,
-                         moe=moe if c.is_moe_layer(i) else None, d_ff=c.resolved_d_ff, activation=c.activation,
-                         param_dtype=pdt, dtype=dt, activation_dtype=adt, rngs=rngs,
-                         moe_output_norm=c.moe_output_norm)
-            for i in range(c.num_layers)
-        ])
+        layers = []
+        for i in range(c.num_layers):
+            _, kind, ffn_config = c.layer_config(i)
+            layers.append(DecoderBlock(
+                d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
+                norm=c.norm, norm_eps=c.norm_eps, rope_theta=c.rope_theta, sliding_window=c.sliding_window,
+                attention_bias=c.attention_bias, ffn_kind=kind, ffn_config=ffn_config, param_dtype=pdt, dtype=dt,
+                activation_dtype=adt, rngs=rngs))
+        self.layers = nnx.List(layers)
         self.final_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps, param_dtype=pdt, dtype=dt)
         if c.tie_embeddings:
             self.lm_head = None
@@ -57,23 +55,27 @@ class DecoderLM(nnx.Module):
                                  param_dtype=pdt, dtype=dt, rngs=rngs)
             self.lm_head_bias = None
 
-    def __call__(self, tokens_BS: jax.Array, *, training: bool = False, rng=None, positions_BS=None):
+    def __call__(self, tokens_BS: jax.Array, *, training: bool = False, rng=None, positions_BS=None,
+                 segment_ids_BS=None):
         """tokens [B, S] int -> (logits [B, S, V] float32, aux)."""
-        logits, aux, _ = self.forward(tokens_BS, training=training, rng=rng, positions_BS=positions_BS)
+        logits, aux, _ = self.forward(tokens_BS, training=training, rng=rng, positions_BS=positions_BS,
+                                      segment_ids_BS=segment_ids_BS)
         return logits, aux
 
-    def forward(self, tokens_BS, *, training=False, rng=None, positions_BS=None, cache=None, cache_index=None):
+    def forward(self, tokens_BS, *, training=False, rng=None, positions_BS=None, segment_ids_BS=None, cache=None,
+                cache_index=None):
         """The full forward: (logits [B, S, V] float32, aux, new cache or None).
 
-        cache: a list with one {'k', 'v'} [B, L, G, K] dict per layer (init_cache); this call's tokens are written
-        at slots cache_index .. cache_index + S - 1 and take positions cache_index + arange(S) unless given.
+        positions_BS: RoPE positions (default 0..S-1, or from cache_index); segment_ids_BS: packed documents (a
+        query attends only to keys of its own segment). cache: a list with one {'k', 'v'} [B, L, G, K] dict per
+        layer (init_cache); this call's tokens are written at slots cache_index .. cache_index + S - 1.
         """
         c = self.config
         if tokens_BS.ndim != 2:
             raise ValueError(f"tokens must be [batch, seq], got shape {tokens_BS.shape}")
         batch, seq = tokens_BS.shape
         if cache is None and seq > c.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds ModelConfig.max_seq_len={c.max_seq_len}")
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={c.max_seq_len}")
         if positions_BS is None:
             offset = 0 if cache_index is None else cache_index
             positions_BS = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -84,9 +86,9 @@ class DecoderLM(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
             x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, training=training, rng=layer_rng,
+                                          segment_ids_BS=segment_ids_BS,
                                           cache=None if cache is None else cache[i], cache_index=cache_index)
-            if aux_i is not None:
-                layer_aux.append(aux_i)
+            layer_aux.append(aux_i)
             new_cache.append(cache_i)
         h_BSD = self.final_norm(x_BSD)
         if self.lm_head is not None:
@@ -95,19 +97,27 @@ class DecoderLM(nnx.Module):
             logits = self.embed.attend(h_BSD.astype(jnp.dtype(c.dtype)))
             if self.lm_head_bias is not None:
                 logits = logits + self.lm_head_bias[...].astype(logits.dtype)
-        return logits.astype(jnp.float32), stack_aux(layer_aux, c), (None if cache is None else new_cache)
+        return logits.astype(jnp.float32), combine_aux(layer_aux, c), (None if cache is None else new_cache)
 
 
-def stack_aux(layer_aux: list, config: ModelConfig) -> dict:
-    """Stack per-layer MoE aux dicts and add the weighted total 'aux_loss'."""
-    if not layer_aux:
-        zeros = jnp.zeros((0,), jnp.float32)
-        return {"load_balance_loss": zeros, "z_loss": zeros, "metrics": {}, "aux_loss": jnp.float32(0.0)}
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layer_aux)
-    aux_loss = (config.load_balance_coef * jnp.mean(stacked["load_balance_loss"])
-                + config.z_loss_coef * jnp.mean(stacked["z_loss"]))
-    return {"load_balance_loss": stacked["load_balance_loss"], "z_loss": stacked["z_loss"],
-            "metrics": stacked["metrics"], "aux_loss": aux_loss.astype(jnp.float32)}
+def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
+    """The layers' FFN aux -> {'aux_loss': sum over sections and losses of weight * mean over the section's layers,
+    'losses': {'<section>/<loss>': mean over the section's layers (unweighted)},
+    'metrics': {'<section>/<metric>': stacked over the section's layers, in layer order}}."""
+    losses, metrics = {}, {}
+    aux_loss = jnp.float32(0.0)
+    for name, section in config.sections:
+        layers = config.layers_of(name)
+        if not layers:
+            continue
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[layer_aux[i] for i in layers])
+        weights = section.loss_weights
+        for loss_name, values in stacked["losses"].items():
+            mean = jnp.mean(values.astype(jnp.float32))
+            losses[f"{name}/{loss_name}"] = mean
+            aux_loss = aux_loss + weights.get(loss_name, 0.0) * mean
+        metrics.update({f"{name}/{k}": v for k, v in stacked["metrics"].items()})
+    return {"aux_loss": aux_loss.astype(jnp.float32), "losses": losses, "metrics": metrics}
 
 
 # ------------------------------------------------------------------------------------------- functional API
@@ -132,11 +142,11 @@ def abstract_init(config: ModelConfig):
     return nnx.split(model, nnx.Param)
 
 
-def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, positions_BS=None):
+def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, positions_BS=None, segment_ids_BS=None):
     """Pure forward: (logits [B, S, V] float32, aux). Jit with `static_argnames=('graphdef', 'training')`
     or close over graphdef."""
     model = nnx.merge(graphdef, params)
-    return model(tokens_BS, training=training, rng=rng, positions_BS=positions_BS)
+    return model(tokens_BS, training=training, rng=rng, positions_BS=positions_BS, segment_ids_BS=segment_ids_BS)
 
 
 apply_jit = jax.jit(apply, static_argnames=("graphdef", "training"))

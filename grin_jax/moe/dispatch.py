@@ -11,17 +11,31 @@ Backends (`BACKENDS`):
               custom call (per-expert chunks of rows, one OpenBLAS sgemm per matmul and chunk, OpenMP threads,
               custom VJP); built with the system g++ on first use. fwd+bwd on 2 CPU cores: ~1.05-1.1x a dense
               FFN with the same active FLOPs at E=8 top-2, ~1.1-1.2x at E=64 top-16 (python -m grin_jax.bench).
+              Only the activations swiglu / geglu / gelu / relu and the compute dtype float32
+              (`cpu_kernel.supports`); asking for it with anything else raises ValueError.
   tiled       dropless, pure XLA: `gmm.tiled_expert_mlp`, the whole expert MLP as loops over row tiles of one
               expert each (gather the tile's tokens, matmuls, weighted scatter-add); no sort, no [M, D] copies;
               custom VJP. ~1.25-1.35x at E=8 top-2, ~1.7x at E=64 top-16 (the CPU fallback of 'auto').
   capacity    GShard-style: each expert has C = ceil(capacity_factor * M / E) rows; slot 1 of every token
               has priority over slot 2; token-slots past capacity are dropped (metric 'dropped_fraction').
-  auto        `default_backend()`: 'kernel' on CPU ('tiled' with a warning when the kernel cannot be built),
-              'ragged_dot' on GPU / TPU (resolved when traced).
+  auto        `default_backend()`, resolved when traced: 'ragged_dot' on GPU / TPU; on CPU 'kernel' when it supports
+              the layer's activation and compute dtype (result type of x and the expert weights) and could be
+              built here, else 'tiled'.
+
+How 'auto' says why it did not pick 'kernel' on CPU (`select_backend` returns the reason; `resolve_backend` and
+`default_backend` announce it once per process and per distinct reason, never on every trace):
+  - the kernel cannot be built or loaded here (no compiler, a compiler error, the build timed out): a
+    RuntimeWarning, since the machine runs a slower backend than it could and the user can fix that;
+  - the kernel is disabled ($GRIN_JAX_KERNEL=0), or does not support the activation / dtype: an INFO record on the
+    `grin_jax.moe.dispatch` logger, since 'tiled' is then the intended, correct choice and nothing is to be fixed.
+The first resolution of 'auto' on CPU (or the first trace of backend='kernel') builds the kernel
+(`cpu_kernel.ensure_built`: synchronous, the compiler under a timeout, the outcome cached for the process; see
+cpu_kernel's docstring for why not in the background). $GRIN_JAX_KERNEL=0 switches the kernel off.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -41,24 +55,68 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is unknown: accepted values are {list(BACKENDS)}")
 
 
-def default_backend(platform: str | None = None) -> str:
-    """The fastest exact (dropless) backend for `platform` ('cpu', 'gpu', 'tpu', ...; default: JAX's default
-    backend): 'kernel' on CPU ('tiled', with a warning saying why, when the kernel cannot be built here);
-    'ragged_dot' elsewhere."""
-    if _gmm.default_backend(platform) != "tiled":
-        return _gmm.default_backend(platform)
-    reason = _cpu_kernel.unavailable_reason()
-    if reason is None:
-        return "kernel"
-    warnings.warn(f"backend 'auto' uses 'tiled' on CPU: the C++ kernel is unavailable ({reason.splitlines()[0]})",
-                  RuntimeWarning, stacklevel=2)
-    return "tiled"
-
-
-def resolve_backend(backend: str, platform: str | None = None) -> str:
-    """The concrete backend: 'auto' -> default_backend(platform); other names are checked and returned."""
+def _select(backend, platform, activation, dtype) -> tuple[str, str | None, bool]:
+    """(backend, reason 'auto' did not take 'kernel' on CPU or None, whether that reason deserves a warning)."""
     check_backend(backend)
-    return default_backend(platform) if backend == "auto" else backend
+    if backend == "kernel":
+        _cpu_kernel.check_supported(activation, dtype)
+        return backend, None, False
+    if backend != "auto":
+        return backend, None, False
+    if _gmm.default_backend(platform) != "tiled":
+        return _gmm.default_backend(platform), None, False
+    unsupported = _cpu_kernel.supports(activation, dtype)
+    if unsupported is not None:
+        what = ", ".join(f"{k}={v}" for k, v in (("activation", activation),
+                                                 ("dtype", None if dtype is None else jnp.dtype(dtype).name))
+                         if v is not None)
+        return "tiled", f"backend 'auto' uses 'tiled' on CPU for {what}: {unsupported}", False
+    unavailable = _cpu_kernel.ensure_built()
+    if unavailable is not None:
+        warn = _cpu_kernel.disabled_reason() is None  # not when the user switched it off on purpose
+        return "tiled", (f"backend 'auto' uses 'tiled' on CPU: the C++ kernel is unavailable "
+                         f"({unavailable.splitlines()[0]})"), warn
+    return "kernel", None, False
+
+
+def select_backend(backend: str, platform: str | None = None, *, activation: str | None = None,
+                   dtype=None) -> tuple[str, str | None]:
+    """The concrete backend for `backend` and, when 'auto' took 'tiled' on CPU instead of 'kernel', the reason
+    (else None). Announces nothing (`resolve_backend` does).
+
+    activation, dtype: of the MoE layer (dtype = the compute dtype, jnp.result_type(x, expert weights)); None = not
+    known, assumed supported (the behaviour of the one- and two-argument calls). backend='kernel' with an activation
+    or dtype the kernel does not support: ValueError. Resolving 'auto' on CPU builds the kernel once
+    (cpu_kernel.ensure_built); an explicit 'kernel' that cannot be built fails when run (KernelUnavailable)."""
+    name, reason, _ = _select(backend, platform, activation, dtype)
+    return name, reason
+
+
+_log = logging.getLogger(__name__)
+_ANNOUNCED: set[str] = set()  # reasons already warned about / logged in this process
+
+
+def resolve_backend(backend: str, platform: str | None = None, *, activation: str | None = None,
+                    dtype=None) -> str:
+    """The concrete backend: 'auto' -> default_backend(platform, activation=, dtype=); other names are checked
+    (and 'kernel' against the activation / dtype when given: ValueError) and returned. When 'auto' takes 'tiled'
+    on CPU, says why once per process and reason (module docstring)."""
+    name, reason, warn = _select(backend, platform, activation, dtype)
+    if reason is not None and reason not in _ANNOUNCED:
+        _ANNOUNCED.add(reason)
+        if warn:
+            warnings.warn(reason, RuntimeWarning, stacklevel=2)
+        else:
+            _log.info(reason)
+    return name
+
+
+def default_backend(platform: str | None = None, *, activation: str | None = None, dtype=None) -> str:
+    """The fastest exact (dropless) backend for `platform` ('cpu', 'gpu', 'tpu', ...; default: JAX's default
+    backend) and, when known, the layer's activation and compute dtype: 'ragged_dot' on accelerators; on CPU
+    'kernel', or 'tiled' when the kernel does not support them or cannot be built here (saying why once, see the
+    module docstring)."""
+    return resolve_backend("auto", platform, activation=activation, dtype=dtype)
 
 
 def sort_by_expert(expert_ids_TK: jax.Array, num_experts: int):
@@ -144,13 +202,15 @@ def moe_ffn(expert_params: dict, x_TD: jax.Array, expert_ids_TK: jax.Array, weig
       x_TD: [T, D] token activations.
       expert_ids_TK: [T, K] int expert of each token-slot.
       weights_TK: [T, K] combine weights.
-      backend: one of BACKENDS ('auto' = default_backend() for the platform).
+      backend: one of BACKENDS ('auto' = default_backend() for the platform, the activation and the compute dtype
+        jnp.result_type(x, expert weights)).
       capacity_factor: only for backend='capacity'.
     Returns:
       (y_TD [T, D], metrics dict; always has 'dropped_fraction').
     """
-    backend = resolve_backend(backend)
+    check_backend(backend)
     num_experts, d_model, _ = _experts.check_expert_params(expert_params, activation)
+    backend = resolve_backend(backend, activation=activation, dtype=jnp.result_type(x_TD, *expert_params.values()))
     if x_TD.ndim != 2 or x_TD.shape[-1] != d_model:
         raise ValueError(f"x must be [tokens, d_model={d_model}], got shape {x_TD.shape}")
     if expert_ids_TK.shape != weights_TK.shape or expert_ids_TK.ndim != 2 or expert_ids_TK.shape[0] != x_TD.shape[0]:

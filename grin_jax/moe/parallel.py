@@ -7,8 +7,8 @@ M token-slot rows.
     y_TD, aux = moe_layer_parallel(params, x_TD, config=MoEConfig(...), mesh=mesh, strategy='allgather',
                                    training=True, rng=key)
 
-Same parameters, inputs and aux as `layer.moe_layer` (aux: 'load_balance_loss', 'z_loss', 'metrics' with
-expert_load [E], max_load, router_entropy, router_grad_fraction, dropped_fraction; all replicated).
+The layer body is `layer.moe_layer`'s (one body for one device and a mesh); this module holds the mesh layout and
+the token-choice strategies the body calls inside its shard_map. aux is replicated.
 
 Layout (the PartitionSpecs are in `ParallelLayout`):
   tokens x_TD           P(data_axes, None)   data_axes = ('data', 'expert') by default: the expert axis is also a
@@ -62,11 +62,15 @@ Load balance: 'global' (GRIN) all-reduces f_i (and P_i) over the data axes, equa
 the whole batch; 'local' computes the Switch loss per data shard and averages over the shards (equal to the
 single-device loss with load_balance_groups = number of data shards).
 
-Routing randomness: with explicit `router_noise` (global [.., T, ..] arrays sharded like the tokens) the
-result equals the single-device `moe_layer`; `layer.draw_noise(rng, config, T)` draws it (router noise and the
-input-jitter factors 'jitter_TD') on the global token axis exactly as moe_layer(rng=rng) does, which is how
-nn.MoEBlock trains on any mesh with the numbers of one device. With an `rng` key the data-shard index is folded
-into the key (when there is more than one data shard) so shards draw different noise; model shards draw the same.
+Routing randomness: `layer.moe_layer` draws the training noise (`layer.draw_noise`: every array token-first)
+on the global token axis before the shard_map and splits it along axis 0 like the tokens, so the result equals
+the single-device layer on any mesh.
+
+Expert choice (a router whose dispatcher groups tokens by position): its groups span the data shards, so the body
+all_gathers the batch over the data axes, routes every group on every device, runs the local experts and sums the
+expert shards' outputs (psum over the expert axis); each device keeps its own rows. Exact, but the expert
+compute is repeated over the data axis (a data-parallel mesh gains nothing in this layer): use it for
+correctness at small scale, token-choice routers for scale.
 
 Meshes: `make_mesh` builds ('data', 'expert', 'model') with Explicit axes by default: jax.make_mesh's default
 and the mode the Flax NNX modules use (parameter shardings are part of the array types under jax.set_mesh).
@@ -91,11 +95,8 @@ from jax.sharding import PartitionSpec as P
 from grin_jax.moe import dispatch as _dispatch
 from grin_jax.moe import experts as _experts
 from grin_jax.moe import gmm as _gmm
-from grin_jax.moe import layer as _layer
-from grin_jax.moe import losses as _losses
-from grin_jax.moe import routing as _routing
 
-STRATEGIES = _layer.PARALLEL_STRATEGIES  # ("allgather", "alltoall", "ragged_alltoall")
+STRATEGIES = ("allgather", "alltoall", "ragged_alltoall")
 LOAD_BALANCE_MODES = ("global", "local")
 DEFAULT_AXIS_NAMES = ("data", "expert", "model")
 
@@ -148,7 +149,7 @@ def _axis_sizes(mesh) -> dict:
     return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
-def resolve_layout(config: _layer.MoEConfig, mesh, num_tokens: int | None = None, *,
+def resolve_layout(config, mesh, num_tokens: int | None = None, *,
                    data_axes=("data", "expert"), expert_axis="expert", model_axis="model") -> ParallelLayout:
     """Check that the layer can be laid out on `mesh`; raises ValueError naming what is wrong."""
     if isinstance(data_axes, str):
@@ -180,8 +181,12 @@ def resolve_layout(config: _layer.MoEConfig, mesh, num_tokens: int | None = None
         raise ValueError(f"d_hidden={config.d_hidden} is not divisible by the model axis {model_axis!r} of size "
                          f"{num_model}: tensor parallelism shards the expert hidden dimension F")
     if num_tokens is not None and num_tokens % num_data:
-        raise ValueError(f"the number of tokens {num_tokens} is not divisible by the {num_data} data shards "
-                         f"(data_axes={data_axes!r}, sizes {[sizes[a] for a in data_axes]})")
+        raise ValueError(f"the leading dimension of x ({num_tokens} tokens or sequences) is not divisible by the "
+                         f"{num_data} data shards (data_axes={data_axes!r}, sizes {[sizes[a] for a in data_axes]})")
+    groups = getattr(config, "load_balance_groups", 1)
+    if groups not in (1, num_data):
+        raise ValueError(f"moe.load_balance_groups={groups} is not supported on a mesh with {num_data} data shards: "
+                         f"accepted values are 1 (global balance, GRIN) or {num_data} (one group per data shard)")
     return ParallelLayout(data_axes, expert_axis, model_axis, num_data, num_expert, num_model)
 
 
@@ -198,14 +203,6 @@ def _platforms(mesh) -> set:
     if devices is None:  # AbstractMesh
         return {jax.default_backend()}
     return {d.platform for d in devices.flat}
-
-
-def _noise_token_axis(name: str, value) -> int:
-    suffix = name.rsplit("_", 1)[-1] if "_" in name else ""
-    if not suffix.isupper() or "T" not in suffix or len(suffix) != value.ndim:
-        raise ValueError(f"router_noise[{name!r}]: the name must end in a shape suffix containing T (e.g. "
-                         f"'gumbel_KTE') with one letter per axis, got shape {value.shape}")
-    return suffix.index("T")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,11 +224,11 @@ def _vary(x, axes):
     return lax.pcast(x, missing, to="varying") if missing else x
 
 
-def _psum(x, axis):
+def psum(x, axis):
     return x if not axis else lax.psum(x, axis)
 
 
-def _pmean(x, axis):
+def pmean(x, axis):
     return x if not axis else lax.pmean(x, axis)
 
 
@@ -316,7 +313,7 @@ def _alltoall_experts(expert_params, x_LD, ids_LK, weights_LK, *, layout, num_ex
     back_ECD = lax.all_to_all(y_ECD, axis, 0, 0, tiled=True) if axis else y_ECD
     y_MD = jnp.take(back_ECD.reshape(num_experts * capacity, d_model), row_M, axis=0, mode="fill", fill_value=0)
     y_LKD = y_MD.reshape(top_k, num_tokens, d_model).transpose(1, 0, 2)
-    dropped = _psum(jnp.sum(~kept_M).astype(jnp.float32), layout.data_axis_name)
+    dropped = psum(jnp.sum(~kept_M).astype(jnp.float32), layout.data_axis_name)
     total = layout.num_data_shards * num_tokens * top_k
     return _combine(y_LKD, weights_LK), {"dropped_fraction": dropped / total, "capacity": jnp.int32(capacity)}
 
@@ -367,139 +364,61 @@ def _ragged_experts(expert_params, x_LD, ids_LK, weights_LK, *, layout, num_expe
 # The layer
 # ----------------------------------------------------------------------------------------------------------------
 
-def moe_layer_parallel(params: dict, x_TD: jax.Array, *, config: _layer.MoEConfig, mesh, strategy: str = "allgather",
-                       training: bool, rng=None, router_noise: dict | None = None,
-                       data_axes=("data", "expert"), expert_axis: str | None = "expert",
-                       model_axis: str | None = "model", load_balance: str = "global",
-                       capacity_factor: float | None = None, gmm_backend: str | None = None,
-                       ragged_all_to_all: Callable | None = None):
-    """`layer.moe_layer` on a mesh, inside one shard_map. x_TD: [T, D] (global) -> (y_TD [T, D], aux).
-
-    Args:
-      params: {'router': [D, E], 'experts': {...}} (global shapes; see module docstring for the layout).
-      x_TD: global tokens, sharded (or to be resharded) over `data_axes`.
-      config: the MoEConfig (load_balance_groups must be 1: use `load_balance` instead).
-      mesh: a jax.sharding.Mesh containing the named axes (Explicit or Auto axis types).
-      strategy: one of STRATEGIES (module docstring).
-      training, rng, router_noise: as moe_layer; router_noise arrays are global, named with a shape suffix
-        containing T (e.g. 'gumbel_KTE', 'uniform_KT', the input jitter 'jitter_TD': `layer.draw_noise`) and
-        split along T like the tokens; rng (for what router_noise does not hold) gets the data-shard index
-        folded in.
-      data_axes: mesh axes the tokens are sharded over (must include expert_axis).
-      expert_axis: mesh axis sharding E (None: no expert parallelism).
-      model_axis: mesh axis sharding F (tensor parallelism; None: none).
-      load_balance: 'global' (f_i all-reduced over the data axes, GRIN) or 'local' (per data shard, averaged).
-      capacity_factor: 'alltoall' only; default config.capacity_factor.
-      gmm_backend: grouped matmul for the dropless strategies, a name in gmm.GMM_BACKENDS; default
-        config.backend when it is one of them, else 'tiled'.
-      ragged_all_to_all: the collective for 'ragged_alltoall' (default lax.ragged_all_to_all; pass
-        `emulated_ragged_all_to_all` to run the strategy on CPU).
-    """
+def strategy_options(strategy: str, mesh, *, ragged_all_to_all: Callable | None = None) -> dict:
+    """The strategy's extra arguments, checked before anything is traced ('ragged_alltoall' needs a collective:
+    lax.ragged_all_to_all, not implemented on XLA:CPU, or the emulation for tests)."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is unknown: accepted values are {list(STRATEGIES)}")
-    if load_balance not in LOAD_BALANCE_MODES:
-        raise ValueError(f"load_balance={load_balance!r} is unknown: accepted values are {list(LOAD_BALANCE_MODES)}")
-    if strategy == "ragged_alltoall" and ragged_all_to_all is None:
+        raise ValueError(f"moe.parallel={strategy!r} is unknown: accepted values are {list(STRATEGIES)}")
+    if strategy != "ragged_alltoall":
+        return {}
+    if ragged_all_to_all is None:
         if "cpu" in _platforms(mesh):
             raise NotImplementedError(
-                "strategy='ragged_alltoall' uses lax.ragged_all_to_all, which is not implemented on XLA:CPU. "
-                "On CPU use strategy='allgather' (dropless) or strategy='alltoall' (capacity factor, drops), or "
-                "pass ragged_all_to_all=emulated_ragged_all_to_all (tests/debugging: all_gather-based, S x memory)")
+                "moe.parallel='ragged_alltoall' uses lax.ragged_all_to_all, which is not implemented on XLA:CPU. "
+                "On CPU use 'allgather' (dropless) or 'alltoall' (capacity factor, drops), or pass "
+                "ragged_all_to_all=emulated_ragged_all_to_all (tests/debugging: all_gather-based, S x memory)")
         ragged_all_to_all = lax.ragged_all_to_all
-    if x_TD.ndim != 2 or x_TD.shape[-1] != config.d_model:
-        raise ValueError(f"x must be [tokens, d_model={config.d_model}], got shape {x_TD.shape}")
-    num_tokens = x_TD.shape[0]
-    if config.load_balance_groups != 1:
-        raise ValueError(f"config.load_balance_groups={config.load_balance_groups} is not supported by "
-                         "moe_layer_parallel: it must be 1; use load_balance='local' for per-data-shard balance")
-    layout = resolve_layout(config, mesh, num_tokens, data_axes=data_axes, expert_axis=expert_axis,
-                            model_axis=model_axis)
-    num_experts, d_model, d_hidden = _experts.check_expert_params(params["experts"], config.activation)
-    if (num_experts, d_model, d_hidden) != (config.num_experts, config.d_model, config.d_hidden):
-        raise ValueError(f"expert params have (E, D, F) = {(num_experts, d_model, d_hidden)}, config says "
-                         f"{(config.num_experts, config.d_model, config.d_hidden)}")
-    if params["router"].shape != (config.d_model, config.num_experts):
-        raise ValueError(f"router has shape {params['router'].shape}, expected {(config.d_model, config.num_experts)}")
-    if gmm_backend is None:  # 'auto', 'kernel' (a fused MLP, not a grouped matmul), ...: the platform's gmm
-        gmm_backend = config.backend if config.backend in _gmm.GMM_BACKENDS else _gmm.default_backend()
-    if gmm_backend not in _gmm.GMM_BACKENDS:
-        raise ValueError(f"gmm_backend={gmm_backend!r} is unknown: accepted values are {sorted(_gmm.GMM_BACKENDS)}")
-    if capacity_factor is None:
-        capacity_factor = config.capacity_factor
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor={capacity_factor!r} is invalid: accepted values are > 0")
-    if training and config.input_jitter > 0 and rng is None and "jitter_TD" not in (router_noise or {}):
-        raise ValueError("moe_layer_parallel: training with input_jitter > 0 needs rng (or router_noise['jitter_TD'])")
-    router_noise = dict(router_noise or {})
-    noise_specs = {}
-    for name, value in router_noise.items():
-        t_axis = _noise_token_axis(name, value)
-        if value.shape[t_axis] != num_tokens:
-            raise ValueError(f"router_noise[{name!r}] has {value.shape[t_axis]} tokens on axis {t_axis}, "
-                             f"x has {num_tokens}")
-        spec = [None] * value.ndim
-        spec[t_axis] = layout.data_axes or None
-        noise_specs[name] = P(*spec)
-
-    data_axis = layout.data_axis_name
-    model = layout.model_axis if layout.model_axis else None
-    gmm = _gmm.GMM_BACKENDS[gmm_backend]
-
-    def body(params, x_LD, rng, noise):
-        noise = dict(noise)
-        jitter_LD = noise.pop("jitter_TD", None)                         # this shard's rows of the global noise
-        rng_jitter = rng_router = None
-        if rng is not None:
-            if layout.num_data_shards > 1:
-                rng = jax.random.fold_in(rng, lax.axis_index(layout.data_axes))
-            rng_jitter, rng_router = jax.random.split(rng)
-        if training and config.input_jitter > 0:
-            if jitter_LD is not None:
-                x_LD = x_LD * jitter_LD.astype(x_LD.dtype)
-            else:
-                x_LD = _layer.apply_input_jitter(x_LD, config.input_jitter, rng_jitter)
-        router_dtype = jnp.dtype(config.router_dtype)
-        logits_LE = x_LD.astype(router_dtype) @ params["router"].astype(router_dtype)
-        routing = _routing.route(config.router, logits_LE, top_k=config.top_k, training=training, rng=rng_router,
-                                 **config.router_options(), **noise)
-        weights_LK = routing.weights.astype(x_LD.dtype)
-        common = dict(layout=layout, num_experts=config.num_experts, activation=config.activation)
-        if strategy == "allgather":
-            y_LD, dmetrics = _allgather_experts(params["experts"], x_LD, routing.expert_ids, weights_LK,
-                                                gmm=gmm, **common)
-        elif strategy == "alltoall":
-            y_LD, dmetrics = _alltoall_experts(params["experts"], x_LD, routing.expert_ids, weights_LK,
-                                               capacity_factor=capacity_factor, **common)
-        else:
-            y_LD, dmetrics = _ragged_experts(params["experts"], x_LD, routing.expert_ids, weights_LK, gmm=gmm,
-                                             ragged_all_to_all=ragged_all_to_all, **common)
-        y_LD = _psum(y_LD, model)                                        # tensor parallelism: sum F-slices
-
-        ids_LK, probs_LE = routing.expert_ids, routing.probs
-        if load_balance == "global":
-            lb_loss = _losses.load_balance_loss(ids_LK, probs_LE, axis_name=data_axis)
-        else:
-            lb_loss = _pmean(_losses.load_balance_loss(ids_LK, probs_LE), data_axis)
-        load_E = _losses.expert_load(ids_LK, config.num_experts, axis_name=data_axis)
-        probs32 = probs_LE.astype(jnp.float32)
-        entropy = -jnp.mean(jnp.sum(probs32 * jnp.log(jnp.clip(probs32, 1e-30, 1.0)), axis=-1))
-        metrics = {k: _pmean(jnp.asarray(v), data_axis) for k, v in routing.metrics.items()}
-        metrics.update(dmetrics)
-        metrics.update({"expert_load": load_E, "max_load": jnp.max(load_E) * config.num_experts,
-                        "router_entropy": _pmean(entropy, data_axis)})
-        aux = {"load_balance_loss": lb_loss, "z_loss": _losses.router_z_loss(routing.logits, axis_name=data_axis),
-               "metrics": metrics}
-        return y_LD, aux
-
-    args = (params, x_TD, rng, router_noise)
-    specs = (layout.param_specs(params["experts"]), layout.token_spec(), P() if rng is not None else None,
-             noise_specs)
-    args = _reshard_explicit(args, specs, mesh)
-    fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(layout.token_spec(), P()))
-    return fn(*args)
+    return {"ragged_all_to_all": ragged_all_to_all}
 
 
-def _reshard_explicit(args, specs, mesh):
+def run_strategy(strategy: str, expert_params, x_LD, ids_LK, weights_LK, *, layout, num_experts, activation,
+                 backend, capacity_factor, ragged_all_to_all=None):
+    """(this shard's tokens and routing) -> (y_LD partial over the model axis, metrics), inside shard_map."""
+    gmm_name = backend if backend in _gmm.GMM_BACKENDS else _gmm.default_backend()  # 'kernel' is not a gmm
+    common = dict(layout=layout, num_experts=num_experts, activation=activation)
+    if strategy == "allgather":
+        return _allgather_experts(expert_params, x_LD, ids_LK, weights_LK, gmm=_gmm.GMM_BACKENDS[gmm_name], **common)
+    if strategy == "alltoall":
+        return _alltoall_experts(expert_params, x_LD, ids_LK, weights_LK, capacity_factor=capacity_factor, **common)
+    return _ragged_experts(expert_params, x_LD, ids_LK, weights_LK, gmm=_gmm.GMM_BACKENDS[gmm_name],
+                           ragged_all_to_all=ragged_all_to_all, **common)
+
+
+def moe_layer_parallel(params: dict, x: jax.Array, *, config, mesh, strategy: str | None = None, training: bool,
+                       rng=None, router_noise: dict | None = None, load_balance: str = "global",
+                       capacity_factor: float | None = None, gmm_backend: str | None = None, **axes):
+    """`layer.moe_layer` on `mesh` with the strategy knobs as arguments (a convenience for benchmarks and tests):
+    strategy (default config.parallel), load_balance 'global' | 'local' (= load_balance_groups of one group per
+    data shard), capacity_factor and gmm_backend (default config's). axes: data_axes, expert_axis, model_axis,
+    ragged_all_to_all as moe_layer."""
+    from grin_jax.moe import layer as _layer  # the layer imports this module
+
+    if load_balance not in LOAD_BALANCE_MODES:
+        raise ValueError(f"load_balance={load_balance!r} is unknown: accepted values are {list(LOAD_BALANCE_MODES)}")
+    changes = {"parallel": strategy or config.parallel}
+    if capacity_factor is not None:
+        changes["capacity_factor"] = capacity_factor
+    if gmm_backend is not None:
+        changes["backend"] = gmm_backend
+    if load_balance == "local":
+        layout = resolve_layout(config, mesh, **{k: v for k, v in axes.items() if k != "ragged_all_to_all"})
+        changes["load_balance_groups"] = layout.num_data_shards
+    config = dataclasses.replace(config, **changes)
+    return _layer.moe_layer(params, x, config=config, training=training, rng=rng, noise=router_noise, mesh=mesh,
+                            **axes)
+
+
+def reshard_explicit(args, specs, mesh):
     """Under Explicit mesh axes shard_map needs inputs already sharded as in_specs: jax.reshard them (no-op when
     they match). Under Auto axes, leave them: shard_map reshards under jit."""
     types = dict(zip(mesh.axis_names, mesh.axis_types))

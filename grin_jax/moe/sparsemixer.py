@@ -1,4 +1,4 @@
-"""SparseMixer-v2, GRIN's gradient-informed top-k router (REFERENCE.md §1), as a `jax.custom_vjp`.
+"""SparseMixer-v2, GRIN's gradient-informed top-k router (docs/sparsemixer.md), as a `jax.custom_vjp`.
 
 Axes: T tokens, E experts, K slots per token.
 

@@ -4,10 +4,8 @@ from grin_jax.nn.attention import (Attention, apply_rope, attention_mask, dot_pr
                                    rope_cos_sin)
 from grin_jax.nn.block import DecoderBlock
 from grin_jax.nn.layers import NORMS, Dense, Embed, LayerNorm, RMSNorm, make_norm, param
-from grin_jax.nn.mlp import DenseFFN, MoEBlock
 
 __all__ = [
     "Attention", "apply_rope", "attention_mask", "dot_product_attention", "init_kv_cache", "rope_cos_sin",
-    "DecoderBlock", "NORMS", "Dense", "Embed", "LayerNorm", "RMSNorm", "make_norm", "param", "DenseFFN",
-    "MoEBlock",
+    "DecoderBlock", "NORMS", "Dense", "Embed", "LayerNorm", "RMSNorm", "make_norm", "param",
 ]

@@ -10,6 +10,16 @@ Conventions matched to Hugging Face transformers (PhiMoE / Mixtral / Llama):
   - Scores (q . k) * K^-0.5; softmax in float32.
   - Sliding window W (transformers 5.x `sliding_window_overlay`): query at position p sees keys at positions
     p - W < j <= p, i.e. W keys including itself.
+
+Packed rows (several documents in one row): pass `segment_ids_BS` (one id per token, equal within a document) and
+per-document `positions_BS` (restarting at 0 in each document). A query then sees only keys of its own segment.
+Causality and the sliding window are computed from the token's INDEX in the row (or its KV-cache slot), never
+from `positions_BS`, which only feed RoPE: with per-document positions a later document's tokens have smaller
+positions than an earlier one's, but its index still orders it. Within one segment indices and positions differ
+by a constant, so RoPE (relative) and the mask see each document exactly as if it were alone. Give padding a
+segment id no real token has (the data pipeline uses 0 for padding, 1, 2, ... for documents): padding then
+attends only to padding. Without segment ids and with the default positions (arange, or cache_index + arange)
+the mask and the outputs are bit-identical to a mask built from positions.
 """
 
 from __future__ import annotations
@@ -40,13 +50,23 @@ def apply_rope(x_BSHK: jax.Array, cos_BSK: jax.Array, sin_BSK: jax.Array) -> jax
     return y.astype(x_BSHK.dtype)
 
 
-def attention_mask(q_pos_BS: jax.Array, k_pos_BL: jax.Array, sliding_window: int | None) -> jax.Array:
-    """[B, S, L] bool: causal, and within the sliding window when one is set (p - W < j <= p)."""
-    q = q_pos_BS[:, :, None]
-    k = k_pos_BL[:, None, :]
+def attention_mask(q_idx_BS: jax.Array, k_idx_BL: jax.Array, sliding_window: int | None,
+                   q_segment_ids_BS: jax.Array | None = None, k_segment_ids_BL: jax.Array | None = None
+                   ) -> jax.Array:
+    """[B, S, L] bool: causal on the token indices (key index j <= query index i), within the sliding window when
+    one is set (i - W < j <= i), and, with segment ids, only keys of the query's own segment.
+
+    The indices are the tokens' places in the row / KV cache (not per-document positions, see the module
+    docstring); both segment ids or neither must be given."""
+    q = q_idx_BS[:, :, None]
+    k = k_idx_BL[:, None, :]
     allowed = k <= q
     if sliding_window is not None:
         allowed = allowed & (k > q - sliding_window)
+    if (q_segment_ids_BS is None) != (k_segment_ids_BL is None):
+        raise ValueError("attention_mask: give both q_segment_ids_BS and k_segment_ids_BL, or neither")
+    if q_segment_ids_BS is not None:
+        allowed = allowed & (q_segment_ids_BS[:, :, None] == k_segment_ids_BL[:, None, :])
     return allowed
 
 
@@ -91,14 +111,20 @@ class Attention(nnx.Module):
         self.sliding_window = sliding_window
         self.dtype = dtype
 
-    def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, *, cache: dict | None = None,
-                 cache_index: jax.Array | None = None):
+    def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, *, segment_ids_BS: jax.Array | None = None,
+                 cache: dict | None = None, cache_index: jax.Array | None = None):
         """Returns (y [B, S, D], new cache or None).
 
-        Without a cache the keys are this call's tokens (positions `positions_BS`). With a cache ([B, L, G, K],
-        slot j = position j) this call's keys/values are written at slots cache_index .. cache_index + S - 1
-        (positions_BS must be those positions) and the queries attend to the whole cache under the mask.
+        positions_BS: RoPE positions (per document in packed rows). segment_ids_BS: [B, S] int, a query attends
+        only to keys with its segment id (packed rows; None = one segment). The causal / sliding-window mask uses
+        the token index in the row, 0 .. S - 1 (module docstring).
+
+        With a cache ([B, L, G, K], slot j = token index j) this call's keys/values are written at slots
+        cache_index .. cache_index + S - 1 (the queries' indices; positions_BS normally those same numbers) and the
+        queries attend to the whole cache under the mask. Segment ids are not supported with a cache.
         """
+        if segment_ids_BS is not None and cache is not None:
+            raise ValueError("Attention: segment_ids_BS is not supported with a KV cache (one sequence per row)")
         q_BSHK = self.q(x_BSD)
         k_BSGK = self.k(x_BSD)
         v_BSGK = self.v(x_BSD)
@@ -113,10 +139,13 @@ class Attention(nnx.Module):
             k_BLGK = jax.lax.dynamic_update_slice(cache["k"], k_BSGK.astype(cache["k"].dtype), start)
             v_BLGK = jax.lax.dynamic_update_slice(cache["v"], v_BSGK.astype(cache["v"].dtype), start)
             new_cache = {"k": k_BLGK, "v": v_BLGK}
-            k_pos_BL = jnp.broadcast_to(jnp.arange(k_BLGK.shape[1], dtype=jnp.int32),
+            k_idx_BL = jnp.broadcast_to(jnp.arange(k_BLGK.shape[1], dtype=jnp.int32),
                                         (x_BSD.shape[0], k_BLGK.shape[1]))
+            q_idx_BS = jnp.broadcast_to(cache_index + jnp.arange(x_BSD.shape[1], dtype=jnp.int32), x_BSD.shape[:2])
         else:
-            k_BLGK, v_BLGK, k_pos_BL = k_BSGK, v_BSGK, positions_BS
-        mask_BSL = attention_mask(positions_BS, k_pos_BL, self.sliding_window)
+            k_BLGK, v_BLGK = k_BSGK, v_BSGK
+            k_idx_BL = jnp.broadcast_to(jnp.arange(x_BSD.shape[1], dtype=jnp.int32), x_BSD.shape[:2])
+            q_idx_BS = k_idx_BL
+        mask_BSL = attention_mask(q_idx_BS, k_idx_BL, self.sliding_window, segment_ids_BS, segment_ids_BS)
         out_BSHK = dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, dtype=self.dtype)
         return self.o(out_BSHK), new_cache

@@ -1,4 +1,4 @@
-"""Fitting the fine-grained MoE scaling law the way Krajewski et al. do (REFERENCE.md §2).
+"""Fitting the fine-grained MoE scaling law the way Krajewski et al. do (docs/fine_grained.md#fitting-the-law).
 
 Parameters are optimised in "raw" log space,
     θ = (log a, α, log b, β, log g, γ [, log c])          (MoE law; the dense law drops log g, γ)
@@ -17,10 +17,18 @@ the best grid inits), and percentile intervals are reported.
 Command::
 
     python -m grin_jax.scaling.fit --table results.csv --out coeffs.json [--plots DIR]
-    python -m grin_jax.scaling.fit --sweep DIR --out coeffs.json      # reads DIR/results.csv
+    python -m grin_jax.scaling.fit --sweep DIR --where model.layout=moe --out coeffs.json   # DIR/results.csv
 
 The CSV needs columns N, D, G, loss (N = total non-embedding params, D = training tokens, G = granularity);
-``--law dense`` fits ``c + a/N^α + b/D^β`` and ignores G. An optional ``flops`` column is used for the
+``--law dense`` fits ``c + a/N^α + b/D^β`` and ignores G.
+
+Row selection is explicit: ``--where COLUMN=VALUE`` (or ``COLUMN!=VALUE``; repeatable, all must hold) keeps the rows
+whose COLUMN (any column of the table, e.g. the sweep's ``model.layout``, ``model.moe.granularity``,
+``train.seed``) equals VALUE (as text, or as numbers: 4 matches 4.0). Rows of a ``status`` column other than
+``done`` (the sweep runner's failed / pending trials) are always dropped. A table whose rows mix FFN kinds
+(``model.layout``, or ``model.ffn`` in older sweeps) is refused unless a --where names that column: a dense row
+would otherwise be read as G = 1. What was dropped, and why, is printed (stderr) and recorded under
+``selection`` in the output JSON. An optional ``flops`` column is used for the
 loss-vs-FLOPs plot; without it FLOPs are estimated from the paper parametrisation (E = ``--expansion``,
 d_model = 64·n_blocks).
 """
@@ -53,6 +61,8 @@ __all__ = [
     "fit_dense",
     "bootstrap",
     "read_table",
+    "read_selected",
+    "parse_where",
     "main",
 ]
 
@@ -388,13 +398,63 @@ def bootstrap(
 
 
 _REQUIRED = ("N", "D", "G", "loss")
+KIND_COLUMNS = ("model.layout", "model.ffn")  # FFN kind per run: mixing kinds needs an explicit --where
 
 
-def read_table(path: str | os.PathLike, *, dense: bool = False) -> dict[str, np.ndarray]:
-    """Read a results CSV (header row; columns N, D, G, loss, optional flops, other columns ignored).
+def parse_where(items) -> list[tuple[str, str, bool]]:
+    """['model.layout=moe', 'train.seed!=3'] -> [(column, value, negated)]."""
+    out = []
+    for item in items or ():
+        negated = "!=" in item
+        column, sep, value = item.partition("!=" if negated else "=")
+        if not sep or not column.strip():
+            raise ValueError(f"--where {item!r}: expected COLUMN=VALUE or COLUMN!=VALUE, e.g. model.layout=moe")
+        out.append((column.strip(), value.strip(), negated))
+    return out
 
-    If there is a ``status`` column (the sweep runner's), only rows with status ``done`` are read.
-    """
+
+def _equal(cell, value: str) -> bool:
+    cell = (cell or "").strip()
+    if cell == value:
+        return True
+    try:
+        return float(cell) == float(value)
+    except ValueError:
+        return False
+
+
+def _select(path, reader, cols, where):
+    """(kept rows [(lineno, row)], dropped {reason: count}) of a results table, by status and the --where terms."""
+    for column, _, _ in where:
+        if column not in cols:
+            raise ValueError(f"--where: table {str(path)!r} has no column {column!r}; found {list(cols)}")
+    kept, dropped = [], {}
+    for lineno, row in enumerate(reader, start=2):
+        reason = None
+        if "status" in cols and (row[cols["status"]] or "").strip() != "done":
+            reason = f"status={(row[cols['status']] or '').strip() or '(empty)'} (not done)"
+        for column, value, negated in where:
+            if reason is None and _equal(row[cols[column]], value) == negated:
+                cell = (row[cols[column]] or "").strip() or "(empty)"
+                reason = f"{column}={cell} (--where {column}{'!=' if negated else '='}{value})"
+        if reason is None:
+            kept.append((lineno, row))
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    named = {column for column, _, _ in where}
+    for column in KIND_COLUMNS:
+        kinds = sorted({(row[cols[column]] or "").strip() for _, row in kept}) if column in cols else []
+        if len(kinds) > 1 and column not in named:
+            raise ValueError(f"table: {str(path)!r} mixes {column} values {kinds}: select the rows to fit with "
+                             f"--where {column}=VALUE (e.g. --where {column}=moe); a dense row would be read as G = 1")
+    return kept, dropped
+
+
+def read_selected(path: str | os.PathLike, *, dense: bool = False, where=()) -> tuple[dict[str, np.ndarray], dict]:
+    """(table, selection) of a results CSV: the columns N, D, G, loss (optional flops) of the selected rows (see
+    the module docstring; `where`: 'COLUMN=VALUE' strings or parse_where's tuples), and
+    {'rows_read', 'rows_kept', 'where', 'dropped': {reason: count}}."""
+    where = [w if isinstance(w, tuple) else parse_where([w])[0] for w in where]
     if not os.path.isfile(path):
         raise ValueError(f"table: no such file {str(path)!r}")
     with open(path, newline="") as f:
@@ -406,21 +466,35 @@ def read_table(path: str | os.PathLike, *, dense: bool = False) -> dict[str, np.
         missing = [c for c in required if c not in cols]
         if missing:
             raise ValueError(f"table: {str(path)!r} lacks column(s) {missing}; found {list(cols)}")
-        want = required + (["flops"] if "flops" in cols else []) + (["G"] if dense and "G" in cols else [])
-        data = {c: [] for c in want}
-        has_status = "status" in cols
-        for lineno, row in enumerate(reader, start=2):
-            if has_status and (row[cols["status"]] or "").strip() != "done":
-                continue  # sweep runner rows for failed / pending trials
-            for c in want:
-                try:
-                    data[c].append(float(row[cols[c]]))
-                except (TypeError, ValueError):
-                    raise ValueError(f"table: {str(path)!r} line {lineno}: column {c}={row[cols[c]]!r} is not a number") from None
+        kept, dropped = _select(path, reader, cols, where)
+    want = required + (["flops"] if "flops" in cols else []) + (["G"] if dense and "G" in cols else [])
+    data = {c: [] for c in want}
+    for lineno, row in kept:
+        for c in want:
+            try:
+                data[c].append(float(row[cols[c]]))
+            except (TypeError, ValueError):
+                raise ValueError(f"table: {str(path)!r} line {lineno}: column {c}={row[cols[c]]!r} is not a "
+                                 "number") from None
     out = {c: np.asarray(v, dtype=np.float64) for c, v in data.items()}
     if out["N"].size == 0:
-        raise ValueError(f"table: {str(path)!r} has no (finished) data rows")
-    return out
+        raise ValueError(f"table: {str(path)!r} has no (finished, selected) data rows; dropped: {dropped}")
+    selection = {"rows_read": len(kept) + sum(dropped.values()), "rows_kept": len(kept),
+                 "where": [f"{c}{'!=' if n else '='}{v}" for c, v, n in where], "dropped": dropped}
+    return out, selection
+
+
+def read_table(path: str | os.PathLike, *, dense: bool = False, where=()) -> dict[str, np.ndarray]:
+    """The table of read_selected (columns N, D, G, loss, optional flops; other columns ignored): rows whose
+    ``status`` (the sweep runner's column) is ``done`` and that satisfy every `where` term."""
+    return read_selected(path, dense=dense, where=where)[0]
+
+
+def _print_selection(path: str, selection: dict) -> None:
+    print(f"fit: {path}: {selection['rows_kept']} of {selection['rows_read']} rows selected"
+          + (f" (--where {' '.join(selection['where'])})" if selection["where"] else ""), file=sys.stderr)
+    for reason, count in sorted(selection["dropped"].items()):
+        print(f"fit: dropped {count} row{'s' if count != 1 else ''}: {reason}", file=sys.stderr)
 
 
 def _estimated_flops(table, expansion, dense, aspect=64.0):
@@ -534,6 +608,9 @@ def _parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--table", help="CSV with columns N, D, G, loss")
     src.add_argument("--sweep", help="sweep directory; reads <sweep>/results.csv")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="keep only rows whose COLUMN equals VALUE (COLUMN!=VALUE: differs); repeatable, all must "
+                        "hold; e.g. --where model.layout=moe. Required when rows mix FFN kinds (model.layout)")
     p.add_argument("--out", required=True, help="coefficients JSON to write")
     p.add_argument("--plots", default=None, help="directory for PNG plots")
     p.add_argument("--law", choices=("moe", "dense"), default="moe")
@@ -561,12 +638,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.sweep and not os.path.isdir(args.sweep):
         raise ValueError(f"sweep: no such directory {args.sweep!r}")
     dense = args.law == "dense"
-    table = read_table(path, dense=dense)
+    table, selection = read_selected(path, dense=dense, where=parse_where(args.where))
+    _print_selection(path, selection)
     c = None if args.free_c else args.c
     G = None if dense else table["G"]
     kw = dict(c=c, dense=dense, delta=args.delta, weight_decay=args.weight_decay)
     result = fit_law(table["N"], table["D"], G, table["loss"], n_starts=args.starts, **kw)
-    extra = {"fit": result.to_dict(), "table": os.path.abspath(path)}
+    extra = {"fit": result.to_dict(), "table": os.path.abspath(path), "selection": selection}
     if args.bootstrap:
         boot = bootstrap(
             table["N"], table["D"], G, table["loss"], n_boot=args.bootstrap, confidence=args.confidence,

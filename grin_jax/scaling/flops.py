@@ -1,4 +1,4 @@
-"""Parameter and FLOP accounting for fine-grained MoE (Krajewski et al., REFERENCE.md §2).
+"""Parameter and FLOP accounting for fine-grained MoE (Krajewski et al.; docs/fine_grained.md#flop-accounting).
 
 Model of one transformer block with model width d (``d_model``):
   attention                      4·d²          (Q, K, V, O projections)
@@ -163,30 +163,16 @@ def fine_grained(d_model, expansion_rate, granularity) -> FineGrained:
     Raises ValueError naming the argument when a value is not a positive integer or G does not divide 4·d_model.
     ``expansion_rate`` may be fractional (e.g. 0.5) as long as E·G is an integer number of experts.
     """
+    from grin_jax.moe.layer import fine_grained_shape  # the one derivation, shared with MoEConfig
+
     d_model = _as_int("d_model", d_model)
     granularity = _as_int("granularity", granularity)
-    if isinstance(expansion_rate, bool) or not isinstance(expansion_rate, Real) or not (
-        math.isfinite(expansion_rate) and expansion_rate > 0
-    ):
-        raise ValueError(f"expansion_rate={expansion_rate!r}: expected a number > 0")
-    d_ff = 4 * d_model
-    if d_ff % granularity:
-        divisors = [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d_ff % k == 0]
-        raise ValueError(
-            f"granularity={granularity!r}: must divide the dense FFN width 4*d_model={d_ff} "
-            f"(powers of two that do: {divisors})"
-        )
-    num_experts = expansion_rate * granularity
-    if not float(num_experts).is_integer():
-        raise ValueError(
-            f"expansion_rate={expansion_rate!r}: expansion_rate*granularity={num_experts!r} must be an integer "
-            f"number of experts"
-        )
+    shape = fine_grained_shape(4 * d_model, expansion_rate, granularity)
     return FineGrained(
         d_model=d_model,
         expansion_rate=expansion_rate,
         granularity=granularity,
-        num_experts=int(num_experts),
-        expert_width=d_ff // granularity,
-        top_k=granularity,
+        num_experts=shape["num_experts"],
+        expert_width=shape["d_hidden"],
+        top_k=shape["top_k"],
     )

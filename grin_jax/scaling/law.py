@@ -1,4 +1,4 @@
-"""The fine-grained MoE scaling law of Krajewski et al. (arXiv 2402.07871), REFERENCE.md §2.
+"""The fine-grained MoE scaling law of Krajewski et al. (arXiv 2402.07871), docs/fine_grained.md#the-law.
 
     L(N, D, G) = c + (g / G^γ + a) / N^α + b / D^β          (MoE, fixed expansion rate E)
     L(N, D)    = c + a / N^α + b / D^β                      (dense; the MoE law with g = 0)
@@ -81,7 +81,7 @@ class Coefficients:
         return dataclasses.replace(self, **kw)
 
 
-# REFERENCE.md §2 (paper Table 1 / §4): rounded published coefficients.
+# docs/fine_grained.md#the-law (paper Table 1 / §4): rounded published coefficients.
 PAPER_MOE_E64 = Coefficients(a=18.1, alpha=0.115, b=30.8, beta=0.147, g=2.1, gamma=0.58, c=0.47)
 PAPER_DENSE = Coefficients(a=16.3, alpha=0.126, b=26.7, beta=0.127, g=0.0, gamma=0.0, c=0.47)
 

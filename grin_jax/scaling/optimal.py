@@ -1,4 +1,4 @@
-"""Compute-optimal allocation for fine-grained MoE (Krajewski et al. §5, REFERENCE.md §2).
+"""Compute-optimal fine-grained MoE allocation (Krajewski et al. §5; docs/fine_grained.md#compute-optimal-allocation).
 
 For a FLOP budget F, fixed expansion rate E (64 in the paper) and each granularity G in powers of two:
 the model shape follows ``d_model = 64·n_blocks``, so N = d²(8E+4)·d/64 is a function of d_model alone and the

@@ -30,8 +30,12 @@ def main(argv):
     print(f"\n{summary['config_name']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['wall_seconds']:.0f} s")
     print(f"  final train loss      {summary['final_train_loss']:.4f} nats/token")
-    print(f"  validation loss       {summary['validation_loss']:.4f} nats/token "
-          f"({summary['validation_bits_per_byte']:.4f} bits/byte)")
+    stderr = summary["validation_loss_stderr"]
+    print(f"  validation loss       {summary['validation_loss']:.4f}"
+          f"{'' if stderr is None else f' ± {stderr:.4f}'} nats/token (± 1 s.e. over "
+          f"{summary['validation_documents']} documents; {summary['validation_bits_per_byte']:.4f} bits/byte)")
+    print(f"  code                  {summary['git_commit'] or 'not a git checkout'}"
+          f"{' (uncommitted changes)' if summary['git_dirty'] else ''}")
     print(f"  workdir               {workdir}  (summary.json, metrics.jsonl, tb/, checkpoints/, "
           f"{', '.join(summary['plots'])})")
 

@@ -1,7 +1,12 @@
 """The `train` section of an experiment config: defaults and validation (errors name the key).
 
 Sequence length lives in `data.seq_len`; the aux-loss coefficients in `model.load_balance_coef` /
-`model.z_loss_coef` (the model returns the weighted total as aux['aux_loss'])."""
+`model.z_loss_coef` (the model returns the weighted total as aux['aux_loss']).
+
+Evaluation: every `eval_every` steps the trainer scores the first `eval_batches` global batches of the validation
+split (cheap, for the curve); at the end of the run it scores the first `final_eval_batches` (default 0: the whole
+split), with the standard error of the loss over documents (grin_jax.data.DocumentLosses). That final evaluation is
+summary.json's validation_loss, validation_loss_stderr and validation_documents."""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.clip_norm = 1.0
     c.log_every = 10
     c.eval_every = 200             # 0: only at the end
-    c.eval_batches = 8             # validation batches per evaluation (0: the whole validation split)
+    c.eval_batches = 8             # validation batches per periodic evaluation (0: the whole validation split)
+    c.final_eval_batches = 0       # validation batches of the end-of-run evaluation (0: the whole split, default)
     c.checkpoint_every = 200       # 0: only at the end
     c.keep_checkpoints = 2
     c.async_checkpoint = True
@@ -33,7 +39,8 @@ def default_train_config() -> ml_collections.ConfigDict:
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "keep_checkpoints", "log_every")
-_NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "seed")
+_NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "eval_batches", "final_eval_batches", "checkpoint_every",
+                      "seed")
 _NON_NEGATIVE_FLOATS = ("weight_decay", "clip_norm")
 
 

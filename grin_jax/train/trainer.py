@@ -8,9 +8,26 @@ Workdir layout:
     tb/                   TensorBoard event files
     config.json           the resolved experiment config
     loss.png, expert_load.png   plots written at the end
-    summary.json          final losses, bits per byte, tokens seen, wall time, parameter counts (written atomically)
+    summary.json          final losses, the final validation loss over the whole split with its standard error
+                          over documents, bits per byte, tokens seen, wall time, parameter counts, the git commit
+                          and dirty flag of the code, and the scaling law's columns (grin_jax.scaling.summary),
+                          written atomically
 Restarting with the same workdir resumes from the latest checkpoint; the data order, the RNG and therefore the
 losses continue exactly as in an uninterrupted run.
+
+`train` in parts: `_setup` (mesh, optimizer, data, state, checkpointer) -> `_restore` (the latest checkpoint) ->
+`_compile` (the steps, ahead of time) -> `_loop` (the steps, evals and checkpoints) -> `_summarise`. The jitted
+steps are in grin_jax.train.step (re-exported here). Packed rows are fed as documents (segment mask and
+per-document positions) unless data.document_attention is False (step.py).
+
+Evaluation (train.eval_every, train.eval_batches; train.final_eval_batches): the eval step returns each target's
+NLL, the host sums it per document (grin_jax.data.DocumentLosses, by the batches' doc_ids); with several data
+slices each process scores its slice and the per-slice sums are all-gathered and merged. The final evaluation
+(whole split by default) gives summary.json's validation_loss and its standard error over documents.
+
+The host reads each step's metrics one step late (`_StepLog`: step N+1 is dispatched before step N's metrics are
+pulled), so the device never waits for the host; a non-finite loss stops the run one step late, and every
+checkpoint is written only after its step's loss was checked finite.
 
 Sharding (grin_jax.sharding): the state is created directly sharded on the ('data', 'expert', 'model') mesh of
 `config.mesh` (a jit of the initialiser with out_shardings), the train and eval steps are compiled with explicit
@@ -28,6 +45,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +55,27 @@ import numpy as np
 from grin_jax import data as _data
 from grin_jax import models as _models
 from grin_jax import sharding as _sharding
+from grin_jax.scaling import summary as _scaling_summary
+from grin_jax.scaling.summary import paper_flops_per_token  # noqa: F401  (re-exported; tests/test_fine_grained.py)
 from grin_jax.train import checkpoint as _checkpoint
 from grin_jax.train import config as _train_config
 from grin_jax.train import metrics as _metrics
 from grin_jax.train import optim as _optim
 from grin_jax.train import plots as _plots
+from grin_jax.train import provenance as _provenance
+from grin_jax.train.step import (  # noqa: F401  (re-exported: grin_jax.bench, tests, notebooks use trainer.*)
+    all_finite,
+    aux_terms,
+    batch_features,
+    batch_spec,
+    compile_eval_step,
+    compile_train_step,
+    compiled_flops,
+    document_attention,
+    make_eval_step,
+    make_loss_fn,
+    make_train_step,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +99,7 @@ def resolve(config: ml_collections.ConfigDict, *, check_mesh: bool = True) -> Ex
             raise ValueError(f"config has no '{section}' section: an experiment config needs model, data and train")
     _train_config.validate_train_config(config.train)
     _data.validate_data_config(config.data)
+    document_attention(config.data)
     model_config = _models.model_config_from(config.model)
     if config.data.seq_len > model_config.max_seq_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} is invalid: accepted values are <= "
@@ -75,45 +110,12 @@ def resolve(config: ml_collections.ConfigDict, *, check_mesh: bool = True) -> Ex
     return Experiment(config=config, model=model_config, name=config.get("name", "experiment"))
 
 
-# ------------------------------------------------------------------------------------------------ the step
-def make_loss_fn(graphdef):
-    """(params, batch, rng) -> (cross-entropy + aux loss, (cross-entropy, aux)): the training objective."""
-
-    def loss_fn(params, batch, rng):
-        logits_BSV, aux = _models.apply(graphdef, params, batch["inputs"], training=True, rng=rng)
-        ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
-        return ce + aux["aux_loss"], (ce, aux)
-
-    return loss_fn
-
-
-def make_train_step(graphdef, tx):
-    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable."""
-    loss_fn = make_loss_fn(graphdef)
-
-    def train_step(state, batch):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        metrics = {
-            "loss": ce,
-            "total_loss": total,
-            "aux_loss": aux["aux_loss"],
-            "grad_norm": _global_norm(grads),
-            "load_balance_loss": jnp.mean(aux["load_balance_loss"]) if aux["load_balance_loss"].size else 0.0,
-            "z_loss": jnp.mean(aux["z_loss"]) if aux["z_loss"].size else 0.0,
-        }
-        for key, value in aux["metrics"].items():
-            metrics[f"moe/{key}"] = value  # per MoE layer: [L] or [L, E]
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-        return new_state, metrics
-
-    return train_step
-
-
-def _all_finite(tree):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _make_optimizer(tc):
+    """(optax transformation, learning-rate schedule) of a `train` config section."""
+    return _optim.make_optimizer(
+        learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
+        final_lr_fraction=tc.final_lr_fraction)
 
 
 def _non_finite(what: str, checkpointer) -> NonFiniteLossError:
@@ -125,38 +127,44 @@ def _non_finite(what: str, checkpointer) -> NonFiniteLossError:
         "Try a lower train.learning_rate, a larger train.warmup_steps or train.clip_norm > 0.")
 
 
-def _global_norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
-def make_eval_step(graphdef):
-    def eval_step(params, batch):
-        logits_BSV, _ = _models.apply(graphdef, params, batch["inputs"], training=False)
-        logp = jax.nn.log_softmax(logits_BSV, axis=-1)
-        nll_BS = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        mask_BS = batch["loss_mask"].astype(jnp.float32)
-        return jnp.sum(nll_BS * mask_BS), jnp.sum(mask_BS)
-    return eval_step
-
-
+# ------------------------------------------------------------------------------------------------ evaluation
 def evaluate(eval_step, params, config, tokenizer, *, max_batches, mesh=None, data_index: int = 0,
              data_count: int = 1) -> dict:
-    """Validation loss (nats per token) and bits per byte over `max_batches` global batches (None: the whole
-    split). With a mesh, this process loads slice data_index of data_count of every global batch."""
-    total_nll, total_tokens, total_bytes = 0.0, 0.0, 0
+    """The validation loss over `max_batches` global batches (None: the whole split) with its standard error over
+    documents: {'loss' (nats per token), 'stderr', 'documents', 'tokens', 'bits_per_byte'} (validation_stats).
+    eval_step: (params, batch) -> per-token NLL [B, S] (make_eval_step). With a mesh, this process loads slice
+    data_index of data_count of every global batch; every process returns the same numbers."""
+    documents, total_bytes = _score_documents(eval_step, params, config, tokenizer, max_batches=max_batches,
+                                              mesh=mesh, data_index=data_index, data_count=data_count)
+    if data_count > 1:  # each slice scored its own rows: merge one accumulator per slice (processes may share one)
+        by_slice = {i: (acc, b) for i, acc, b in _allgather_json([data_index, documents.to_json(), total_bytes])}
+        documents = _data.DocumentLosses.merged(acc for acc, _ in by_slice.values())
+        total_bytes = sum(b for _, b in by_slice.values())
+    stats = documents.stats()
+    return {"loss": stats["loss"], "stderr": stats["stderr"], "documents": stats["documents"],
+            "tokens": stats["tokens"], "bits_per_byte": _data.bits_per_byte(float(documents.nll.sum()),
+                                                                            max(total_bytes, 1))}
+
+
+def _score_documents(eval_step, params, config, tokenizer, *, max_batches, mesh, data_index, data_count):
+    """(DocumentLosses, UTF-8 bytes of the targets) of this process's slice of the evaluation batches. Batch t + 1
+    is dispatched before batch t's NLL is read, so the device does not wait for the host."""
     global_size = config.train.batch_size
-    for batch in _data.eval_batches(config.data, batch_size=global_size // data_count, tokenizer=tokenizer,
-                                    max_batches=max_batches, process_index=data_index, process_count=data_count):
-        host = _device_batch(batch)
-        nll, tokens = eval_step(params, host if mesh is None else _sharding.global_batch(host, mesh, global_size))
-        total_nll += float(nll)
-        total_tokens += float(tokens)
+    local = global_size // data_count
+    with_documents = document_attention(config.data)
+    rows = slice(data_index * local, (data_index + 1) * local) if mesh is not None else slice(None)
+    documents, total_bytes, pending = _data.DocumentLosses(), 0, None
+    for batch in _data.eval_batches(config.data, batch_size=local, tokenizer=tokenizer, max_batches=max_batches,
+                                    process_index=data_index, process_count=data_count):
+        host = _device_batch(batch, with_documents)
+        nll = eval_step(params, host if mesh is None else _sharding.global_batch(host, mesh, global_size))
+        if pending is not None:
+            documents.add(pending[0]["doc_ids"], np.asarray(pending[1])[rows], pending[0]["loss_mask"])
+        pending = (batch, nll)
         total_bytes += _data.batch_bytes(tokenizer, batch["targets"], batch["loss_mask"])
-    if data_count > 1:  # bytes are counted on the host, per slice of the global batch: add the other slices'
-        total_bytes = sum(dict(_allgather_json([data_index, total_bytes])).values())
-    loss = total_nll / max(total_tokens, 1.0)
-    return {"loss": loss, "bits_per_byte": _data.bits_per_byte(total_nll, max(total_bytes, 1)),
-            "tokens": total_tokens}
+    if pending is not None:
+        documents.add(pending[0]["doc_ids"], np.asarray(pending[1])[rows], pending[0]["loss_mask"])
+    return documents, total_bytes
 
 
 def enable_compilation_cache(setting: str) -> None:
@@ -167,31 +175,10 @@ def enable_compilation_cache(setting: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
 
 
-def batch_spec(batch_size: int, seq_len: int) -> dict:
-    """Shapes and dtypes of a device batch (for ahead-of-time compilation)."""
-    return {"inputs": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-            "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
-            "loss_mask": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
-
-
-def compiled_flops(compiled) -> float:
-    """FLOPs of one call of a compiled executable as XLA counts them (0.0 when the backend does not say)."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
-
-
-def paper_flops_per_token(model_config, counts: dict) -> float:
-    """Krajewski et al.'s training FLOPs per token: c_f = 6 per active non-embedding parameter (router excluded)
-    plus c_r = 14 per router parameter (REFERENCE §2); attention scores and the LM head are not counted."""
-    router = counts.get("router", 0)
-    return 6.0 * (counts["active_non_embedding"] - router) + 14.0 * router
-
-
-def _device_batch(batch) -> dict:
-    """The model's inputs from a host batch (this process's rows, numpy; see sharding.global_batch)."""
-    return {k: np.asarray(batch[k]) for k in ("inputs", "targets", "loss_mask")}
+def _device_batch(batch, document_attention: bool = True) -> dict:
+    """The model's inputs from a host batch (this process's rows, numpy; see sharding.global_batch): inputs,
+    targets, loss_mask, and with document_attention positions and segment_ids (step.batch_features)."""
+    return {k: np.asarray(batch[k]) for k in batch_features(document_attention)}
 
 
 def _allgather_json(obj) -> list:
@@ -207,7 +194,7 @@ def _allgather_json(obj) -> list:
     return [json.loads(gathered[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
 
 
-# ------------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------------ the state
 def abstract_state(experiment: Experiment, tx):
     """(graphdef, the train state as ShapeDtypeStructs): nothing allocated."""
     graphdef, params = _models.abstract_init(experiment.model)
@@ -243,24 +230,142 @@ def state_shardings(experiment: Experiment, tx, mesh):
     return _sharding.state_shardings(abstract_state(experiment, tx)[1], mesh)
 
 
-def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, compiler_options: dict | None = None):
-    """The train step compiled ahead of time with explicit in/out shardings: the state as `shardings` (donated),
-    the batch over the data axes, metrics replicated. Traced under jax.set_mesh(mesh), which is where the MoE block
-    finds the mesh. `state` and `batch` may be abstract (ShapeDtypeStructs). compiler_options: XLA options for
-    this compile (tests: {'xla_backend_optimization_level': 0} halves CPU compile time)."""
-    with jax.set_mesh(mesh):
-        return jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, _sharding.batch_sharding(mesh)),
-                       out_shardings=(shardings, _sharding.replicated(mesh)),
-                       donate_argnums=(0,)).lower(state, batch).compile(compiler_options)
+# ------------------------------------------------------------------------------------------------ the run's parts
+@dataclasses.dataclass
+class _Run:
+    """The fixed parts of one training run, built by `_setup`; `_restore` sets start_step and prior_wall."""
+
+    experiment: Experiment
+    workdir: str
+    mesh: Any
+    data_index: int
+    data_count: int
+    tx: Any
+    schedule: Any
+    train_iter: Any
+    tokenizer: Any
+    graphdef: Any
+    checkpointer: _checkpoint.Checkpointer
+    wall_start: float
+    provenance: dict  # git_commit, git_dirty of the code this process runs
+    start_step: int = 0
+    prior_wall: float = 0.0  # wall seconds of the runs this one resumes
+
+    @property
+    def config(self) -> ml_collections.ConfigDict:
+        return self.experiment.config
+
+    @property
+    def tc(self) -> ml_collections.ConfigDict:
+        return self.experiment.config.train
+
+    @property
+    def primary(self) -> bool:
+        return jax.process_index() == 0
+
+    @property
+    def document_attention(self) -> bool:
+        return document_attention(self.config.data)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tc.batch_size * self.config.data.seq_len
+
+    def wall_seconds(self) -> float:
+        return self.prior_wall + time.time() - self.wall_start
 
 
-def compile_eval_step(graphdef, params, param_shardings, mesh, batch, *, compiler_options: dict | None = None):
-    """The eval step compiled ahead of time: params as `param_shardings`, the batch over the data axes."""
-    with jax.set_mesh(mesh):
-        return jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, _sharding.batch_sharding(mesh)),
-                       out_shardings=_sharding.replicated(mesh)).lower(params, batch).compile(compiler_options)
+def _setup(experiment: Experiment, workdir: str):
+    """(_Run, the freshly initialised state): writes config.json, builds the mesh, optimizer, data, checkpointer."""
+    config, tc = experiment.config, experiment.config.train
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:  # the resolved config; document_attention explicit (load_trained reads it back)
+        resolved = json.loads(config.to_json_best_effort())
+        resolved["data"]["document_attention"] = document_attention(config.data)
+        _metrics.write_json_atomic(os.path.join(workdir, "config.json"), resolved)
+    wall_start = time.time()
+    mesh = _sharding.make_mesh(_sharding.mesh_config_of(config))
+    data_index, data_count = _sharding.data_process_layout(mesh, tc.batch_size)
+    tx, schedule = _make_optimizer(tc)
+    train_iter, tokenizer = _data.make_dataset(config.data, batch_size=tc.batch_size // data_count, seed=tc.seed,
+                                               process_index=data_index, process_count=data_count)
+    if tokenizer.vocab_size > experiment.model.vocab_size:
+        raise ValueError(f"model.vocab_size={experiment.model.vocab_size} is invalid: the tokenizer has "
+                         f"{tokenizer.vocab_size} ids; accepted values are >= {tokenizer.vocab_size}")
+    graphdef, state = init_state(experiment, tx, mesh)
+    checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
+                                            async_save=tc.async_checkpoint)
+    run = _Run(experiment=experiment, workdir=workdir, mesh=mesh, data_index=data_index, data_count=data_count,
+               tx=tx, schedule=schedule, train_iter=train_iter, tokenizer=tokenizer, graphdef=graphdef,
+               checkpointer=checkpointer, wall_start=wall_start, provenance=_provenance.git_provenance())
+    return run, state
 
 
+def _restore(run: _Run, state):
+    """The state of the latest checkpoint (and the data iterator's position), or `state` when there is none."""
+    checkpointer = run.checkpointer
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return state
+    state, meta = checkpointer.restore(latest, _checkpoint.abstract_like(state))
+    data_states = meta.get("data_states", [meta["data_state"]])
+    if len(data_states) != run.data_count:
+        raise ValueError(f"{checkpointer.directory}/{latest} was written with the batch loaded in "
+                         f"{len(data_states)} slices, this run loads it in {run.data_count}: the data order cannot "
+                         "be resumed exactly; resume with the same mesh and number of processes")
+    run.train_iter.set_state(data_states[run.data_index])
+    run.start_step, run.prior_wall = int(state["step"]), float(meta.get("wall_seconds", 0.0))
+    print(f"resuming from {checkpointer.directory}/{latest} (step {run.start_step})", file=sys.stderr, flush=True)
+    return state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    """The run's executables and what compiling them measured."""
+
+    train_step: Any
+    eval_step: Any
+    all_finite: Any
+    compile_seconds: float
+    xla_flops_per_token: float
+
+
+def _compile(run: _Run, state) -> _Compiled:
+    """The train and eval steps compiled ahead of time for the run's mesh and batch (see compile_train_step)."""
+    enable_compilation_cache(run.tc.compilation_cache_dir)
+    shardings = state_shardings(run.experiment, run.tx, run.mesh)
+    compile_start = time.perf_counter()
+    spec = batch_spec(run.tc.batch_size, run.config.data.seq_len, document_attention=run.document_attention)
+    train_step = compile_train_step(run.graphdef, run.tx, state, shardings, run.mesh, spec)
+    compile_seconds = time.perf_counter() - compile_start
+    eval_step = compile_eval_step(run.graphdef, state["params"], shardings["params"], run.mesh, spec)
+    return _Compiled(train_step=train_step, eval_step=eval_step,
+                     all_finite=jax.jit(all_finite, out_shardings=_sharding.replicated(run.mesh)),
+                     compile_seconds=compile_seconds,
+                     xla_flops_per_token=compiled_flops(train_step) / run.tokens_per_step)
+
+
+def _evaluate(run: _Run, compiled: _Compiled, params, *, final: bool = False) -> dict:
+    """A periodic evaluation (train.eval_batches) or the final one (train.final_eval_batches; 0: the whole split)."""
+    batches = run.tc.final_eval_batches if final else run.tc.eval_batches
+    result = evaluate(compiled.eval_step, params, run.config, run.tokenizer, max_batches=batches or None,
+                      mesh=run.mesh, data_index=run.data_index, data_count=run.data_count)
+    return {**result, "final": final}
+
+
+def _save(run: _Run, compiled: _Compiled, state, step: int) -> None:
+    """Checkpoint the state after `step`. The caller has checked the step's loss; the parameters are checked here."""
+    if not bool(compiled.all_finite(state["params"])):
+        raise _non_finite(f"non-finite parameters after step {step}", run.checkpointer)
+    data_state = run.train_iter.get_state()
+    meta = {"data_state": data_state, "config_name": run.experiment.name, "wall_seconds": run.wall_seconds()}
+    if jax.process_count() > 1:  # every data slice's iterator state (processes of one slice agree)
+        by_slice = dict((i, st) for i, st in _allgather_json([run.data_index, data_state]))
+        meta["data_states"] = [by_slice[i] for i in range(run.data_count)]
+    run.checkpointer.save(step, state, meta)
+
+
+# ------------------------------------------------------------------------------------------------ logging
 class _NullWriter:
     """Stands in for MetricWriter on processes other than 0: keeps the records in memory, writes nothing."""
 
@@ -276,177 +381,220 @@ class _NullWriter:
         pass
 
 
-def _param_counts(model_config) -> dict:
-    from grin_jax import params as _params
-    return dict(_params.count_params(model_config))
-
-
 def _host_metrics(metrics) -> dict:
-    """Scalars as floats; per-layer vectors summarised (mean over layers) plus the last layer's expert load."""
+    """A step's metrics on the host (one transfer): scalars as floats, per-layer vectors [L] as their mean over the
+    layers, expert loads ('<section>/expert_load' [L, E]) as nested lists (the plot reads them); others dropped."""
     out = {}
     for key, value in jax.device_get(metrics).items():
         value = np.asarray(value)
         if value.ndim == 0:
             out[key] = float(value)
-        elif key == "moe/expert_load":
+        elif key.endswith("expert_load"):
             out[key] = value.tolist()
         elif value.ndim == 1:
             out[key] = float(value.mean()) if value.size else 0.0
     return out
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) the experiment in `workdir`; returns the summary written to summary.json."""
-    experiment = resolve(config)
-    tc = config.train
-    primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if primary:
-        _metrics.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
-    wall_start = time.time()
-    mesh = _sharding.make_mesh(_sharding.mesh_config_of(config))
-    data_index, data_count = _sharding.data_process_layout(mesh, tc.batch_size)
+def _progress_bar(run: _Run):
+    if not (run.tc.progress and run.start_step < run.tc.steps):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.tc.steps, initial=run.start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                desc=run.experiment.name)
 
-    tx, schedule = _optim.make_optimizer(
-        learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
-        final_lr_fraction=tc.final_lr_fraction)
-    train_iter, tokenizer = _data.make_dataset(config.data, batch_size=tc.batch_size // data_count, seed=tc.seed,
-                                               process_index=data_index, process_count=data_count)
-    if tokenizer.vocab_size > experiment.model.vocab_size:
-        raise ValueError(f"model.vocab_size={experiment.model.vocab_size} is invalid: the tokenizer has "
-                         f"{tokenizer.vocab_size} ids; accepted values are >= {tokenizer.vocab_size}")
-    graphdef, state = init_state(experiment, tx, mesh)
-    shardings = state_shardings(experiment, tx, mesh)
 
-    checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
-                                            async_save=tc.async_checkpoint)
-    start_step, prior_wall = 0, 0.0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, meta = checkpointer.restore(latest, _checkpoint.abstract_like(state))
-        data_states = meta.get("data_states", [meta["data_state"]])
-        if len(data_states) != data_count:
-            raise ValueError(f"{checkpointer.directory}/{latest} was written with the batch loaded in "
-                             f"{len(data_states)} slices, this run loads it in {data_count}: the data order cannot "
-                             "be resumed exactly; resume with the same mesh and number of processes")
-        train_iter.set_state(data_states[data_index])
-        start_step, prior_wall = int(state["step"]), float(meta.get("wall_seconds", 0.0))
-        print(f"resuming from {checkpointer.directory}/{latest} (step {start_step})", file=sys.stderr, flush=True)
-    writer = _metrics.MetricWriter(workdir, resume_step=start_step) if primary else _NullWriter()
+class _StepLog:
+    """The host side of the step metrics, one step behind the device (as in nanodo): `push` queues the step just
+    dispatched and reads the previous one, which the device has finished (or is finishing, with the new step
+    queued behind it), so the host never leaves the device idle. Reading a step checks its loss and gradient norm
+    are finite (NonFiniteLossError otherwise), writes its record every train.log_every steps and at the last step
+    (train/* and where the data stream was after the step's batch: data/epoch, data/corpus_fraction, from
+    DataIterator.position()), and moves the progress bar. `flush` reads the queued step now (it waits for the
+    device): the loop calls it before an eval, before a checkpoint (no state is saved whose loss was not checked)
+    and at the end."""
 
-    tokens_per_step = tc.batch_size * config.data.seq_len
-    enable_compilation_cache(tc.compilation_cache_dir)
-    compile_start = time.perf_counter()
-    spec = batch_spec(tc.batch_size, config.data.seq_len)
-    train_step = compile_train_step(graphdef, tx, state, shardings, mesh, spec)
-    compile_seconds = time.perf_counter() - compile_start
-    eval_step = compile_eval_step(graphdef, state["params"], shardings["params"], mesh, spec)
-    all_finite = jax.jit(_all_finite, out_shardings=_sharding.replicated(mesh))
-    xla_flops_per_token = compiled_flops(train_step) / tokens_per_step
-    eval_max = tc.eval_batches or None
-    eval_kw = dict(max_batches=eval_max, mesh=mesh, data_index=data_index, data_count=data_count)
+    CHECKED = ("loss", "total_loss", "grad_norm")
 
-    def save(step):
-        data_state = train_iter.get_state()
-        meta = {"data_state": data_state, "config_name": experiment.name,
-                "wall_seconds": prior_wall + time.time() - wall_start}
-        if jax.process_count() > 1:  # every data slice's iterator state (processes of one slice agree)
-            by_slice = dict((i, st) for i, st in _allgather_json([data_index, data_state]))
-            meta["data_states"] = [by_slice[i] for i in range(data_count)]
-        checkpointer.save(step, state, meta)
+    def __init__(self, run: _Run, writer):
+        self.run, self.writer = run, writer
+        self.step_times: list[float] = []  # seconds per step, as the host sees the device finish them
+        self.last_eval: dict = {}
+        self._pending = None  # (step, device metrics, dispatch time, data position) of the step not read yet
+        self._last_read = 0.0
+        self._bar = _progress_bar(run)
 
-    bar = None
-    if tc.progress and start_step < tc.steps:
-        from tqdm import tqdm
-        bar = tqdm(total=tc.steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                   desc=experiment.name)
-    last_train, last_eval = {}, {}
-    step = start_step
-    step_times = []
-    try:
-        while step < tc.steps:
-            batch = next(train_iter)
-            t0 = time.perf_counter()
-            state, metrics = train_step(state, _sharding.global_batch(_device_batch(batch), mesh, tc.batch_size))
-            loss = float(metrics["loss"])
-            step_times.append(time.perf_counter() - t0)
-            step += 1
-            if not all(math.isfinite(float(metrics[k])) for k in ("loss", "total_loss", "grad_norm")):
-                raise _non_finite(f"non-finite training loss or gradient (loss {loss}) at step {step}",
-                                  checkpointer)
-            if step % tc.log_every == 0 or step == tc.steps:
-                last_train = _host_metrics(metrics)
-                last_train["learning_rate"] = float(schedule(step - 1))
-                last_train["tokens_per_second"] = tokens_per_step / float(np.median(step_times[-tc.log_every:]))
-                last_train["tokens"] = step * tokens_per_step
-                writer.write(step, last_train, prefix="train/")
-            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-                last_eval = evaluate(eval_step, state["params"], config, tokenizer, **eval_kw)
-                writer.write(step, last_eval, prefix="eval/")
-            if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or step == tc.steps:
-                if not bool(all_finite(state["params"])):
-                    raise _non_finite(f"non-finite parameters after step {step}", checkpointer)
-                save(step)
-            if bar is not None:
-                postfix = {"loss": f"{loss:.3f}", "tok/s": f"{tokens_per_step / step_times[-1]:.0f}"}
-                if last_eval:
-                    postfix["val"] = f"{last_eval['loss']:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        checkpointer.close()
-        writer.close()
+    def push(self, step: int, metrics: dict, dispatched_at: float, position: dict) -> None:
+        previous, self._pending = self._pending, (step, metrics, dispatched_at, position)
+        if previous is not None:
+            self._read(*previous)
 
-    if not last_eval:  # resumed after the final step: evaluate once more for the summary
-        last_eval = evaluate(eval_step, state["params"], config, tokenizer, **eval_kw)
-    records = _metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if primary else writer.records
+    def flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._read(*pending)
+
+    def _read(self, step: int, metrics: dict, dispatched_at: float, position: dict) -> None:
+        tc = self.run.tc
+        due = step % tc.log_every == 0 or step == tc.steps
+        host = _host_metrics(metrics if due else {k: metrics[k] for k in self.CHECKED})
+        now = time.perf_counter()
+        # The device ran this step from its dispatch or the previous step's end (as read here), whichever is later.
+        self.step_times.append(now - max(dispatched_at, self._last_read))
+        self._last_read = now
+        if not all(math.isfinite(host[k]) for k in self.CHECKED):
+            raise _non_finite(f"non-finite training loss or gradient (loss {host['loss']}) at step {step}",
+                              self.run.checkpointer)
+        if due:
+            self._write(step, host, position)
+        self._show(host["loss"])
+
+    def _write(self, step: int, host: dict, position: dict) -> None:
+        tokens_per_step = self.run.tokens_per_step
+        host["learning_rate"] = float(self.run.schedule(step - 1))
+        host["tokens_per_second"] = tokens_per_step / float(np.median(self.step_times[-self.run.tc.log_every:]))
+        host["tokens"] = step * tokens_per_step
+        record = {f"train/{k}": v for k, v in host.items()}
+        record["data/epoch"] = int(position["epoch"])
+        record["data/corpus_fraction"] = float(position["corpus_fraction"])
+        self.writer.write(step, record)
+
+    def write_eval(self, step: int, result: dict) -> None:
+        self.last_eval = result
+        self.writer.write(step, result, prefix="eval/")
+
+    def _show(self, loss: float) -> None:
+        if self._bar is None:
+            return
+        postfix = {"loss": f"{loss:.3f}", "tok/s": f"{self.run.tokens_per_step / self.step_times[-1]:.0f}"}
+        if self.last_eval:
+            postfix["val"] = f"{self.last_eval['loss']:.3f}"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+def _due(every: int, step: int, last: int) -> bool:
+    """Every `every` steps (0: never) and at the last step."""
+    return bool(every and step % every == 0) or step == last
+
+
+def _loop(run: _Run, compiled: _Compiled, state, log: _StepLog):
+    """Steps from run.start_step to train.steps, with evals and checkpoints; returns (state, the last step)."""
+    tc = run.tc
+    step = run.start_step
+    while step < tc.steps:
+        host = _device_batch(next(run.train_iter), run.document_attention)
+        position = run.train_iter.position()  # after this step's batch
+        batch = _sharding.global_batch(host, run.mesh, tc.batch_size)
+        dispatched_at = time.perf_counter()
+        state, metrics = compiled.train_step(state, batch)
+        step += 1
+        log.push(step, metrics, dispatched_at, position)  # reads step - 1's metrics while the device runs this step
+        if _due(tc.eval_every, step, tc.steps):  # the last step's is the final evaluation (train.final_eval_batches)
+            log.flush()
+            log.write_eval(step, _evaluate(run, compiled, state["params"], final=step == tc.steps))
+        if _due(tc.checkpoint_every, step, tc.steps):
+            log.flush()  # this step's loss is checked finite before its state is saved
+            _save(run, compiled, state, step)
+    log.flush()
+    return state, step
+
+
+def _param_counts(model_config) -> dict:
+    from grin_jax import params as _params
+    return dict(_params.count_params(model_config))
+
+
+def _finite(value):
+    """A float for summary.json: None when NaN or infinite (JSON has neither)."""
+    return float(value) if value is not None and math.isfinite(value) else None
+
+
+def _summarise(run: _Run, compiled: _Compiled, log: _StepLog, step: int, final_eval: dict, records: list) -> dict:
+    """The run's summary (summary.json on process 0) and plots, from the logged records and the final evaluation."""
     train_losses = [r["train/loss"] for r in records if r.get("train/loss") is not None]
     tail = train_losses[-max(1, len(train_losses) // 10):]
-    load_LE = next((r["train/moe/expert_load"] for r in reversed(records) if r.get("train/moe/expert_load")), None)
-    plots = _plots.write_plots(workdir, records, load_LE, title=experiment.name) if primary else []
-    counts = _param_counts(experiment.model)
+    plots = _plots.write_plots(run.workdir, records, title=run.experiment.name) if run.primary else []
+    counts = _param_counts(run.experiment.model)
+    tokens_seen = int(step * run.tokens_per_step)
+    smoothed = float(np.mean(tail)) if tail else None
     summary = {
-        "config_name": experiment.name,
+        "config_name": run.experiment.name,
         "steps": int(step),
-        "tokens_seen": int(step * tokens_per_step),
+        "tokens_seen": tokens_seen,
         "final_train_loss": train_losses[-1] if train_losses else None,
-        "smoothed_train_loss": float(np.mean(tail)) if tail else None,
-        "validation_loss": last_eval["loss"],
-        "validation_bits_per_byte": last_eval["bits_per_byte"],
-        "wall_seconds": prior_wall + time.time() - wall_start,
+        "smoothed_train_loss": smoothed,
+        "validation_loss": _finite(final_eval["loss"]),
+        "validation_loss_stderr": _finite(final_eval["stderr"]),  # over documents (DocumentLosses)
+        "validation_documents": int(final_eval["documents"]),
+        "validation_bits_per_byte": _finite(final_eval["bits_per_byte"]),
+        "corpus_fraction": float(run.train_iter.position()["corpus_fraction"]),  # passes over the train split
+        "wall_seconds": run.wall_seconds(),
         "params": counts,
         "plots": [os.path.basename(p) for p in plots],
-        "compile_seconds": compile_seconds,
-        "tokens_per_second": float(tokens_per_step / np.median(step_times)) if step_times else None,
-        "xla_flops_per_token": xla_flops_per_token,
-        "paper_flops_per_token": paper_flops_per_token(experiment.model, counts) if counts else None,
-        # The scaling-law columns (python -m grin_jax.scaling.fit reads N, D, G, loss):
-        # N as in Krajewski et al.: non-embedding parameters without routers and norms (d²(8E+4) per block).
-        "N": counts["non_embedding"] - counts.get("router", 0) - counts.get("norms", 0),
-        "D": int(step * tokens_per_step),
-        "G": int(config.model.get("granularity", 1) or 1),
-        "loss": float(np.mean(tail)) if tail else None,
-        "flops": (paper_flops_per_token(experiment.model, counts) * step * tokens_per_step) if counts else None,
+        "compile_seconds": compiled.compile_seconds,
+        "tokens_per_second": float(run.tokens_per_step / np.median(log.step_times)) if log.step_times else None,
+        "xla_flops_per_token": compiled.xla_flops_per_token,
+        **run.provenance,  # git_commit, git_dirty
     }
-    if primary:
-        _metrics.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    # The scaling law's columns (N, D, G, loss, flops, paper_flops_per_token; grin_jax.scaling.fit reads them).
+    summary.update(_scaling_summary.summary_columns(run.config.model, counts, tokens_seen, loss=smoothed))
+    if run.primary:
+        _metrics.write_json_atomic(os.path.join(run.workdir, "summary.json"), summary)
     return summary
 
 
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train (or resume) the experiment in `workdir`; returns the summary written to summary.json."""
+    run, state = _setup(resolve(config), workdir)
+    writer = None
+    try:
+        state = _restore(run, state)
+        writer = _metrics.MetricWriter(workdir, resume_step=run.start_step) if run.primary else _NullWriter()
+        compiled = _compile(run, state)
+        log = _StepLog(run, writer)
+        try:
+            state, step = _loop(run, compiled, state, log)
+        finally:
+            log.close()
+        if not log.last_eval.get("final"):  # resumed after the final step (its evaluation, run before the final
+            log.last_eval = _evaluate(run, compiled, state["params"], final=True)  # checkpoint, is logged already)
+    finally:
+        run.checkpointer.close()
+        if writer is not None:
+            writer.close()
+    records = _metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if run.primary else writer.records
+    return _summarise(run, compiled, log, step, log.last_eval, records)
+
+
 # ------------------------------------------------------------------------------------------------ reloading
+# Data settings added since older runs were configured, with the value those runs trained with.
+_EARLIER_DATA = {"shuffle": "windows", "document_attention": False}
+
+
+def _with_later_keys(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A run's saved config.json completed with the keys added since it was written: train keys at their
+    defaults, data keys at the value the run actually used (_EARLIER_DATA)."""
+    for key, value in _train_config.default_train_config().items():
+        if key not in config.train:
+            config.train[key] = value
+    for key, value in _EARLIER_DATA.items():
+        if key not in config.data:
+            config.data[key] = value
+    return config
+
+
 def load_trained(workdir: str, step: int | None = None):
     """(config, graphdef, params, tokenizer) of a run's checkpoint (default: the latest)."""
     with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+        config = _with_later_keys(ml_collections.ConfigDict(json.load(f)))
     experiment = resolve(config, check_mesh=False)  # restored onto one device, whatever mesh trained it
-    tc = config.train
-    tx, _ = _optim.make_optimizer(
-        learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
-        final_lr_fraction=tc.final_lr_fraction)
+    tx, _ = _make_optimizer(config.train)
     graphdef, abstract = abstract_state(experiment, tx)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)

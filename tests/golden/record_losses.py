@@ -36,6 +36,10 @@ def config_for(name):
     config.train.eval_every = 0
     config.train.checkpoint_every = 0
     config.train.progress = False
+    # The data stream as it was when the losses were recorded (the windowed shuffle and the old validation split).
+    if "shuffle" in config.data:
+        config.data.shuffle = "windows"
+        config.data.validation_fraction = 0.02
     for section, values in overrides.items():
         for key, value in values.items():
             config[section][key] = value

@@ -1,0 +1,89 @@
+"""The dense FFN kind: y = (act(x W_gate) * x W_up) W_down for gated activations, else act(x W_up) W_down.
+
+Axes: B batch, S sequence, D model, F hidden. Parameters (no biases): w_up, w_gate [D, F] ('embed', 'mlp'),
+w_down [F, D] ('mlp', 'embed'); fan-in scaled normal init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grin_jax.ffn import register_ffn
+from grin_jax.moe import experts as _experts
+from grin_jax.nn.layers import normal_init, param
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DenseConfig:
+    """d_hidden: the FFN width F (None = 4 * d_model). activation: experts.ACTIVATIONS."""
+
+    d_model: int
+    d_hidden: int | None = None
+    activation: str = "swiglu"
+
+    def __post_init__(self):
+        if self.d_hidden is None:
+            object.__setattr__(self, "d_hidden", 4 * self.d_model)
+        if isinstance(self.d_hidden, bool) or not isinstance(self.d_hidden, int) or self.d_hidden < 1:
+            raise ValueError(f"dense.d_hidden={self.d_hidden!r} is invalid: accepted values are None or integers >= 1")
+        if self.activation not in _experts.ACTIVATIONS:
+            raise ValueError(f"dense.activation={self.activation!r} is invalid: accepted values are "
+                             f"{sorted(_experts.ACTIVATIONS)}")
+
+    @classmethod
+    def from_section(cls, values, *, d_model: int) -> "DenseConfig":
+        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+        known = [f.name for f in dataclasses.fields(cls) if f.name != "d_model"]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"dense: unknown key(s) {unknown}: accepted keys are {known}")
+        return cls(d_model=d_model, **values)
+
+    def to_section(self) -> dict:
+        return {"d_hidden": self.d_hidden, "activation": self.activation}
+
+    @property
+    def loss_weights(self) -> dict:
+        return {}
+
+
+@register_ffn("dense")
+class DenseFFN(nnx.Module):
+    Config = DenseConfig
+
+    def __init__(self, config: DenseConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        del norm, norm_eps
+        d_model, d_hidden = config.d_model, config.d_hidden
+        self.act = _experts.get_activation(config.activation)
+        self.w_up = param(normal_init(rngs.params(), (d_model, d_hidden), param_dtype, d_model ** -0.5),
+                          ("embed", "mlp"))
+        self.w_gate = (param(normal_init(rngs.params(), (d_model, d_hidden), param_dtype, d_model ** -0.5),
+                             ("embed", "mlp")) if self.act.gated else None)
+        self.w_down = param(normal_init(rngs.params(), (d_hidden, d_model), param_dtype, d_hidden ** -0.5),
+                            ("mlp", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
+        del training, rng
+        x = x_BSD.astype(self.dtype)
+        up = x @ self.w_up[...].astype(self.dtype)
+        h = self.act.fn(x @ self.w_gate[...].astype(self.dtype)) * up if self.act.gated else self.act.fn(up)
+        return h @ self.w_down[...].astype(self.dtype), {"losses": {}, "metrics": {}}
+
+    @staticmethod
+    def param_counts(config: DenseConfig) -> dict:
+        matrices = 3 if _experts.get_activation(config.activation).gated else 2
+        n = matrices * config.d_model * config.d_hidden
+        return {"dense_ffn": (n, n)}
+
+    @staticmethod
+    def check_mesh(config: DenseConfig, sizes: dict) -> None:
+        model = sizes.get("model", 1)
+        if config.d_hidden % model:
+            raise ValueError(f"dense.d_hidden={config.d_hidden} is not divisible by mesh.model={model}: the dense "
+                             "FFN width is sharded over the model axis")

@@ -1,0 +1,141 @@
+"""The jitted steps: the training objective, the train step (metrics from the model's aux, generically), the eval
+step, and their ahead-of-time compilation with explicit shardings.
+
+Packed rows are fed as documents when the batch carries 'positions' and 'segment_ids' (`batch_features` /
+`batch_spec` with document_attention=True, data.document_attention's default): the segment ids mask attention to
+the query's own document and the per-document positions feed RoPE, so every document of a row is modelled as if it
+were alone (tests/test_packing.py). A batch without them (data.document_attention=False, synthetic batches):
+positions 0..S-1 and no mask, rows attend across document boundaries (the behaviour before issue 12).
+
+The train step's metrics: 'loss' (cross-entropy), 'total_loss' (+ aux loss), 'aux_loss', 'grad_norm', then every
+entry of the model's aux['losses'] (scalars, unweighted) and aux['metrics'] (per layer, stacked) under its own name,
+e.g. 'moe/load_balance_loss', 'moe/expert_load' [L, E]. The step knows no FFN kind: the names come from the model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from grin_jax import models as _models
+from grin_jax import sharding as _sharding
+
+
+def aux_terms(aux: dict) -> tuple[dict, dict]:
+    """(losses, metrics) of the model's aux, each entry under the name it is logged as.
+
+    aux = {'aux_loss', 'losses': {name: scalar}, 'metrics': {name: per-layer array}}. The older contract
+    ({'aux_loss', 'load_balance_loss' [L], 'z_loss' [L], 'metrics': {unprefixed}}) is converted to it: its losses
+    become 'moe/load_balance_loss', 'moe/z_loss' (means over the layers), its metrics 'moe/<name>'.
+    (Compatibility only: delete the second branch once no model returns the old contract.)"""
+    if "losses" in aux:
+        return dict(aux["losses"]), dict(aux.get("metrics", {}))
+    losses = {f"moe/{k}": jnp.mean(aux[k]) if jnp.size(aux[k]) else jnp.float32(0.0)
+              for k in ("load_balance_loss", "z_loss") if k in aux}
+    return losses, {f"moe/{k}": v for k, v in aux.get("metrics", {}).items()}
+
+
+DOCUMENT_FEATURES = ("positions", "segment_ids")  # what document attention adds to the device batch
+
+
+def document_attention(data_config) -> bool:
+    """data.document_attention: feed packed rows as documents (default True; see the module docstring)."""
+    value = data_config.get("document_attention", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"data.document_attention={value!r} is invalid: accepted values are True, False")
+    return value
+
+
+def batch_features(document_attention: bool = True) -> tuple[str, ...]:
+    """The keys of a device batch."""
+    return ("inputs", "targets", "loss_mask") + (DOCUMENT_FEATURES if document_attention else ())
+
+
+def forward(graphdef, params, batch, *, training: bool, rng=None):
+    """The model on a batch: (logits [B, S, V], aux); with the batch's positions and segment ids when it has them."""
+    documents = {f"{k}_BS": batch[k] for k in DOCUMENT_FEATURES if k in batch}
+    return _models.apply(graphdef, params, batch["inputs"], training=training, rng=rng, **documents)
+
+
+def make_loss_fn(graphdef):
+    """(params, batch, rng) -> (cross-entropy + aux loss, (cross-entropy, aux)): the training objective."""
+
+    def loss_fn(params, batch, rng):
+        logits_BSV, aux = forward(graphdef, params, batch, training=True, rng=rng)
+        ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
+        return ce + aux["aux_loss"], (ce, aux)
+
+    return loss_fn
+
+
+def make_train_step(graphdef, tx):
+    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable."""
+    loss_fn = make_loss_fn(graphdef)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
+        metrics = {"loss": ce, "total_loss": total, "aux_loss": aux["aux_loss"], "grad_norm": global_norm(grads)}
+        losses, layer_metrics = aux_terms(aux)
+        metrics.update(losses)
+        metrics.update(layer_metrics)
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef):
+    """(params, batch) -> the per-token NLL of the targets [B, S] (float32, 0 where loss_mask is 0): the host sums
+    it per document (grin_jax.data.DocumentLosses) for the loss and its standard error."""
+
+    def eval_step(params, batch):
+        logits_BSV, _ = forward(graphdef, params, batch, training=False)
+        logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
+        nll_BS = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        return jnp.where(batch["loss_mask"] > 0, nll_BS, 0.0)
+
+    return eval_step
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def batch_spec(batch_size: int, seq_len: int, *, document_attention: bool = True) -> dict:
+    """Shapes and dtypes of a device batch (for ahead-of-time compilation): inputs, targets, loss_mask, and with
+    document_attention positions and segment_ids."""
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32)
+            for k in batch_features(document_attention)}
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled executable as XLA counts them (0.0 when the backend does not say)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, compiler_options: dict | None = None):
+    """The train step compiled ahead of time with explicit in/out shardings: the state as `shardings` (donated),
+    the batch over the data axes, metrics replicated. Traced under jax.set_mesh(mesh), which is where the MoE block
+    finds the mesh. `state` and `batch` may be abstract (ShapeDtypeStructs). compiler_options: XLA options for
+    this compile (tests: {'xla_backend_optimization_level': 0} halves CPU compile time)."""
+    with jax.set_mesh(mesh):
+        return jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, _sharding.batch_sharding(mesh)),
+                       out_shardings=(shardings, _sharding.replicated(mesh)),
+                       donate_argnums=(0,)).lower(state, batch).compile(compiler_options)
+
+
+def compile_eval_step(graphdef, params, param_shardings, mesh, batch, *, compiler_options: dict | None = None):
+    """The eval step compiled ahead of time: params as `param_shardings`, the batch over the data axes."""
+    with jax.set_mesh(mesh):
+        return jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, _sharding.batch_sharding(mesh)),
+                       out_shardings=_sharding.replicated(mesh)).lower(params, batch).compile(compiler_options)

@@ -1,0 +1,131 @@
+"""grin_jax.nn.attention: document-aware (segment) masking for packed rows; causality from the token index."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from grin_jax.nn.attention import Attention, attention_mask, init_kv_cache
+
+D, H, G, K = 32, 4, 2, 8
+
+
+def _attn(window=None, seed=0):
+    return Attention(D, H, G, K, sliding_window=window, rngs=nnx.Rngs(seed))
+
+
+def _x(rng, b, s):
+    return jnp.asarray(rng.normal(size=(b, s, D)), jnp.float32)
+
+
+def _arange(b, s):
+    return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+
+def _old_mask(q_pos, k_pos, window):
+    """The mask before segment ids: causal / sliding window on positions."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    return allowed
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 16])
+def test_mask_without_segments_is_the_old_mask(window):
+    idx = _arange(2, 12)
+    np.testing.assert_array_equal(attention_mask(idx, idx, window), _old_mask(idx, idx, window))
+    ones = jnp.ones((2, 12), jnp.int32)
+    np.testing.assert_array_equal(attention_mask(idx, idx, window, ones, ones), _old_mask(idx, idx, window))
+    with pytest.raises(ValueError, match="both"):
+        attention_mask(idx, idx, window, ones, None)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_one_segment_is_bit_identical_to_no_segments(window):
+    rng = np.random.default_rng(0)
+    attn, x, pos = _attn(window), _x(rng, 2, 10), _arange(2, 10)
+    y0, _ = attn(x, pos)
+    y1, _ = attn(x, pos, segment_ids_BS=jnp.ones((2, 10), jnp.int32))
+    np.testing.assert_array_equal(y0, y1)
+    # the reference: the same weights, the pre-segment mask built from positions
+    q, k, v = attn.q(x), attn.k(x), attn.v(x)
+    from grin_jax.nn.attention import apply_rope, dot_product_attention, rope_cos_sin
+    cos, sin = rope_cos_sin(pos, K, attn.rope_theta)
+    ref = attn.o(dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v,
+                                       _old_mask(pos, pos, window)))
+    np.testing.assert_array_equal(y0, ref)
+
+
+def _packed_row(lengths, pad):
+    """segment ids (1, 2, ...; 0 for padding) and per-document positions of documents packed into one row."""
+    seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(pad, int)])
+    pos = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(pad, int)])
+    return jnp.asarray(seg[None], jnp.int32), jnp.asarray(pos[None], jnp.int32)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_packed_documents_equal_each_document_alone(window):
+    rng = np.random.default_rng(1)
+    attn = _attn(window, seed=2)
+    lengths, pad = [5, 7, 1, 6], 3
+    seg, pos = _packed_row(lengths, pad)
+    x = _x(rng, 1, sum(lengths) + pad)
+    packed, _ = attn(x, pos, segment_ids_BS=seg)
+    start = 0
+    for n in lengths:
+        alone, _ = attn(x[:, start:start + n], _arange(1, n))
+        np.testing.assert_allclose(packed[:, start:start + n], alone, atol=1e-5, rtol=0)
+        start += n
+    assert np.isfinite(np.asarray(packed)).all()  # padding (segment 0) attends to padding only: no empty row
+    # Without segment ids the later documents see the earlier ones (the mask is what makes them separate).
+    leaky, _ = attn(x, pos)
+    assert window == 1 or np.abs(np.asarray(leaky[:, 5:12]) - np.asarray(packed[:, 5:12])).max() > 1e-3
+
+
+def test_causality_comes_from_the_index_not_the_positions():
+    idx = _arange(1, 6)
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 2]], jnp.int32)
+    m = np.asarray(attention_mask(idx, idx, None, seg, seg))[0]
+    want = np.tril(np.ones((6, 6), bool)) & (np.asarray(seg)[0][:, None] == np.asarray(seg)[0][None, :])
+    np.testing.assert_array_equal(m, want)
+    # positions restart per document: a query at position 0 of document 2 still sees nothing of document 1, and
+    # nothing later in its own document
+    rng = np.random.default_rng(3)
+    attn, x = _attn(None), _x(rng, 1, 6)
+    pos = jnp.asarray([[0, 1, 2, 0, 1, 2]], jnp.int32)
+    y, _ = attn(x, pos, segment_ids_BS=seg)
+    x2 = x.at[:, 5].set(100.0)  # a change to the last token changes no earlier output
+    y2, _ = attn(x2, pos, segment_ids_BS=seg)
+    np.testing.assert_array_equal(y[:, :5], y2[:, :5])
+
+
+def test_cache_path_unchanged_and_rejects_segments():
+    rng = np.random.default_rng(4)
+    attn, x = _attn(3), _x(rng, 2, 9)
+    full, _ = attn(x, _arange(2, 9))
+    cache = init_kv_cache(2, 12, G, K)
+    outs = []
+    for t in range(9):  # token by token through the cache
+        y, cache = attn(x[:, t:t + 1], _arange(2, 1) + t, cache=cache, cache_index=jnp.int32(t))
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
+    y5, _ = attn(x[:, :5], _arange(2, 5), cache=init_kv_cache(2, 12, G, K), cache_index=jnp.int32(0))
+    np.testing.assert_allclose(y5, full[:, :5], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="segment_ids_BS"):
+        attn(x[:, :1], _arange(2, 1), segment_ids_BS=jnp.ones((2, 1), jnp.int32), cache=cache,
+             cache_index=jnp.int32(0))
+
+
+def test_segments_under_jit():
+    rng = np.random.default_rng(5)
+    attn = _attn(4)
+    seg, pos = _packed_row([6, 9], 1)
+    x = _x(rng, 1, 16)
+    graphdef, state = nnx.split(attn)
+
+    @jax.jit
+    def f(state, x, pos, seg):
+        return nnx.merge(graphdef, state)(x, pos, segment_ids_BS=seg)[0]
+
+    np.testing.assert_allclose(f(state, x, pos, seg), attn(x, pos, segment_ids_BS=seg)[0], atol=1e-6, rtol=0)

@@ -1,0 +1,148 @@
+"""The extension points: a new FFN kind and a new router, both defined in this file (no edit under grin_jax/),
+registered, and trained for two steps in a model that uses the new router in layer 1 and the new kind in layer 2;
+the trainer logs their metrics without knowing them; the same model on a (2, 2, 2) mesh equals one device."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grin_jax import ffn, models, params as _params, presets, sharding
+from grin_jax.moe import routing
+from grin_jax.nn.layers import normal_init, param
+from grin_jax.train import trainer
+
+
+# ------------------------------------------------------------------------------------------ a new router
+@dataclasses.dataclass(frozen=True)
+class NoisyTopKOptions:
+    noise_scale: float = 1.0
+
+    def __post_init__(self):
+        if not self.noise_scale >= 0:
+            raise ValueError(f"router_options.noise_scale={self.noise_scale!r} is invalid: accepted values are >= 0")
+
+
+def noisy_topk_draw(rng, options, *, num_tokens, num_experts, top_k, dtype):
+    return {"normal_TE": jax.random.normal(rng, (num_tokens, num_experts), dtype)}
+
+
+def noisy_topk_route(logits_TE, *, options, top_k, training, noise=None):
+    """Top-k of logits + scale * N(0, 1) in training; weights = softmax over the kept logits."""
+    scores = logits_TE + (options.noise_scale * noise["normal_TE"] if training else 0.0)
+    _, ids = jax.lax.top_k(jax.lax.stop_gradient(scores), top_k)
+    kept = jnp.take_along_axis(logits_TE, ids, axis=-1)
+    probs = jax.nn.softmax(logits_TE.astype(jnp.float32), axis=-1)
+    metrics = {"router_grad_fraction": jnp.float32(1.0), "noise_scale": jnp.float32(options.noise_scale)}
+    return routing.Routing(ids.astype(jnp.int32), jax.nn.softmax(kept, axis=-1), probs, logits_TE, metrics)
+
+
+routing.register_router("noisy_topk", routing.RouterSpec(NoisyTopKOptions, noisy_topk_route, noisy_topk_draw))
+
+
+# ------------------------------------------------------------------------------------------ a new FFN kind
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GatedGeluConfig:
+    d_model: int
+    d_hidden: int = 32
+    l2: float = 0.01
+
+    @classmethod
+    def from_section(cls, values, *, d_model):
+        return cls(d_model=d_model, **dict(values))
+
+    def to_section(self):
+        return {"d_hidden": self.d_hidden, "l2": self.l2}
+
+    @property
+    def loss_weights(self):
+        return {"l2": self.l2}
+
+
+@ffn.register_ffn("gated_gelu")
+class GatedGelu(nnx.Module):
+    """y = gate * gelu(x W1) W2, a learnable scalar gate; aux loss mean(W1^2)."""
+
+    Config = GatedGeluConfig
+
+    def __init__(self, config, *, norm, norm_eps, param_dtype, dtype, rngs):
+        self.w1 = param(normal_init(rngs.params(), (config.d_model, config.d_hidden), param_dtype,
+                                    config.d_model ** -0.5), ("embed", "mlp"))
+        self.w2 = param(normal_init(rngs.params(), (config.d_hidden, config.d_model), param_dtype,
+                                    config.d_hidden ** -0.5), ("mlp", "embed"))
+        self.gate = param(jnp.ones((), param_dtype), ())
+
+    def __call__(self, x_BSD, *, training=False, rng=None):
+        y = self.gate[...] * (jax.nn.gelu(x_BSD @ self.w1[...]) @ self.w2[...])
+        return y, {"losses": {"l2": jnp.mean(jnp.square(self.w1[...]))}, "metrics": {"gate": self.gate[...]}}
+
+    @staticmethod
+    def param_counts(config):
+        n = 2 * config.d_model * config.d_hidden + 1
+        return {"gated_gelu": (n, n)}
+
+    @staticmethod
+    def check_mesh(config, sizes):
+        if config.d_hidden % sizes.get("model", 1):
+            raise ValueError(f"gated_gelu.d_hidden={config.d_hidden} is not divisible by mesh.model")
+
+
+def experiment_config(steps=2):
+    config = presets.tiny("smoke", name="seam")
+    config.model.layout = "routed,gelu"
+    config.model.routed = dict(kind="moe", num_experts=4, top_k=2, d_hidden=32, router="noisy_topk",
+                               router_options={"noise_scale": 0.5}, load_balance_coef=0.01)
+    config.model.gelu = dict(kind="gated_gelu", d_hidden=48)
+    config.train.steps = steps
+    config.train.eval_every = 0
+    config.train.warmup_steps = 0  # the first step already moves the parameters
+    config.train.checkpoint_every = 0
+    return config
+
+
+def test_new_kind_and_router_train_two_steps(tmp_path):
+    config = experiment_config()
+    model = models.model_config_from(config.model)
+    assert [model.layer_config(i)[1] for i in range(2)] == ["moe", "gated_gelu"]
+    counts = _params.count_params(model)
+    assert counts["gated_gelu"] == 2 * 64 * 48 + 1 and counts["router"] == 64 * 4
+    summary = trainer.train(config, str(tmp_path))
+    assert summary["steps"] == 2
+    records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    train = [r for r in records if "train/loss" in r]
+    assert len(train) == 2 and all(np.isfinite(r["train/loss"]) for r in train)
+    last = train[-1]
+    assert "train/gelu/gate" in last                    # the new kind's metric, under its section's name
+    assert last["train/gelu/l2"] > 0                    # its loss, logged under its section's name
+    assert last["train/routed/noise_scale"] == 0.5      # the new router's metric
+    assert np.allclose(np.sum(last["train/routed/expert_load"]), 1.0)
+    _, _, params, _ = trainer.load_trained(str(tmp_path))
+    flat = models.flatten_params(params)
+    assert float(flat["layers.1.mlp.gate"]) != 1.0      # the new kind's parameter was trained (initialised to 1)
+    assert flat["layers.0.mlp.router"].shape == (64, 4)
+
+
+def test_new_kind_and_router_on_a_mesh_equal_one_device():
+    config = experiment_config()
+    model = models.model_config_from(config.model)
+    graphdef, params = models.init(model, 0)
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 259)
+
+    def loss(params, tokens):
+        logits, aux = models.apply(graphdef, params, tokens, training=True, rng=jax.random.key(2))
+        return models.cross_entropy(logits, tokens) + aux["aux_loss"]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params, tokens)
+    config.mesh.data, config.mesh.expert, config.mesh.model = 2, 2, 2
+    mesh = sharding.make_mesh(config.mesh)
+    _, abstract = models.abstract_init(model)
+    placed = jax.device_put(params, sharding.named_shardings(abstract, mesh))
+    with jax.set_mesh(mesh):
+        value_mesh, grads_mesh = jax.jit(jax.value_and_grad(loss))(placed, tokens)
+    assert abs(float(value) - float(value_mesh)) < 1e-5
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_mesh)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
