@@ -30,7 +30,8 @@ setup(
     extras_require={
         # torch is pinned: 2.13.0 is the CPU build available on the project's machines; an unpinned torch
         # pulls a multi-GB CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "submitit>=1.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "transformers>=5.0", "submitit>=1.5",
+                 "peer-pytorch>=0.2.2"],
         "notebooks": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "slurm": ["submitit>=1.5"],
     },

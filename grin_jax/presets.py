@@ -84,6 +84,7 @@ def tiny(arg=None, *, name: str, layout: str = "moe", router: str = "sparsemixer
         config.data.seq_len = 32
         t.steps, t.batch_size, t.warmup_steps = 6, 4, 2
         t.log_every, t.eval_every, t.eval_batches, t.checkpoint_every = 1, 3, 2, 3
+        t.final_eval_batches = 2  # the end-of-run eval of a smoke run: 2 batches, not the whole split
         t.progress = False
         config.mesh.data = 1  # one device (tests run with 8 fake CPU devices; the sharding tests set the mesh)
     elif arg not in (None, ""):

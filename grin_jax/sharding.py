@@ -71,6 +71,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv", None),
     ("mlp", "model"),
     ("experts", "expert"),
+    ("peer_experts", "expert"),   # rows of PEER's [N, D] expert tables
 )
 
 

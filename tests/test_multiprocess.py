@@ -30,7 +30,7 @@ assert jax.device_count() >= 8, "these tests need 8 (fake) CPU devices: see test
 
 STEPS = 2
 OVERRIDES = {  # a one-layer smoke model with 8 heads, B x S = 8 x 16, on a (2, 2, 2) mesh
-    "model.num_layers": 1, "model.num_heads": 8, "model.head_dim": 8, "model.jitter_eps": 0.3,
+    "model.num_layers": 1, "model.num_heads": 8, "model.head_dim": 8, "model.moe.router_options.jitter_eps": 0.3,
     "data.seq_len": 16, "train.batch_size": 8, "train.steps": STEPS, "train.eval_every": 0,
     "train.eval_batches": 1, "train.checkpoint_every": 0, "train.compilation_cache_dir": "none",
     "mesh.data": 2, "mesh.expert": 2, "mesh.model": 2,
@@ -59,8 +59,11 @@ def reference_losses():
     assemble (rows 0-3 from process 0's iterator, 4-7 from process 1's)."""
     config = grin_tiny.get_config("smoke")
     for key, value in OVERRIDES.items():
-        section, field = key.split(".")
-        config[section][field] = value
+        *path, field = key.split(".")
+        node = config
+        for name in path:
+            node = node[name]
+        node[field] = value
     experiment = trainer.resolve(config)
     mesh = sharding.make_mesh(config.mesh)
     tc = config.train

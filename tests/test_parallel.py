@@ -304,7 +304,7 @@ def test_ragged_alltoall_real_primitive_lowers_with_gradients():
 
 @pytest.mark.parametrize("change,message", [
     (dict(cfg=dict(num_experts=6)), r"num_experts=6 is not divisible by the expert axis 'expert' of size 4"),
-    (dict(cfg=dict(d_hidden=12), mesh=(1, 1, 8)), r"d_hidden=12 is not divisible by the model axis 'model'"),
+    (dict(cfg=dict(d_hidden=12), mesh=(1, 1, 8)), r"moe.d_hidden=12 is not divisible by the model axis 'model'"),
     (dict(tokens=60), r"leading dimension of x \(60 tokens or sequences\) is not divisible by the 8 data shards"),
     (dict(strategy="gshard"), r"moe.parallel='gshard' is invalid: accepted values are \['allgather', 'alltoall'"),
     (dict(load_balance="group"), r"load_balance='group' is unknown: accepted values are \['global', 'local'\]"),

@@ -90,7 +90,8 @@ def run(mesh_shape, *, init_state=None):
         graphdef, _ = models.abstract_init(experiment.model)
         state = jax.device_put(init_state, shardings)
     initial = jax.device_get(state)
-    step = trainer.compile_train_step(graphdef, tx, state, shardings, mesh, trainer.batch_spec(B, S),
+    spec = trainer.batch_spec(B, S, document_attention=False)
+    step = trainer.compile_train_step(graphdef, tx, state, shardings, mesh, spec,
                                       compiler_options=FAST_COMPILE)
     batch = sharding.global_batch(host_batch(), mesh, B)
     losses, metrics = [], []
@@ -275,10 +276,10 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     (dict(mesh=(-1, 3, 1)), r"mesh.data=-1 cannot be filled: mesh.expert=3 x mesh.model=1 = 3 does not divide"),
     (dict(mesh=(-1, -1, 1)), r"mesh.expert=-1 is invalid: only one of"),
     (dict(mesh=(0, 1, 1)), r"mesh.data=0 is invalid"),
-    (dict(mesh=(1, 4, 2), model=dict(num_experts=6)), r"moe.num_experts=6 is not divisible by mesh.expert=4"),
+    (dict(mesh=(1, 4, 2), model=dict(num_experts=6)), r"moe.num_experts=6 is not divisible by the expert axis 'expert' of size 4"),
     (dict(mesh=(1, 1, 8), model=dict(num_heads=4, head_dim=16)),
      r"model.num_heads=4 is not divisible by mesh.model=8"),
-    (dict(mesh=(1, 1, 8), model=dict(d_hidden=20)), r"moe.d_hidden=20 is not divisible by mesh.model=8"),
+    (dict(mesh=(1, 1, 8), model=dict(d_hidden=20)), r"moe.d_hidden=20 is not divisible by the model axis 'model' of size 8"),
     (dict(mesh=(8, 1, 1), train=dict(batch_size=4)), r"train.batch_size=4 is not divisible by the 8 data shards"),
     (dict(mesh=(8, 1, 1), model=dict(load_balance_groups=2)), r"moe.load_balance_groups=2 is not supported"),
     (dict(mesh=(2, 4, 1), model=dict(parallel="ragged_alltoall")),

@@ -2,7 +2,7 @@
 
     python -m grin_jax.sweep --config=configs/sweeps/granularity.py --sweep_dir=experiments/granularity/runs \
         --parallel=2
-    python -m grin_jax.scaling.fit --sweep=experiments/granularity/runs --out experiments/granularity/coeffs.json \
+    python -m grin_jax.scaling.fit --sweep=experiments/granularity/runs --where model.layout=moe --out experiments/granularity/coeffs.json \
         --plots experiments/granularity/
 
 Base: configs/fine_grained_tiny.py (E = 8, expert choice, plain GELU experts, LayerNorm on the MoE output,

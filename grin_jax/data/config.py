@@ -35,6 +35,8 @@ Fields:
                            the buffer holds many documents).
     shuffle_windows      shuffle='windows' only: size of the row shuffle buffer after packing (0: documents are
                          still shuffled, but consecutive rows of one long document stay adjacent).
+    document_attention   feed packed rows as documents (segment mask and per-document RoPE positions) in training
+                         and evaluation, so packing is invisible to the model; False: positions 0..S-1, no mask.
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.seq_len = 256
     c.shuffle = "global"
     c.shuffle_windows = 1024
+    c.document_attention = True
     return c
 
 
@@ -106,6 +109,8 @@ def validate_data_config(config) -> None:
     f = _get(config, "validation_fraction")
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < float(f) < 1.0:
         raise _bad("validation_fraction", f, "a number strictly between 0 and 1")
+    if "document_attention" in config and not isinstance(config["document_attention"], bool):
+        raise _bad("document_attention", config["document_attention"], "True or False")
     tok = _get(config, "tokenizer")
     if tok not in TOKENIZERS:
         raise _bad("tokenizer", tok, list(TOKENIZERS))

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from grin_jax import sections as _sections
 from grin_jax.ffn import register_ffn
 from grin_jax.moe import experts as _experts
 from grin_jax.nn.layers import normal_init, param
@@ -36,12 +37,7 @@ class DenseConfig:
 
     @classmethod
     def from_section(cls, values, *, d_model: int) -> "DenseConfig":
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        known = [f.name for f in dataclasses.fields(cls) if f.name != "d_model"]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"dense: unknown key(s) {unknown}: accepted keys are {known}")
-        return cls(d_model=d_model, **values)
+        return _sections.from_section(cls, values, d_model=d_model, section="dense")
 
     def to_section(self) -> dict:
         return {"d_hidden": self.d_hidden, "activation": self.activation}

@@ -87,16 +87,8 @@ class MoEFFN(nnx.Module):
     @staticmethod
     def check_mesh(config: MoEConfig, sizes: dict) -> None:
         expert, model = sizes.get("expert", 1), sizes.get("model", 1)
-        if config.num_experts % expert:
-            raise ValueError(f"moe.num_experts={config.num_experts} is not divisible by mesh.expert={expert}: "
-                             f"accepted values of mesh.expert are divisors of {config.num_experts}")
-        if config.d_hidden % model:
-            raise ValueError(f"moe.d_hidden={config.d_hidden} is not divisible by mesh.model={model}: the expert "
-                             "width is sharded over the model axis (tensor parallelism)")
         shards = sizes.get("data", 1) * expert
-        if shards * model > 1 and config.load_balance_groups not in (1, shards):
-            raise ValueError(f"moe.load_balance_groups={config.load_balance_groups} is not supported on a mesh with "
-                             f"{shards} data shards: accepted values are 1 (global balance, GRIN) or {shards}")
+        _parallel.check_sizes(config, num_data=shards, num_expert=expert, num_model=model)
         if shards * model > 1 and config.parallel == "ragged_alltoall" and sizes.get("platform") == "cpu":
             raise ValueError("moe.parallel='ragged_alltoall' is invalid on CPU (lax.ragged_all_to_all is not "
                              "implemented by XLA:CPU): accepted values are 'allgather' or 'alltoall'")

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from grin_jax import sections as _sections
 from grin_jax.moe import dispatch as _dispatch
 from grin_jax.moe import expert_choice as _expert_choice
 from grin_jax.moe import experts as _experts
@@ -161,12 +162,7 @@ class MoEConfig:
     @classmethod
     def from_section(cls, values, *, d_model: int) -> "MoEConfig":
         """From a config section (mapping or ConfigDict); unknown keys raise naming the accepted ones."""
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        known = [f.name for f in dataclasses.fields(cls) if f.name != "d_model"]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"moe: unknown key(s) {unknown}: accepted keys are {known}")
-        return cls(d_model=d_model, **values)
+        return _sections.from_section(cls, values, d_model=d_model, section="moe")
 
     def to_section(self) -> dict:
         """The config section (router_options as a plain dict; a fine-grained config leaves out the derived
@@ -230,7 +226,7 @@ def _token_choice_dispatcher(params, x, routing, *, config, layout, options):
     groups = config.load_balance_groups
     if groups == 1:
         lb = _losses.load_balance_loss(routing.expert_ids, routing.probs, axis_name=axis)
-    elif layout is None:
+    elif layout is None or layout.num_data_shards == 1:  # all the tokens are here
         lb = _losses.load_balance_loss(routing.expert_ids, routing.probs, num_groups=groups)
     else:  # one group per data shard (checked by resolve_layout)
         lb = _parallel.pmean(_losses.load_balance_loss(routing.expert_ids, routing.probs), axis)

@@ -173,21 +173,28 @@ def resolve_layout(config, mesh, num_tokens: int | None = None, *,
     num_data = math.prod(sizes[a] for a in data_axes)
     num_expert = sizes[expert_axis] if expert_axis else 1
     num_model = sizes[model_axis] if model_axis else 1
-    if config.num_experts % num_expert:
-        raise ValueError(f"num_experts={config.num_experts} is not divisible by the expert axis "
-                         f"{expert_axis!r} of size {num_expert}: choose num_experts a multiple of {num_expert} "
-                         "or a smaller expert axis")
-    if config.d_hidden % num_model:
-        raise ValueError(f"d_hidden={config.d_hidden} is not divisible by the model axis {model_axis!r} of size "
-                         f"{num_model}: tensor parallelism shards the expert hidden dimension F")
+    check_sizes(config, num_data=num_data, num_expert=num_expert, num_model=num_model, expert_axis=expert_axis,
+                model_axis=model_axis)
     if num_tokens is not None and num_tokens % num_data:
         raise ValueError(f"the leading dimension of x ({num_tokens} tokens or sequences) is not divisible by the "
                          f"{num_data} data shards (data_axes={data_axes!r}, sizes {[sizes[a] for a in data_axes]})")
+    return ParallelLayout(data_axes, expert_axis, model_axis, num_data, num_expert, num_model)
+
+
+def check_sizes(config, *, num_data: int, num_expert: int, num_model: int, expert_axis="expert",
+                model_axis="model") -> None:
+    """The MoE config against the mesh sizes (one place: the layer at trace time and the FFN kind's config-time
+    check both call it); raises ValueError naming the key."""
+    if config.num_experts % num_expert:
+        raise ValueError(f"moe.num_experts={config.num_experts} is not divisible by the expert axis {expert_axis!r} "
+                         f"of size {num_expert}: choose num_experts a multiple of {num_expert} or a smaller expert axis")
+    if config.d_hidden % num_model:
+        raise ValueError(f"moe.d_hidden={config.d_hidden} is not divisible by the model axis {model_axis!r} of size "
+                         f"{num_model}: tensor parallelism shards the expert hidden dimension F")
     groups = getattr(config, "load_balance_groups", 1)
-    if groups not in (1, num_data):
+    if num_data * num_model > 1 and groups not in (1, num_data):
         raise ValueError(f"moe.load_balance_groups={groups} is not supported on a mesh with {num_data} data shards: "
                          f"accepted values are 1 (global balance, GRIN) or {num_data} (one group per data shard)")
-    return ParallelLayout(data_axes, expert_axis, model_axis, num_data, num_expert, num_model)
 
 
 def param_shardings(params: dict, mesh, *, expert_axis: str | None = "expert",

@@ -24,7 +24,6 @@ continuous); ``fine_grained`` is the integer helper that turns (d_model, E, G) i
 from __future__ import annotations
 
 import dataclasses
-import math
 from numbers import Integral, Real
 
 import numpy as np

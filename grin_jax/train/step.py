@@ -21,29 +21,12 @@ from grin_jax import models as _models
 from grin_jax import sharding as _sharding
 
 
-def aux_terms(aux: dict) -> tuple[dict, dict]:
-    """(losses, metrics) of the model's aux, each entry under the name it is logged as.
-
-    aux = {'aux_loss', 'losses': {name: scalar}, 'metrics': {name: per-layer array}}. The older contract
-    ({'aux_loss', 'load_balance_loss' [L], 'z_loss' [L], 'metrics': {unprefixed}}) is converted to it: its losses
-    become 'moe/load_balance_loss', 'moe/z_loss' (means over the layers), its metrics 'moe/<name>'.
-    (Compatibility only: delete the second branch once no model returns the old contract.)"""
-    if "losses" in aux:
-        return dict(aux["losses"]), dict(aux.get("metrics", {}))
-    losses = {f"moe/{k}": jnp.mean(aux[k]) if jnp.size(aux[k]) else jnp.float32(0.0)
-              for k in ("load_balance_loss", "z_loss") if k in aux}
-    return losses, {f"moe/{k}": v for k, v in aux.get("metrics", {}).items()}
-
-
 DOCUMENT_FEATURES = ("positions", "segment_ids")  # what document attention adds to the device batch
 
 
 def document_attention(data_config) -> bool:
     """data.document_attention: feed packed rows as documents (default True; see the module docstring)."""
-    value = data_config.get("document_attention", True)
-    if not isinstance(value, bool):
-        raise ValueError(f"data.document_attention={value!r} is invalid: accepted values are True, False")
-    return value
+    return data_config.get("document_attention", True)  # validated with the data section (data/config.py)
 
 
 def batch_features(document_attention: bool = True) -> tuple[str, ...]:
@@ -78,7 +61,7 @@ def make_train_step(graphdef, tx):
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         metrics = {"loss": ce, "total_loss": total, "aux_loss": aux["aux_loss"], "grad_norm": global_norm(grads)}
-        losses, layer_metrics = aux_terms(aux)
+        losses, layer_metrics = aux["losses"], aux["metrics"]
         metrics.update(losses)
         metrics.update(layer_metrics)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}

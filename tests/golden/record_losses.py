@@ -40,6 +40,8 @@ def config_for(name):
     if "shuffle" in config.data:
         config.data.shuffle = "windows"
         config.data.validation_fraction = 0.02
+        config.data.document_attention = False  # packed rows as one sequence, as the trainer fed them then
+        config.train.final_eval_batches = 1
     for section, values in overrides.items():
         for key, value in values.items():
             config[section][key] = value

@@ -1,0 +1,32 @@
+"""peer_tiny: grin_tiny with its middle layers' FFN a PEER layer (He, "Mixture of A Million Experts",
+arXiv 2407.04153; docs/peer.md): layout 'moe,peer,peer,moe', N = 128^2 single-neuron experts, 8 heads x top-16,
+softmax scores, sub-keys and expert pool shared by the heads (the paper's choices), no query BatchNorm (not
+supported yet). Every other field is in grin_jax/presets.py (`tiny`).
+
+    python -m grin_jax.train --config=configs/peer_tiny.py --workdir=workdirs/peer_tiny
+Variants: `configs/peer_tiny.py:smoke` (a few steps, for tests: 2 layers 'moe,peer', N = 32^2).
+"""
+
+import ml_collections
+
+import grin_jax.ffn.peer  # noqa: F401  (registers the 'peer' kind until grin_jax.ffn loads it as a builtin)
+from grin_jax.presets import tiny
+
+
+def get_config(arg=None):
+    config = tiny(arg, name="peer_tiny")
+    smoke = arg == "smoke"
+    config.model.layout = "moe,peer" if smoke else "moe,peer,peer,moe"
+    config.model.peer = ml_collections.ConfigDict(dict(
+        num_experts=(32 if smoke else 128) ** 2,
+        heads=8,
+        top_k=16,
+        d_key=config.model.d_model,     # the full query dimension of a head (sub-keys of d_model / 2)
+        score_activation="softmax",
+        expert_activation="gelu",
+        shared_keys=True,
+        shared_experts=True,
+        query_norm="none",
+        chunk_tokens=1024,              # gathered rows per table <= 1024 * 8 * 16 * d_model floats
+    ))
+    return config

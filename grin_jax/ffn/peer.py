@@ -1,0 +1,311 @@
+"""The PEER FFN kind: parameter-efficient expert retrieval over N = n^2 single-neuron experts with product keys
+(He, "Mixture of A Million Experts", arXiv 2407.04153). Method, sources and the differences from `peer-pytorch`:
+docs/peer.md.
+
+Axes: B batch, S sequence, T = B*S tokens, D model, H PEER heads, K experts kept per head (top_k), N experts,
+n = sqrt(N) sub-keys per half, Q = d_key (the full query dimension of a head; each half has Q/2).
+
+    expert i:      e_i(x) = act(u_i . x) v_i               u_i, v_i in R^D, no biases; i = i1 * n + i2
+    head j:        q_j(x) = x W_q[:, j, :] in R^Q, split into halves q_j^1 (first Q/2), q_j^2 (last Q/2)
+    product keys:  score(i) = q_j^1 . c_{i1} + q_j^2 . c'_{i2}   (sub-keys c, c' in R^{Q/2}: shared by the heads, or
+                                                            one set per head with shared_keys=False)
+    retrieval:     top-K over each half's n scores, then top-K over the K^2 sums = the exact top-K over all N keys
+                   (product_key_topk)
+    gates:         g = softmax (or relu) over the head's K scores
+    output:        f(x) = sum_j sum_{i in top-K(j)} g_i e_i(x)
+
+Parameters (logical axis names; none of the `peer_*` names has a rule in sharding.LOGICAL_AXIS_RULES yet, so the
+tables are replicated):
+    w_query [D, H, Q]                    ('embed', 'peer_heads', 'peer_key')
+    sub_keys [2, n, Q/2]                 (None, 'peer_keys', 'peer_key')                 shared_keys=True
+             [H, 2, n, Q/2]              ('peer_heads', None, 'peer_keys', 'peer_key')   shared_keys=False
+    w_in (u), w_out (v) [N, D]           ('peer_experts', 'embed')                       shared_experts=True
+                        [H, N, D]        ('peer_heads', 'peer_experts', 'embed')         shared_experts=False
+Initialisation (the paper states none; peer-pytorch uses N(0, 1) tables, N(0, 0.02^2) keys): fan-in scaled normals,
+    w_query ~ N(0, 1/D), sub_keys ~ N(0, 2/Q) (scores of unit-variance queries have unit variance),
+    w_in ~ N(0, 1/D) (u.x has unit variance for a unit-variance x), w_out ~ N(0, 1/(H*K)) (the fan-in of the
+    H*K-neuron hidden layer, as the dense FFN's w_down).
+
+Memory: the gathered rows u, v [T, H, K, D] are formed `chunk_tokens` tokens at a time inside `lax.map` over
+`jax.checkpoint`ed chunks, so the peak (forward and backward) is O(chunk_tokens * H * K * D) rather than
+O(T * H * K * D). The routing (scores [T, H, n], top-K) is computed for all tokens at once (O(T * H * n)).
+The tables' gradient is dense ([N, D], as the optimiser update): no row-sparse update yet (docs/peer.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grin_jax import sections as _sections
+from grin_jax.ffn import register_ffn
+from grin_jax.nn.layers import normal_init, param
+
+SCORE_ACTIVATIONS = ("softmax", "relu")
+EXPERT_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # exact (erf) GELU, as torch.nn.GELU()
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+QUERY_NORMS = ("none", "batchnorm")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PEERConfig:
+    """PEER options (paper defaults unless stated).
+
+    num_experts: N, a perfect square (paper 1024^2; the default 128^2 = 16384 is sized for the tiny models).
+    heads: H query heads (paper 8). top_k: K experts kept per head (paper 16; K <= sqrt(N)).
+    d_key: Q, the full query dimension of a head; each half and each sub-key has Q/2 (even; None = d_model, which is
+      peer-pytorch's default `dim_key = dim // 2` per half).
+    score_activation: 'softmax' (paper) | 'relu' over a head's K scores.
+    expert_activation: 'gelu' (exact erf GELU; paper and peer-pytorch) | 'relu' | 'silu'.
+    shared_keys: True (paper): one pair of sub-key sets for all heads; False (peer-pytorch): a pair per head.
+    shared_experts: True (paper): one expert pool for all heads; False: a separate pool of N experts per head
+      (peer-pytorch `separate_embed_per_head=True`).
+    query_norm: 'none'. 'batchnorm' (the paper's query BatchNorm) is rejected: it needs running statistics in the
+      train state, not supported yet.
+    chunk_tokens: the token chunk of the expert computation (None = all tokens at once): the gathered expert rows
+      never exceed chunk_tokens * H * K * D per table.
+    """
+
+    d_model: int
+    num_experts: int = 128 ** 2
+    heads: int = 8
+    top_k: int = 16
+    d_key: int | None = None
+    score_activation: str = "softmax"
+    expert_activation: str = "gelu"
+    shared_keys: bool = True
+    shared_experts: bool = True
+    query_norm: str = "none"
+    chunk_tokens: int | None = 1024
+
+    def __post_init__(self):
+        def fail(name, accepted):
+            raise ValueError(f"peer.{name}={getattr(self, name)!r} is invalid: accepted values are {accepted}")
+
+        if self.d_key is None:
+            object.__setattr__(self, "d_key", self.d_model)
+        N = self.num_experts
+        if not _is_int(N) or N < 1 or math.isqrt(N) ** 2 != N:
+            fail("num_experts", "perfect squares n**2 >= 1 (product keys: n sub-keys per half)")
+        for name in ("heads", "top_k"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "integers >= 1")
+        n = math.isqrt(self.num_experts)
+        if self.top_k > n:
+            fail("top_k", f"integers 1..sqrt(num_experts)={n} (the top-k is taken over each half's {n} sub-keys)")
+        if not _is_int(self.d_key) or self.d_key < 2 or self.d_key % 2:
+            fail("d_key", "None (= d_model) or even integers >= 2 (the query is split in halves)")
+        if self.score_activation not in SCORE_ACTIVATIONS:
+            fail("score_activation", list(SCORE_ACTIVATIONS))
+        if self.expert_activation not in EXPERT_ACTIVATIONS:
+            fail("expert_activation", sorted(EXPERT_ACTIVATIONS))
+        for name in ("shared_keys", "shared_experts"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "True or False")
+        if self.query_norm == "batchnorm":
+            raise ValueError("peer.query_norm='batchnorm' is not supported yet: query BatchNorm needs running "
+                             "statistics in the train state (batch statistics in training, running averages at "
+                             "eval); accepted values now are ['none']")
+        if self.query_norm not in QUERY_NORMS:
+            fail("query_norm", ["none"])
+        if self.chunk_tokens is not None and (not _is_int(self.chunk_tokens) or self.chunk_tokens < 1):
+            fail("chunk_tokens", "None (no chunking) or integers >= 1")
+
+    @property
+    def num_keys(self) -> int:
+        """n = sqrt(N), the sub-keys per half."""
+        return math.isqrt(self.num_experts)
+
+    @property
+    def num_pools(self) -> int:
+        return 1 if self.shared_experts else self.heads
+
+    @classmethod
+    def from_section(cls, values, *, d_model: int) -> "PEERConfig":
+        return _sections.from_section(cls, values, d_model=d_model, section="peer")
+
+    def to_section(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "d_model"}
+
+    @property
+    def loss_weights(self) -> dict:
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------ product keys
+def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k over the n^2 sums s1[i1] + s2[i2] (flat index i = i1 * n + i2) from the half scores
+    s1, s2 [..., n]: (scores [..., k] descending, indices [..., k] int32).
+
+    Tie order: that of `lax.top_k` over the full score vector (equal scores: the lower flat index first). The first
+    stage keeps each half's top-k (lax.top_k: equal half scores -> lower sub-key index first); the second orders the
+    k^2 candidate sums by (score descending, flat index ascending). Exact whenever the float32 sums s1 + s2 order the
+    candidates as the exact sums do; a rounding that makes two sums equal whose halves differ may swap two experts of
+    equal float32 score (the scores returned are then still equal to the brute force's).
+    Scores are differentiable (gathered from s1, s2 at the selected indices); the selection is not.
+    """
+    n = s1.shape[-1]
+    if s2.shape[-1] != n:
+        raise ValueError(f"product_key_topk: halves with {n} and {s2.shape[-1]} sub-keys")
+    v1, i1 = jax.lax.top_k(jax.lax.stop_gradient(s1), k)
+    v2, i2 = jax.lax.top_k(jax.lax.stop_gradient(s2), k)
+    batch = v1.shape[:-1]
+    sums = (v1[..., :, None] + v2[..., None, :]).reshape(*batch, k * k)
+    flat = (i1[..., :, None] * n + i2[..., None, :]).reshape(*batch, k * k).astype(jnp.int32)
+    _, order = jax.lax.sort((-sums, flat), dimension=-1, num_keys=2)
+    indices = order[..., :k]
+    scores = (jnp.take_along_axis(s1, indices // n, axis=-1) + jnp.take_along_axis(s2, indices % n, axis=-1))
+    return scores, indices
+
+
+def product_key_topk(q_half1: jax.Array, q_half2: jax.Array, keys1: jax.Array, keys2: jax.Array,
+                     k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of the N = n^2 product keys for queries split in halves q_half1, q_half2 [..., Q/2] and sub-keys
+    keys1, keys2 [n, Q/2]: (scores [..., k], indices [..., k] int32 with i = i1 * n + i2), equal to lax.top_k over
+    the N scores q_half1 . keys1[i1] + q_half2 . keys2[i2] (see topk_from_half_scores for the tie order)."""
+    s1 = jnp.einsum("...q,nq->...n", q_half1, keys1, precision=jax.lax.Precision.HIGHEST)
+    s2 = jnp.einsum("...q,nq->...n", q_half2, keys2, precision=jax.lax.Precision.HIGHEST)
+    return topk_from_half_scores(s1, s2, k)
+
+
+# ------------------------------------------------------------------------------------------------ experts
+def _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act):
+    """sum_{h, k} g * act(x . u_idx) v_idx for one chunk of tokens: [T, D]."""
+    u = jnp.take(w_in, idx_THK, axis=0)                      # [T, H, K, D]
+    a = act(jnp.einsum("td,thkd->thk", x_TD, u)) * g_THK
+    v = jnp.take(w_out, idx_THK, axis=0)
+    return jnp.einsum("thk,thkd->td", a, v)
+
+
+def expert_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, act, chunk_tokens: int | None):
+    """The experts' output [T, D] for flat expert ids idx [T, H, K] (rows of w_in, w_out [P, D]) and gates g.
+    With chunk_tokens < T: lax.map over checkpointed chunks of chunk_tokens tokens (the last padded with gate 0),
+    so at most chunk_tokens * H * K rows per table are gathered at a time, in the forward and the backward."""
+    T = x_TD.shape[0]
+    if chunk_tokens is None or T <= chunk_tokens:
+        return _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act)
+    C = chunk_tokens
+    chunks = -(-T // C)
+    pad = chunks * C - T
+
+    def split(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape(chunks, C, *a.shape[1:])
+
+    @jax.checkpoint
+    def body(xs):
+        x, idx, g = xs
+        return _experts_chunk(x, idx, g, w_in, w_out, act)
+
+    y = jax.lax.map(body, (split(x_TD), split(idx_THK), split(g_THK)))
+    return y.reshape(chunks * C, -1)[:T]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def retrieval_metrics(idx_THK: jax.Array, num_pool_experts: int) -> dict:
+    """usage: the fraction of the P experts retrieved at least once; unevenness: KL(z || uniform) of the retrieval
+    distribution z (retrieval counts / total); head_overlap: the mean over tokens and pairs of heads of
+    |S_a & S_b| / K (0 with one head; 0 with separate pools, whose experts are distinct)."""
+    idx = jax.lax.stop_gradient(idx_THK)
+    T, H, K = idx.shape
+    counts = jnp.zeros((num_pool_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+    z = counts / jnp.sum(counts)
+    usage = jnp.mean((counts > 0).astype(jnp.float32))
+    unevenness = jnp.sum(jnp.where(z > 0, z * jnp.log(jnp.maximum(z, 1e-30) * num_pool_experts), 0.0))
+    if H > 1:
+        # Pairs of equal ids among a token's H*K ids (no id repeats within a head): sum over runs of i - run start.
+        s = jnp.sort(idx.reshape(T, H * K), axis=-1)
+        pos = jnp.arange(H * K)
+        start = jnp.where(jnp.concatenate([jnp.ones((T, 1), bool), s[:, 1:] != s[:, :-1]], axis=-1), pos, 0)
+        pairs = jnp.sum(pos - jax.lax.cummax(start, axis=1), axis=-1).astype(jnp.float32)
+        overlap = jnp.mean(pairs) / (H * (H - 1) / 2 * K)
+    else:
+        overlap = jnp.float32(0.0)
+    return {"usage": usage, "unevenness": unevenness, "head_overlap": overlap}
+
+
+# ------------------------------------------------------------------------------------------------ the kind
+@register_ffn("peer")
+class PEERFFN(nnx.Module):
+    Config = PEERConfig
+
+    def __init__(self, config: PEERConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        del norm, norm_eps  # the kind has no norm of its own (query_norm 'none')
+        c = config
+        self.config = c
+        D, H, K, Q, N, n = c.d_model, c.heads, c.top_k, c.d_key, c.num_experts, c.num_keys
+        self.w_query = param(normal_init(rngs.params(), (D, H, Q), param_dtype, D ** -0.5),
+                             ("embed", "peer_heads", "peer_key"))
+        key_std = (Q // 2) ** -0.5
+        if c.shared_keys:
+            self.sub_keys = param(normal_init(rngs.params(), (2, n, Q // 2), param_dtype, key_std),
+                                  (None, "peer_keys", "peer_key"))
+        else:
+            self.sub_keys = param(normal_init(rngs.params(), (H, 2, n, Q // 2), param_dtype, key_std),
+                                  ("peer_heads", None, "peer_keys", "peer_key"))
+        shape, names = (((N, D), ("peer_experts", "embed")) if c.shared_experts
+                        else ((H, N, D), ("peer_heads", "peer_experts", "embed")))
+        self.w_in = param(normal_init(rngs.params(), shape, param_dtype, D ** -0.5), names)
+        self.w_out = param(normal_init(rngs.params(), shape, param_dtype, (H * K) ** -0.5), names)
+        self.dtype = dtype
+
+    def route(self, x_TD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(flat expert ids [T, H, K] int32 into the (H*)N rows of the tables, gates [T, H, K] float32)."""
+        c = self.config
+        half = c.d_key // 2
+        hi = jax.lax.Precision.HIGHEST
+        q = jnp.einsum("td,dhq->thq", x_TD.astype(jnp.float32), self.w_query[...].astype(jnp.float32), precision=hi)
+        keys = self.sub_keys[...].astype(jnp.float32)
+        if c.shared_keys:
+            s1 = jnp.einsum("thq,nq->thn", q[..., :half], keys[0], precision=hi)
+            s2 = jnp.einsum("thq,nq->thn", q[..., half:], keys[1], precision=hi)
+        else:
+            s1 = jnp.einsum("thq,hnq->thn", q[..., :half], keys[:, 0], precision=hi)
+            s2 = jnp.einsum("thq,hnq->thn", q[..., half:], keys[:, 1], precision=hi)
+        scores, idx = topk_from_half_scores(s1, s2, c.top_k)
+        gates = jax.nn.softmax(scores, axis=-1) if c.score_activation == "softmax" else jax.nn.relu(scores)
+        if not c.shared_experts:
+            idx = idx + (jnp.arange(c.heads, dtype=jnp.int32) * c.num_experts)[:, None]
+        return idx, gates
+
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
+        """(y [B, S, D], aux {'losses': {}, 'metrics': {'usage', 'unevenness', 'head_overlap'}})."""
+        del training, rng
+        c = self.config
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        idx, gates = self.route(x_TD)
+        w_in = self.w_in[...].astype(self.dtype).reshape(-1, D)
+        w_out = self.w_out[...].astype(self.dtype).reshape(-1, D)
+        y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), w_in, w_out,
+                              act=EXPERT_ACTIVATIONS[c.expert_activation], chunk_tokens=c.chunk_tokens)
+        metrics = retrieval_metrics(idx, c.num_pools * c.num_experts)
+        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), {"losses": {}, "metrics": metrics}
+
+    @staticmethod
+    def param_counts(config: PEERConfig) -> dict:
+        """peer_experts: the tables u, v (2 * P * N * D, P pools), active H * K * 2 * D per token;
+        peer_router: the query network (D * H * Q) and the sub-keys (2 * n * Q/2, times H when per head), all active
+        (every token scores every sub-key)."""
+        c = config
+        experts = 2 * c.num_pools * c.num_experts * c.d_model
+        router = c.d_model * c.heads * c.d_key + (1 if c.shared_keys else c.heads) * 2 * c.num_keys * (c.d_key // 2)
+        return {"peer_experts": (experts, c.heads * c.top_k * 2 * c.d_model), "peer_router": (router, router)}
+
+    @staticmethod
+    def check_mesh(config: PEERConfig, sizes: dict) -> None:
+        """Nothing to check: the PEER parameters are replicated (no 'peer_*' sharding rule yet) and the layer is
+        plain XLA, partitioned by the compiler over the data axes."""
+        del config, sizes
