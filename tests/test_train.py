@@ -361,3 +361,17 @@ def test_provenance_is_the_package_checkout_or_null(tmp_path):
     status = subprocess.run(["git", "-C", REPO, "status", "--porcelain"], capture_output=True, text=True,
                             env=dict(os.environ, GIT_OPTIONAL_LOCKS="0"))
     assert found == {"git_commit": head.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+
+
+def test_loss_mean_averages_every_step_and_feeds_the_smoothed_loss(full_run, tmp_path):
+    """train/loss_mean of a record is the mean loss of every step since the previous record (the host reads each
+    step anyway), and smoothed_train_loss averages those over the last 10 % of records."""
+    workdir, _ = full_run  # log_every = 1: the per-step losses of the same seed and data
+    per_step = train_losses(workdir)
+    summary = trainer.train(smoke_config(log_every=3, checkpoint_every=0, eval_every=0), str(tmp_path))
+    records = {r["step"]: r for r in read_jsonl(os.path.join(tmp_path, "metrics.jsonl")) if "train/loss" in r}
+    assert sorted(records) == [3, 6]
+    for step in (3, 6):
+        expected = np.mean([per_step[s] for s in range(step - 2, step + 1)])
+        assert records[step]["train/loss_mean"] == pytest.approx(expected, rel=1e-6)
+    assert summary["smoothed_train_loss"] == pytest.approx(records[6]["train/loss_mean"], rel=1e-6)

@@ -361,6 +361,7 @@ class _StepLog:
         self.step_times: list[float] = []  # seconds per step, as the host sees the device finish them
         self.last_eval: dict = {}
         self._pending = None  # (step, device metrics, dispatch time, data position) of the step not read yet
+        self._interval_losses: list[float] = []  # every step's loss since the last record (-> train/loss_mean)
         self._last_read = 0.0
         self._bar = _progress_bar(run)
 
@@ -385,7 +386,10 @@ class _StepLog:
         if not all(math.isfinite(host[k]) for k in self.CHECKED):
             raise _non_finite(f"non-finite training loss or gradient (loss {host['loss']}) at step {step}",
                               self.run.checkpointer)
+        self._interval_losses.append(host["loss"])
         if due:
+            host["loss_mean"] = float(np.mean(self._interval_losses))  # every step since the last record
+            self._interval_losses = []
             self._write(step, host, position)
         self._show(host["loss"])
 
@@ -458,7 +462,11 @@ def _finite(value):
 def _summarise(run: _Run, compiled: _Compiled, log: _StepLog, step: int, final_eval: dict, records: list) -> dict:
     """The run's summary (summary.json on process 0) and plots, from the logged records and the final evaluation."""
     train_losses = [r["train/loss"] for r in records if r.get("train/loss") is not None]
-    tail = train_losses[-max(1, len(train_losses) // 10):]
+    # Smoothed: the last 10 % of the records' train/loss_mean, i.e. the mean over every step of the last ~10 % of
+    # the run (not only the logged steps' single batches).
+    interval_means = [r.get("train/loss_mean", r["train/loss"]) for r in records
+                      if r.get("train/loss") is not None]
+    tail = interval_means[-max(1, len(interval_means) // 10):]
     plots = _plots.write_plots(run.workdir, records, title=run.experiment.name) if run.primary else []
     counts = _param_counts(run.experiment.model)
     tokens_seen = int(step * run.tokens_per_step)
