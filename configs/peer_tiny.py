@@ -9,7 +9,6 @@ Variants: `configs/peer_tiny.py:smoke` (a few steps, for tests: 2 layers 'moe,pe
 
 import ml_collections
 
-import grin_jax.ffn.peer  # noqa: F401  (registers the 'peer' kind until grin_jax.ffn loads it as a builtin)
 from grin_jax.presets import tiny
 
 
