@@ -228,27 +228,11 @@ def test_moe_peer_model_trains_two_steps_and_logs_usage(tmp_path):
 
 
 def test_moe_peer_model_on_a_mesh_equals_one_device():
-    """The PEER parameters are replicated (no 'peer_*' sharding rule yet); the layer is plain XLA, partitioned by
-    the compiler: on a (2, 2, 2) mesh of fake devices the loss and gradients equal one device's."""
-    from grin_jax import sharding
+    """On a (2, 2, 2) mesh of fake devices (PEER's expert tables sharded over the expert axis by the 'peer_experts'
+    rule, the rest replicated; the layer is plain XLA, partitioned by the compiler) the loss and gradients equal one
+    device's."""
+    from mesh_equality import assert_mesh_equals_one_device
     config = presets.tiny("smoke", name="peer")
     config.model.layout = "moe,peer"
     config.model.peer = dict(num_experts=16 ** 2, heads=2, top_k=4, d_key=32, chunk_tokens=64)
-    model = models.model_config_from(config.model)
-    graphdef, params = models.init(model, 0)
-    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 259)
-
-    def loss(params, tokens):
-        logits, aux = models.apply(graphdef, params, tokens, training=True, rng=jax.random.key(2))
-        return models.cross_entropy(logits, tokens) + aux["aux_loss"]
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(params, tokens)
-    config.mesh.data, config.mesh.expert, config.mesh.model = 2, 2, 2
-    mesh = sharding.make_mesh(config.mesh)
-    _, abstract = models.abstract_init(model)
-    placed = jax.device_put(params, sharding.named_shardings(abstract, mesh))
-    with jax.set_mesh(mesh):
-        value_mesh, grads_mesh = jax.jit(jax.value_and_grad(loss))(placed, tokens)
-    assert abs(float(value) - float(value_mesh)) < 1e-5
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_mesh)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    assert_mesh_equals_one_device(config)

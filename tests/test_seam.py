@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grin_jax import ffn, models, params as _params, presets, sharding
+from grin_jax import ffn, models, params as _params, presets
 from grin_jax.moe import routing
 from grin_jax.nn.layers import normal_init, param
 from grin_jax.train import trainer
@@ -127,22 +127,5 @@ def test_new_kind_and_router_train_two_steps(tmp_path):
 
 
 def test_new_kind_and_router_on_a_mesh_equal_one_device():
-    config = experiment_config()
-    model = models.model_config_from(config.model)
-    graphdef, params = models.init(model, 0)
-    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, 259)
-
-    def loss(params, tokens):
-        logits, aux = models.apply(graphdef, params, tokens, training=True, rng=jax.random.key(2))
-        return models.cross_entropy(logits, tokens) + aux["aux_loss"]
-
-    value, grads = jax.jit(jax.value_and_grad(loss))(params, tokens)
-    config.mesh.data, config.mesh.expert, config.mesh.model = 2, 2, 2
-    mesh = sharding.make_mesh(config.mesh)
-    _, abstract = models.abstract_init(model)
-    placed = jax.device_put(params, sharding.named_shardings(abstract, mesh))
-    with jax.set_mesh(mesh):
-        value_mesh, grads_mesh = jax.jit(jax.value_and_grad(loss))(placed, tokens)
-    assert abs(float(value) - float(value_mesh)) < 1e-5
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_mesh)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    from mesh_equality import assert_mesh_equals_one_device
+    assert_mesh_equals_one_device(experiment_config())
