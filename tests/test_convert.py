@@ -178,6 +178,26 @@ def test_cli_round_trip_and_sharding(hf_models, tmp_path):
     assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
 
 
+def test_reused_output_directories_are_refused_unless_overwrite(hf_models, tmp_path, capsys):
+    """A reused --out would mix an old conversion's files with the new one's (an old params.safetensors beside new
+    shards, an old index): refused with one line naming the directory; --overwrite replaces the contents."""
+    from grin_jax.convert.__main__ import main
+
+    ref = hf_models["phimoe"]
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    assert main(["--from-hf", ref.path, "--out", ckpt, "--max-shard-size", "100KB"]) == 0   # sharded
+    assert main(["--from-hf", ref.path, "--out", ckpt]) == 2                                 # reused: refused
+    assert f"--out {ckpt} is not empty" in capsys.readouterr().err
+    assert main(["--from-hf", ref.path, "--out", ckpt, "--overwrite"]) == 0
+    assert sorted(os.listdir(ckpt)) == ["hf_config.json", "model_config.json", "params.safetensors"]  # no stale shard
+    assert main(["--to-hf", ckpt, "--out", out, "--max-shard-size", "100KB"]) == 0          # an index file
+    assert main(["--to-hf", ckpt, "--out", out]) == 2
+    assert main(["--to-hf", ckpt, "--out", out, "--overwrite"]) == 0
+    assert not os.path.exists(os.path.join(out, "model.safetensors.index.json"))             # no stale index
+    state = hf_conv.read_safetensors_dir(out)
+    assert set(state) == set(ref.state) and all(np.array_equal(state[k], ref.state[k]) for k in state)
+
+
 def _load_config_file(name, arg=None):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", name + ".py"))
     module = importlib.util.module_from_spec(spec)

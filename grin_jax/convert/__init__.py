@@ -10,6 +10,9 @@ Command line: python -m grin_jax.convert --help
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from grin_jax.convert.checkpoint import load_checkpoint, save_checkpoint, to_numpy_flat
 from grin_jax.convert.hf import (FAMILIES, LAYOUTS, cast_flat, family_of, flat_from_hf_state,
                                  hf_config_from_model_config, hf_state_from_flat, model_config_from_hf,
@@ -37,25 +40,48 @@ def export_hf(path: str, config, params, *, layout: str = "5.x", dtype: str | No
                                dtype=dtype, max_shard_size=max_shard_size)
 
 
-def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_shard_size=None):
-    """transformers checkpoint -> grin_jax checkpoint (params.safetensors + model_config.json + hf_config.json)."""
+def prepare_output_dir(out_dir: str, *, overwrite: bool = False) -> None:
+    """An output directory must be new or empty: files left by an earlier conversion (an old params.safetensors
+    beside new shards, an old index) would make readers load the wrong weights. overwrite=True empties it first.
+    Raises ValueError naming the directory and what is in it."""
+    if not os.path.exists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    if not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"--out {out_dir} is not empty ({len(entries)} entries: {shown}): choose an empty or new "
+                         "directory, or pass --overwrite (overwrite=True) to replace its contents")
+    shutil.rmtree(out_dir)
+
+
+def hf_to_checkpoint(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_shard_size=None,
+                     overwrite: bool = False):
+    """transformers checkpoint -> grin_jax checkpoint (params.safetensors + model_config.json + hf_config.json).
+    out_dir must be new or empty unless overwrite (prepare_output_dir)."""
     overrides = {} if dtype is None else {"param_dtype": dtype}
     config, flat, hf_config = read_hf_checkpoint(hf_dir, **overrides)
+    prepare_output_dir(out_dir, overwrite=overwrite)
     save_checkpoint(out_dir, config, cast_flat(flat, dtype), hf_config=hf_config, max_shard_size=max_shard_size)
     return config
 
 
 def checkpoint_to_hf(ckpt_dir: str, out_dir: str, *, layout: str = "5.x", dtype: str | None = None,
-                     max_shard_size=None):
-    """grin_jax checkpoint -> transformers checkpoint directory in `layout`."""
+                     max_shard_size=None, overwrite: bool = False):
+    """grin_jax checkpoint -> transformers checkpoint directory in `layout`. out_dir must be new or empty unless
+    overwrite (prepare_output_dir)."""
     config, flat, hf_config = load_checkpoint(ckpt_dir)
+    prepare_output_dir(out_dir, overwrite=overwrite)
     write_hf_checkpoint(out_dir, config, flat, layout=layout, base_hf_config=hf_config, dtype=dtype,
                         max_shard_size=max_shard_size)
     return config
 
 
 __all__ = [
-    "import_hf", "export_hf", "hf_to_checkpoint", "checkpoint_to_hf", "load_checkpoint", "save_checkpoint",
+    "import_hf", "export_hf", "prepare_output_dir", "hf_to_checkpoint", "checkpoint_to_hf", "load_checkpoint", "save_checkpoint",
     "to_numpy_flat", "FAMILIES", "LAYOUTS", "family_of", "flat_from_hf_state", "hf_config_from_model_config",
     "hf_state_from_flat", "model_config_from_hf", "read_hf_checkpoint", "read_safetensors_dir",
     "write_hf_checkpoint", "write_safetensors_dir",

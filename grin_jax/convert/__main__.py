@@ -6,11 +6,14 @@
 
 HF_DIR: a local directory with config.json and *.safetensors (either layout, sharded or not; no hub access).
 CKPT_DIR: grin_jax's checkpoint (params.safetensors + model_config.json [+ hf_config.json]).
+--out must be new or empty (stale files from an earlier conversion would be read with the new ones); --overwrite
+replaces its contents. User errors print one line (set GRIN_JAX_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from grin_jax.convert import checkpoint_to_hf, hf_to_checkpoint
@@ -30,14 +33,22 @@ def main(argv=None) -> int:
                              "(block_sparse_moe.experts.j.w1/w2/w3); default 5.x")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="cast the parameters (default: keep)")
     parser.add_argument("--max-shard-size", default=None, help="shard the safetensors output, e.g. 5GB")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the contents of a non-empty --out directory (refused otherwise)")
     args = parser.parse_args(argv)
-    if args.from_hf:
-        config = hf_to_checkpoint(args.from_hf, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
-        print(f"imported {args.from_hf} -> {args.out}: {config}")
-    else:
-        config = checkpoint_to_hf(args.to_hf, args.out, layout=args.layout, dtype=args.dtype,
-                                  max_shard_size=args.max_shard_size)
-        print(f"exported {args.to_hf} -> {args.out} ({args.layout} layout)")
+    common = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    try:
+        if args.from_hf:
+            config = hf_to_checkpoint(args.from_hf, args.out, **common)
+            print(f"imported {args.from_hf} -> {args.out}: {config}")
+        else:
+            checkpoint_to_hf(args.to_hf, args.out, layout=args.layout, **common)
+            print(f"exported {args.to_hf} -> {args.out} ({args.layout} layout)")
+    except ValueError as error:  # a user error: one line (GRIN_JAX_DEBUG=1 for the traceback)
+        if os.environ.get("GRIN_JAX_DEBUG"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
