@@ -375,3 +375,13 @@ def test_loss_mean_averages_every_step_and_feeds_the_smoothed_loss(full_run, tmp
         expected = np.mean([per_step[s] for s in range(step - 2, step + 1)])
         assert records[step]["train/loss_mean"] == pytest.approx(expected, rel=1e-6)
     assert summary["smoothed_train_loss"] == pytest.approx(records[6]["train/loss_mean"], rel=1e-6)
+
+
+def test_sample_cli_picks_a_step_and_rejects_bad_flags_in_one_line(full_run, capsys):
+    from grin_jax.sample import main
+    workdir, _ = full_run  # checkpoints at steps 2, 4, 6 (keep 2: 4 and 6)
+    for flag in ("--num_samples=0", "--max_new_tokens=0", "--temperature=-1", "--top_p=0", "--temperature=nan"):
+        assert main(["sample", f"--workdir={workdir}", flag]) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith("error: --") and err.count("\n") == 1, err
+    assert main(["sample", f"--workdir={workdir}", "--step=4", "--max_new_tokens=4", "--num_samples=2"]) == 0
