@@ -242,7 +242,7 @@ def test_invalid_values_rejected_before_compiling(key, value, match):
 @pytest.mark.parametrize("override,needle", [
     ("--config.train.nonexistent=1", "nonexistent"),
     ("--config.train.steps=abc", "steps"),
-    ("--config.model.top_k=9", "top_k"),
+    ("--config.model.moe.top_k=9", "top_k"),
 ])
 def test_bad_override_fails_fast_naming_the_key(override, needle, tmp_path):
     result = subprocess.run(
@@ -385,3 +385,30 @@ def test_sample_cli_picks_a_step_and_rejects_bad_flags_in_one_line(full_run, cap
         err = capsys.readouterr().err
         assert err.startswith("error: --") and err.count("\n") == 1, err
     assert main(["sample", f"--workdir={workdir}", "--step=4", "--max_new_tokens=4", "--num_samples=2"]) == 0
+
+
+def test_a_workdir_is_one_run_refused_resumes_leave_it_intact(full_run, tmp_path):
+    """A changed model, batch or data config is refused before anything is written, naming the differing keys;
+    config.json (the record of the run) is untouched; changing train.steps resumes."""
+    full_workdir, _ = full_run
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(full_workdir, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        record = f.read()
+    changed = smoke_config(checkpoint_every=2)
+    changed.model.d_model = 32
+    changed.model.head_dim = 8
+    changed.train.batch_size = 8
+    with pytest.raises(ValueError, match=r"holds a run with another config \(model.d_model: 64 -> 32; "
+                                         r"model.head_dim: 16 -> 8; train.batch_size: 4 -> 8\)"):
+        trainer.train(changed, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert f.read() == record
+    longer = trainer.train(smoke_config(checkpoint_every=2, steps=7), workdir)  # train.steps may change
+    assert longer["steps"] == 7
+
+
+def test_train_cli_requires_a_workdir():
+    result = subprocess.run([sys.executable, "-m", "grin_jax.train", "--config=configs/grin_tiny.py:smoke"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--workdir is required" in result.stderr

@@ -10,22 +10,28 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grin_tiny.py", "experiment config file",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, plots); reused to resume")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, plots); reused to resume; "
+                               "required (a default would let two configs share one run directory)")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    if not _WORKDIR.value:
+        print("error: --workdir is required (e.g. --workdir=workdirs/grin_tiny); reuse a workdir only to resume "
+              "its run", file=sys.stderr)
+        sys.exit(2)
     from grin_jax.sharding import initialize_distributed
-    from grin_jax.train.trainer import resolve, train
+    from grin_jax.train.trainer import check_resumable, resolve, resolved_config, train
+    workdir = _WORKDIR.value
     try:
         initialize_distributed(_CONFIG.value)  # multi-process runs: before anything touches the devices
         resolve(_CONFIG.value)
-    except ValueError as error:  # a config mistake: the message names the key; no traceback
+        check_resumable(workdir, resolved_config(_CONFIG.value))
+    except ValueError as error:  # a config mistake or a refused resume: one line naming the key; no traceback
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
-    workdir = _WORKDIR.value or f"workdirs/{_CONFIG.value.get('name', 'run')}"
     summary = train(_CONFIG.value, workdir)
     print(f"\n{summary['config_name']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['wall_seconds']:.0f} s")

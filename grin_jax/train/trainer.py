@@ -219,9 +219,9 @@ def _setup(experiment: Experiment, workdir: str):
     """(_Run, the freshly initialised state): writes config.json, builds the mesh, optimizer, data, checkpointer."""
     config, tc = experiment.config, experiment.config.train
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:  # the resolved config; document_attention explicit (load_trained reads it back)
-        resolved = json.loads(config.to_json_best_effort())
-        resolved["data"]["document_attention"] = document_attention(config.data)
+    resolved = resolved_config(config)
+    check_resumable(workdir, resolved)  # before anything is written: a refused run leaves the record intact
+    if jax.process_index() == 0:
         _metrics.write_json_atomic(os.path.join(workdir, "config.json"), resolved)
     wall_start = time.time()
     mesh = _sharding.make_mesh(_sharding.mesh_config_of(config))
@@ -239,6 +239,48 @@ def _setup(experiment: Experiment, workdir: str):
                tx=tx, schedule=schedule, train_iter=train_iter, tokenizer=tokenizer, graphdef=graphdef,
                checkpointer=checkpointer, wall_start=wall_start, provenance=_provenance.git_provenance())
     return run, state
+
+
+# What may change when a workdir is reused (resumed): how long and how visibly the run goes on. Everything else
+# (model, data, batch, optimizer, seed, mesh) must equal the stored config.json.
+RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.final_eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.progress", "train.async_checkpoint", "train.compilation_cache_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resolved_config(config: ml_collections.ConfigDict) -> dict:
+    """The config as written to config.json (document_attention explicit: load_trained reads it back)."""
+    resolved = json.loads(config.to_json_best_effort())
+    resolved["data"]["document_attention"] = document_attention(config.data)
+    return resolved
+
+
+def check_resumable(workdir: str, resolved: dict) -> None:
+    """A workdir is one run: when it holds a config.json, the new config may differ from it only in
+    RESUMABLE_CHANGES; otherwise ValueError listing the differing keys (stored -> new)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        stored = _flat(json.load(f))
+    new = _flat(resolved)
+    differing = sorted(k for k in set(stored) | set(new)
+                       if stored.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if differing:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {new.get(k)!r}" for k in differing[:8])
+        more = f" (and {len(differing) - 8} more)" if len(differing) > 8 else ""
+        raise ValueError(f"{workdir} holds a run with another config ({shown}{more}): a workdir is one run; use a new "
+                         f"--workdir, or change only {', '.join(RESUMABLE_CHANGES)} to resume")
 
 
 def _restore(run: _Run, state):
