@@ -103,8 +103,8 @@ def test_dense_layer_aux():
     y, aux = layer(inputs(), training=True)
     assert set(aux["losses"]) == {"mutual_information"}
     m = aux["metrics"]
-    assert float(m["active_fraction"]) == 1.0 and m["expert_usage"].shape == (N,)
-    np.testing.assert_allclose(float(jnp.sum(m["expert_usage"])), 1.0, rtol=1e-6)
+    assert float(m["active_fraction"]) == 1.0 and m["expert_load"].shape == (N,)
+    np.testing.assert_allclose(float(jnp.sum(m["expert_load"])), 1.0, rtol=1e-6)
     assert -math.log(N) <= float(aux["losses"]["mutual_information"]) <= 0.0
     assert layer.config.loss_weights == {"mutual_information": 5e-4}
 
@@ -222,4 +222,23 @@ def test_model_trains_two_steps(tmp_path):
     mi = np.asarray(last["train/ds_moe/mutual_information"])
     assert np.all(np.isfinite(mi)) and np.all(mi <= 1e-6) and np.all(mi >= -math.log(4) - 1e-6)
     assert np.allclose(last["train/ds_moe/active_fraction"], 1.0)  # training is dense
-    assert np.allclose(np.sum(last["train/ds_moe/expert_usage"], axis=-1), 1.0, rtol=1e-5)
+    assert np.allclose(np.sum(last["train/ds_moe/expert_load"], axis=-1), 1.0, rtol=1e-5)
+
+
+def test_sparsity_chosen_at_apply_time_on_one_checkpoint():
+    """The same parameters under model configs that differ only in ds_moe.inference: top-K with K = N equals the
+    dense mode; top-1 differs and reports active_fraction 1/N per layer."""
+    def model(**inference):
+        return models.ModelConfig.make(vocab_size=32, d_model=D, num_layers=2, num_heads=2, num_kv_heads=2,
+                                       head_dim=8, max_seq_len=8, layout="ds_moe",
+                                       ds_moe=dict(num_experts=N, d_hidden=F, backend="tiled", **inference))
+    graphdef, params = models.init(model(), rng=0)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+    dense, _ = models.apply(graphdef, params, tokens)
+    graphdef_all, _ = models.init(model(inference="top_k", inference_top_k=N), rng=0)
+    graphdef_one, _ = models.init(model(inference="top_k", inference_top_k=1), rng=0)
+    all_k, _ = models.apply(graphdef_all, params, tokens)
+    one_k, aux = models.apply(graphdef_one, params, tokens)
+    np.testing.assert_allclose(all_k, dense, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(one_k, dense, atol=1e-3)
+    np.testing.assert_allclose(aux["metrics"]["ds_moe/active_fraction"], [1 / N, 1 / N])

@@ -412,3 +412,11 @@ def test_train_cli_requires_a_workdir():
     result = subprocess.run([sys.executable, "-m", "grin_jax.train", "--config=configs/grin_tiny.py:smoke"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--workdir is required" in result.stderr
+
+
+def test_a_bad_eval_split_stops_the_run_before_training(tmp_path):
+    config = smoke_config()
+    config.data.eval_split = "nope"
+    with pytest.raises(ValueError, match=r"split='nope' is invalid"):
+        trainer.train(config, str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))  # no training step was taken

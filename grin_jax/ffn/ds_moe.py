@@ -144,7 +144,8 @@ def sparse_selection(scores_TN: jax.Array, *, mode: str, top_k: int, threshold: 
 def routing_metrics(scores_TN: jax.Array, weights_TK: jax.Array | None, *, threshold: float,
                     slots: int) -> dict:
     """active_fraction: mean over tokens of (experts with nonzero weight) / N (1 in the dense mode);
-    router_entropy: mean_t H(S_t); expert_usage [N]: mean_t S_t (the p of H(e));
+    router_entropy: mean_t H(S_t); expert_load [N]: mean_t S_t (the p of H(e), the soft load: every expert runs on
+    every token in training; named expert_load so the trainer logs it per layer and plots it, as the moe kind's);
     threshold_active: mean over tokens of the count of experts with N * S_i > inference_threshold (what
     threshold-top-K would use as K, in every mode); threshold_overflow: the fraction of tokens with more such experts
     than the `slots` of the sparse modes (the tokens on which 'threshold' is not exact)."""
@@ -156,7 +157,7 @@ def routing_metrics(scores_TN: jax.Array, weights_TK: jax.Array | None, *, thres
         active = jnp.float32(1.0)
     else:
         active = jnp.mean(jnp.sum((weights_TK != 0).astype(jnp.float32), axis=-1)) / num_experts
-    return {"active_fraction": active, "router_entropy": jnp.mean(entropy), "expert_usage": jnp.mean(s, axis=0),
+    return {"active_fraction": active, "router_entropy": jnp.mean(entropy), "expert_load": jnp.mean(s, axis=0),
             "threshold_active": jnp.mean(passing), "threshold_overflow": jnp.mean((passing > slots).astype(jnp.float32))}
 
 
@@ -193,7 +194,7 @@ class DSMoEFFN(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
         """(y [B, S, D], aux {'losses': {'mutual_information'}, 'metrics': {'active_fraction', 'router_entropy',
-        'expert_usage' [N], 'threshold_active', 'threshold_overflow'}})."""
+        'expert_load' [N], 'threshold_active', 'threshold_overflow'}})."""
         del rng
         c = self.config
         B, S, D = x_BSD.shape

@@ -215,6 +215,15 @@ class _Run:
         return self.prior_wall + time.time() - self.wall_start
 
 
+def _check_eval_split(data_config, tokenizer) -> None:
+    """Open the validation split and read one document now, so a bad data.eval_split / data.text_key or an empty
+    split stops the run at start-up, not at the first evaluation after training steps."""
+    if _data.split_statistics(data_config, tokenizer=tokenizer, max_documents=1)["documents"] == 0:
+        raise ValueError(f"data.eval_split={data_config.eval_split!r} has no documents: accepted are non-empty "
+                         "splits (for the embedded corpus and data.name='text', data.validation_fraction > 0 selects "
+                         "them)")
+
+
 def _setup(experiment: Experiment, workdir: str):
     """(_Run, the freshly initialised state): writes config.json, builds the mesh, optimizer, data, checkpointer."""
     config, tc = experiment.config, experiment.config.train
@@ -232,6 +241,7 @@ def _setup(experiment: Experiment, workdir: str):
     if tokenizer.vocab_size > experiment.model.vocab_size:
         raise ValueError(f"model.vocab_size={experiment.model.vocab_size} is invalid: the tokenizer has "
                          f"{tokenizer.vocab_size} ids; accepted values are >= {tokenizer.vocab_size}")
+    _check_eval_split(config.data, tokenizer)
     graphdef, state = init_state(experiment, tx, mesh)
     checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tc.keep_checkpoints,
                                             async_save=tc.async_checkpoint)
