@@ -420,3 +420,21 @@ def test_a_bad_eval_split_stops_the_run_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"split='nope' is invalid"):
         trainer.train(config, str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))  # no training step was taken
+
+
+@pytest.mark.parametrize("section,key,value,needle", [
+    ("train", "batch_size", 10**9, "train.batch_size=1000000000 is too large for this machine"),
+    ("data", "shuffle_windows", 10**12, "data.shuffle_windows=1000000000000 is too large for this machine"),
+])
+def test_resource_sizes_bounded_against_the_machine(section, key, value, needle):
+    config = smoke_config()
+    config.data.shuffle = "windows"
+    config[section][key] = value
+    with pytest.raises(ValueError, match=needle):
+        trainer.resolve(config, check_mesh=False)
+
+
+def test_a_checkpoints_file_is_refused_at_once(tmp_path):
+    (tmp_path / "checkpoints").write_text("not a directory")
+    with pytest.raises(ValueError, match=r"checkpoints exists and is not a directory"):
+        trainer.train(smoke_config(), str(tmp_path))

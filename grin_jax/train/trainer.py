@@ -104,9 +104,34 @@ def resolve(config: ml_collections.ConfigDict, *, check_mesh: bool = True) -> Ex
         raise ValueError(f"data.seq_len={config.data.seq_len} is invalid: accepted values are <= "
                          f"model.max_seq_len={model_config.max_seq_len}")
     _sharding.distributed_config_of(config)  # unknown keys
+    _check_host_memory(config, model_config)
     if check_mesh:
         _sharding.validate(config)  # the mesh against the devices, the model and the batch
     return Experiment(config=config, model=model_config, name=config.get("name", "experiment"))
+
+
+def _host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_host_memory(config, model_config, memory_bytes: int | None = None) -> None:
+    """Refuse, before anything is allocated, sizes whose host buffers alone would exceed half of this machine's
+    memory (rather than take memory until the machine runs out): the global batch's activations (a lower bound:
+    the residual stream of every layer, float32) and the windowed stream's shuffle buffer."""
+    memory = _host_memory_bytes() if memory_bytes is None else memory_bytes
+    tokens = config.train.batch_size * config.data.seq_len
+    activations = tokens * model_config.d_model * model_config.num_layers * 4
+    if activations > memory // 2:
+        raise ValueError(f"train.batch_size={config.train.batch_size} is too large for this machine: "
+                         f"{tokens:,} tokens per step need at least {activations / 2**30:.1f} GiB of activations "
+                         f"(the residual stream alone), over half of its {memory / 2**30:.0f} GiB; accepted values are "
+                         f"up to {max(1, (memory // 2) // (activations // config.train.batch_size)):,}")
+    if config.data.get("shuffle") == "windows":
+        buffer = config.data.shuffle_windows * config.data.seq_len * 4 * 5  # five int32/float32 fields per row
+        if buffer > memory // 2:
+            raise ValueError(f"data.shuffle_windows={config.data.shuffle_windows} is too large for this machine: "
+                             f"the shuffle buffer needs {buffer / 2**30:.1f} GiB, over half of its "
+                             f"{memory / 2**30:.0f} GiB")
 
 
 def _make_optimizer(tc):
@@ -228,6 +253,9 @@ def _setup(experiment: Experiment, workdir: str):
     """(_Run, the freshly initialised state): writes config.json, builds the mesh, optimizer, data, checkpointer."""
     config, tc = experiment.config, experiment.config.train
     os.makedirs(workdir, exist_ok=True)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        raise ValueError(f"{checkpoints} exists and is not a directory: remove it or use another --workdir")
     resolved = resolved_config(config)
     check_resumable(workdir, resolved)  # before anything is written: a refused run leaves the record intact
     if jax.process_index() == 0:
