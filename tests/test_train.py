@@ -438,3 +438,20 @@ def test_a_checkpoints_file_is_refused_at_once(tmp_path):
     (tmp_path / "checkpoints").write_text("not a directory")
     with pytest.raises(ValueError, match=r"checkpoints exists and is not a directory"):
         trainer.train(smoke_config(), str(tmp_path))
+
+
+def test_a_running_workdir_is_locked_and_a_stale_lock_is_taken_over(tmp_path):
+    """A second trainer on a workdir whose lock holder is alive is refused; a lock whose process is gone (killed
+    with -9, say) is stale and taken over; the lock is released when the run ends."""
+    import socket
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": 0}))
+        with pytest.raises(RuntimeError, match=rf"is in use by process {holder.pid}"):
+            trainer.train(smoke_config(steps=1, warmup_steps=0, eval_every=0, checkpoint_every=0), str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = trainer.train(smoke_config(steps=1, warmup_steps=0, eval_every=0, checkpoint_every=0), str(tmp_path))  # stale: taken
+    assert summary["steps"] == 1 and not lock.exists()

@@ -51,4 +51,4 @@ def known_kinds() -> list[str]:
 
 
 def _load_builtin_kinds() -> None:
-    from grin_jax.ffn import dense, moe, peer  # noqa: F401  (registering imports)
+    from grin_jax.ffn import dense, ds_moe, moe, peer  # noqa: F401  (registering imports)

@@ -9,9 +9,10 @@ import optax
 def learning_rate_schedule(*, learning_rate: float, warmup_steps: int, total_steps: int,
                            final_lr_fraction: float = 0.1):
     """Linear warm-up from 0 to `learning_rate`, then cosine decay to final_lr_fraction * learning_rate."""
+    warmup = max(warmup_steps, 1)  # optax needs >= 1 warm-up step and >= 1 decay step (a 1-step run included)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=learning_rate, warmup_steps=max(warmup_steps, 1),
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=learning_rate * final_lr_fraction)
+        init_value=0.0, peak_value=learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=learning_rate * final_lr_fraction)
 
 
 def decay_mask(params):

@@ -57,6 +57,7 @@ from grin_jax import models as _models
 from grin_jax import sharding as _sharding
 from grin_jax.scaling import summary as _scaling_summary
 from grin_jax.train import checkpoint as _checkpoint
+from grin_jax.train import lock as _lock
 from grin_jax.train.evaluate import _allgather_json, _device_batch, evaluate  # noqa: F401  (evaluate: re-exported)
 from grin_jax.train import config as _train_config
 from grin_jax.train import metrics as _metrics
@@ -578,8 +579,15 @@ def _summarise(run: _Run, compiled: _Compiled, log: _StepLog, step: int, final_e
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) the experiment in `workdir`; returns the summary written to summary.json."""
-    run, state = _setup(resolve(config), workdir)
+    """Train (or resume) the experiment in `workdir`; returns the summary written to summary.json. The workdir is
+    locked while the run goes on (train/lock.py)."""
+    experiment = resolve(config)
+    with _lock.workdir_lock(workdir, enabled=jax.process_index() == 0):
+        return _train(experiment, workdir)
+
+
+def _train(experiment: Experiment, workdir: str) -> dict:
+    run, state = _setup(experiment, workdir)
     writer = None
     try:
         state = _restore(run, state)
