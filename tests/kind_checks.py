@@ -1,10 +1,29 @@
-"""A shared check for the tests: a model config's training loss and gradients on a mesh of fake devices equal
-one device's."""
+"""Shared checks for the tests of FFN kinds and routers: train an experiment config for a few steps and return
+the last logged record; a model config's training loss and gradients on a mesh of fake devices equal one device's."""
+
+import json
+import os
 
 import jax
 import numpy as np
 
 from grin_jax import models, sharding
+from grin_jax.train import trainer
+
+
+def train_steps(config, workdir: str, steps: int = 2) -> dict:
+    """Train `config` for `steps` steps (from step 1 on, no warm-up, no eval or checkpoint in between) and return
+    the last train record of metrics.jsonl, after checking every logged loss is finite."""
+    config.train.steps = steps
+    config.train.eval_every = 0
+    config.train.warmup_steps = 0
+    config.train.checkpoint_every = 0
+    summary = trainer.train(config, str(workdir))
+    assert summary["steps"] == steps
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train = [r for r in records if "train/loss" in r]
+    assert len(train) == steps and all(np.isfinite(r["train/loss"]) for r in train)
+    return train[-1]
 
 
 def assert_mesh_equals_one_device(config, mesh_shape=(2, 2, 2), *, atol=1e-5):
