@@ -8,7 +8,7 @@ without biases (4 d^2 per block), a LayerNorm on the MoE output. Non-embedding p
 are then exactly d^2 (8E + 4) per block, the N of the law.
 
     python -m grin_jax.train --config=configs/fine_grained_tiny.py --workdir=workdirs/fg_tiny \
-        --config.model.granularity=4
+        --config.model.moe.granularity=4
 Variants: `:dense` (every FFN a dense GELU FFN of width 4 * d_model, the baseline), `:topk` (token-choice top-G
 softmax routing instead of expert choice, capacity backend), `:smoke` (a few steps, for tests); combine with
 '+', e.g. `:dense+smoke`.
