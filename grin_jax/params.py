@@ -88,6 +88,11 @@ def format_counts(counts: dict, title: str = "") -> str:
 
 
 def main(argv=None) -> int:
+    from grin_jax.cli import run_main
+    return run_main(_main, argv)  # a user error: one line (GRIN_JAX_DEBUG=1 for the traceback)
+
+
+def _main(argv=None) -> int:
     from absl import flags
     from ml_collections import config_flags
 

@@ -2,6 +2,8 @@
 
     python -m grin_jax.sample --workdir=workdirs/grin_tiny [--prompt='def '] [--max_new_tokens=200]
         [--temperature=0.8] [--top_p=0.95] [--seed=0] [--num_samples=1] [--step=N]
+
+User errors print one line (set GRIN_JAX_DEBUG=1 for the traceback; grin_jax.cli).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def sample_text(workdir: str, *, prompt: str = "", max_new_tokens: int = 200, te
 
 
 def main(argv=None) -> int:
+    from grin_jax.cli import run_main
+    return run_main(_main, argv)
+
+
+def _main(argv=None) -> int:
     from absl import flags, logging
     fv = flags.FlagValues()
     flags.DEFINE_string("workdir", None, "a training run's workdir", flag_values=fv)

@@ -94,7 +94,10 @@ def default_distributed_config() -> ml_collections.ConfigDict:
     jax.distributed.initialize() fills in what is not given. process_id -1: detected. local_device_ids '':
     all (or what JAX picks for the launcher), else e.g. '0,1'. cpu_collectives: the cross-process collectives of
     CPU devices ('gloo'; 'mpi' needs an MPI install). enabled: 'auto' (as described), 'yes' (always call
-    jax.distributed.initialize), 'no' (never)."""
+    jax.distributed.initialize), 'no' (never). Timeouts (seconds): initialization_timeout, how long processes wait
+    for each other at start-up; heartbeat_timeout, after how long without a heartbeat a dead or frozen peer fails
+    every process (JAX's coordination service); shutdown_timeout, how long a process that ends waits for the
+    others at exit (a failed peer otherwise holds the rest for JAX's default of 5 minutes)."""
     c = ml_collections.ConfigDict()
     c.enabled = "auto"
     c.coordinator_address = ""
@@ -103,6 +106,8 @@ def default_distributed_config() -> ml_collections.ConfigDict:
     c.local_device_ids = ""
     c.cpu_collectives = "gloo"
     c.initialization_timeout = 300
+    c.heartbeat_timeout = 30
+    c.shutdown_timeout = 30
     return c
 
 
@@ -123,7 +128,18 @@ def mesh_config_of(config) -> ml_collections.ConfigDict:
 
 
 def distributed_config_of(config) -> ml_collections.ConfigDict:
-    return _section(config, "distributed", default_distributed_config)
+    """The `distributed` section merged over its defaults, its keys and values checked (ValueError naming them)."""
+    c = _section(config, "distributed", default_distributed_config)
+    if c.enabled not in ("auto", "yes", "no"):
+        raise ValueError(f"distributed.enabled={c.enabled!r} is invalid: accepted values are 'auto', 'yes', 'no'")
+    if c.cpu_collectives not in ("gloo", "mpi"):
+        raise ValueError(f"distributed.cpu_collectives={c.cpu_collectives!r} is invalid: accepted values are "
+                         "'gloo', 'mpi'")
+    for key in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        value = c[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value <= 86400:
+            raise ValueError(f"distributed.{key}={value!r} is invalid: accepted values are seconds in [1, 86400]")
+    return c
 
 
 def resolve_mesh_shape(mesh_config, num_devices: int, *, process_count: int = 1) -> tuple[int, int, int]:
@@ -344,16 +360,13 @@ def initialize_distributed(config=None, *, environ=None) -> bool:
     a cluster launch (SLURM srun with several tasks, Open MPI, a Cloud TPU pod, JAX_COORDINATOR_ADDRESS); JAX
     detects what is not given. 'yes': always; 'no': never."""
     c = distributed_config_of(config) if config is not None else default_distributed_config()
-    if c.enabled not in ("auto", "yes", "no"):
-        raise ValueError(f"distributed.enabled={c.enabled!r} is invalid: accepted values are 'auto', 'yes', 'no'")
-    if c.cpu_collectives not in ("gloo", "mpi"):
-        raise ValueError(f"distributed.cpu_collectives={c.cpu_collectives!r} is invalid: accepted values are "
-                         "'gloo', 'mpi'")
     explicit = bool(c.coordinator_address) or c.num_processes > 0
     if c.enabled == "no" or (c.enabled == "auto" and not explicit and detected_cluster(environ) is None):
         return False
     jax.config.update("jax_cpu_collectives_implementation", c.cpu_collectives)
-    kwargs = {"initialization_timeout": int(c.initialization_timeout)}
+    kwargs = {"initialization_timeout": int(c.initialization_timeout),
+              "heartbeat_timeout_seconds": int(c.heartbeat_timeout),
+              "shutdown_timeout_seconds": int(c.shutdown_timeout)}
     if c.coordinator_address:
         kwargs["coordinator_address"] = c.coordinator_address
     if c.num_processes > 0:

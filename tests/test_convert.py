@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -253,3 +254,28 @@ def test_config_json_errors():
         hf_conv.model_config_from_hf({**GRIN_MOE_CONFIG_JSON, "num_experts_per_tok": 4})
     with pytest.raises(ValueError, match="no transformers PhiMoE / Mixtral equivalent"):
         hf_conv.family_of(hf_conv.model_config_from_hf(GRIN_MOE_CONFIG_JSON).replace(norm="rmsnorm"))
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path, capsys):
+    """A damaged or truncated .safetensors file: the error names the file (safetensors' own does not), and the CLI
+    answers it in one line."""
+    from grin_jax.convert.__main__ import main
+
+    ckpt = str(tmp_path / "ckpt")
+    convert.save_checkpoint(ckpt, hf_conv.model_config_from_hf(GRIN_MOE_CONFIG_JSON),
+                            {"embed.embedding": np.ones((64, 64), np.float32)})
+    params = os.path.join(ckpt, "params.safetensors")
+    with open(params, "rb") as f:
+        data = f.read()
+    with open(params, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{params} is not a readable safetensors file")):
+        convert.load_checkpoint(ckpt)
+    assert main(["--to-hf", ckpt, "--out", str(tmp_path / "hf")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {params} is not a readable safetensors file"), lines
+    hf_dir = tmp_path / "hf_in"
+    hf_dir.mkdir()
+    (hf_dir / "model.safetensors").write_bytes(b"\xff" * 20)
+    with pytest.raises(ValueError, match=re.escape(f"{hf_dir / 'model.safetensors'} is not a readable safetensors")):
+        hf_conv.read_safetensors_dir(str(hf_dir))

@@ -178,6 +178,25 @@ def test_text_and_jsonl_files(tmp_path):
         sources.documents(_cfg(str(tmp_path), name="text", paths=f"{tmp_path}/none*.txt"), "train")
 
 
+@pytest.mark.parametrize("shuffle,tokenizer", [("global", "byte"), ("windows", "byte"), ("global", "sentencepiece")])
+def test_an_all_empty_corpus_is_refused_at_start_up(tmp_path, shuffle, tokenizer):
+    """Empty .txt files and empty jsonl texts: the training stream would be nothing but end-of-document tokens (a
+    run trained on them and reported a loss); refused by make_dataset, naming the split's key and the paths."""
+    for i in range(20):
+        (tmp_path / f"{i}.txt").write_text("")
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": ""}) for _ in range(200)))
+    cfg = _cfg(str(tmp_path / "dd"), name="text", paths=f"{tmp_path}/*.txt,{tmp_path}/*.jsonl",
+               validation_fraction=0.1, shuffle=shuffle, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"data.train_split='train' of data.paths='.*' has no text: its \d+ "
+                                         r"documents are empty"):
+        data.make_dataset(cfg, batch_size=2, process_index=0, process_count=1)
+    for i in range(20):  # documents with text (some in the train split): accepted
+        (tmp_path / f"{i}.txt").write_text(f"document {i} has text " * 10)
+    if tokenizer == "byte":
+        it, _ = data.make_dataset(cfg, batch_size=2, process_index=0, process_count=1)
+        assert next(it)["loss_mask"].sum() > 0
+
+
 # ---------------------------------------------------------------- tokenizers
 
 def test_byte_tokenizer_round_trip():

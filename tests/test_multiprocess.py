@@ -8,9 +8,11 @@ process), so the one-process reference assembles the same global batches from th
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -43,9 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, process_id, port):
+def launch(workdir, process_id, port, overrides=None):
     args = [sys.executable, "-m", "grin_jax.train", "--config=configs/grin_tiny.py:smoke", f"--workdir={workdir}"]
-    args += [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
+    args += [f"--config.{key}={value}" for key, value in {**OVERRIDES, **(overrides or {})}.items()]
     args += [f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
              f"--config.distributed.process_id={process_id}", "--config.distributed.initialization_timeout=120"]
     # XLA's CPU backend at optimisation level 0 (as the reference): the SPMD program is the same, compiles 2x faster.
@@ -119,3 +121,33 @@ def test_two_processes_agree_with_one(tmp_path):
     with open(os.path.join(checkpoints, str(STEPS), "meta", "metadata")) as f:
         meta = json.load(f)
     assert len(meta["data_states"]) == 2
+
+
+def test_a_stalled_peer_stops_every_process_within_the_heartbeat_timeout(tmp_path):
+    """Process 1 is frozen (SIGSTOP) mid-run: process 0 must fail within distributed.heartbeat_timeout (5 s here)
+    plus slack, naming the unhealthy task, instead of waiting in a collective for minutes."""
+    workdir = str(tmp_path / "run")
+    port = free_port()
+    long_run = {"train.steps": 100000, "train.log_every": 1, "train.progress": False,
+                "distributed.heartbeat_timeout": 5, "distributed.shutdown_timeout": 5}
+    procs = [launch(workdir, i, port, long_run) for i in range(2)]
+    try:
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            if any("train/loss" in r for r in _metrics.read_jsonl(metrics)):
+                break
+            time.sleep(0.5)
+        assert all(p.poll() is None for p in procs), "a process ended before training started"
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        output = procs[0].communicate(timeout=120)[0]
+        elapsed = time.time() - stopped
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert procs[0].returncode != 0
+    assert "stopped sending heartbeats" in output, output[-3000:]
+    assert elapsed < 5 + 40, f"process 0 took {elapsed:.0f} s to stop"

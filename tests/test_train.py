@@ -150,10 +150,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     # every step until then. The run must stop at the first non-finite loss and keep the previous step's checkpoint.
     config = smoke_config(checkpoint_every=1, learning_rate=1e30, clip_norm=0.0, warmup_steps=0)
     workdir = str(tmp_path / "nan")
-    with pytest.raises(trainer.NonFiniteLossError, match="last good checkpoint") as error:
+    with pytest.raises(trainer.NonFiniteLossError, match="last healthy checkpoint") as error:
         trainer.train(config, workdir)
     failed_step = int(re.search(r"at step (\d+)", str(error.value)).group(1))
-    assert f"(step {failed_step - 1})" in str(error.value)
+    assert f"checkpoint, step {failed_step - 1} (loss" in str(error.value)
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps and steps[-1] == failed_step - 1
     assert not os.path.exists(os.path.join(workdir, "summary.json"))
@@ -215,7 +215,7 @@ def test_nonfinite_loss_read_late_is_never_checkpointed(bad_step, tmp_path, monk
     workdir = str(tmp_path / "nan")
     with pytest.raises(trainer.NonFiniteLossError, match=f"at step {bad_step}") as error:
         trainer.train(smoke_config(checkpoint_every=2, eval_every=0), workdir)
-    assert "(step 2)" in str(error.value)
+    assert "healthy checkpoint, step 2 (loss" in str(error.value)
     steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert steps == [2] and steps[-1] < bad_step
     assert sorted(train_losses(workdir)) == list(range(1, bad_step))  # the bad step is not logged
@@ -252,6 +252,45 @@ def test_bad_override_fails_fast_naming_the_key(override, needle, tmp_path):
     assert result.returncode != 0
     assert needle in result.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("--config.data.eval_split=nope", "split='nope' is invalid"),   # raised inside train(), after resolve()
+    ("--config.model.d_model=-3", "model.d_model=-3 is invalid"),   # raised by resolve()
+])
+def test_train_cli_answers_user_errors_in_one_line(override, needle, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "grin_jax.train", "--config=configs/grin_tiny.py:smoke",
+         f"--workdir={tmp_path}", override],
+        cwd=REPO, env={k: v for k, v in os.environ.items() if k != "GRIN_JAX_DEBUG"},
+        capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    (first,) = [i for i, line in enumerate(lines) if line.startswith("error: ")]  # after notes such as the mesh's
+    assert needle in lines[first] and len(lines) - first <= 2, result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+def test_a_torn_metrics_line_keeps_the_later_records(tmp_path, capsys):
+    """A line torn by a crash or a full disk, in the middle of metrics.jsonl: the records after it are read, the
+    skipped line is reported naming the file, and a resumed MetricWriter rewrites the log without it."""
+    from grin_jax.train.metrics import MetricWriter
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "train/loss": 5.0 - s} for s in range(1, 7)]
+    lines = [json.dumps(r) for r in records]
+    lines[2] = lines[2][:12]                                   # step 3: torn
+    lines.insert(4, "\x00\x00 not json")                       # damaged bytes
+    path.write_text("\n".join(lines) + "\n")
+    kept = [r for r in records if r["step"] != 3]
+    assert read_jsonl(str(path)) == kept
+    err = capsys.readouterr().err
+    assert str(path) in err and "skipped 2 unreadable lines" in err
+    writer = MetricWriter(str(tmp_path), resume_step=5, tensorboard=False)
+    writer.write(6, {"train/loss": 0.5})
+    writer.close()
+    capsys.readouterr()
+    assert read_jsonl(str(path)) == [r for r in kept if r["step"] <= 5] + [{"step": 6, "train/loss": 0.5}]
+    assert capsys.readouterr().err == ""  # the rewritten log has no unreadable line left
 
 
 def test_resumed_after_the_final_step_summarises_without_logging_twice(full_run, tmp_path):

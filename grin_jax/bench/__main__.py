@@ -53,6 +53,11 @@ _NOTES: dict[str, str] = {}
 
 
 def main(argv=None) -> int:
+    from grin_jax.cli import run_main
+    return run_main(_main, argv)  # a user error (a bad --json path, a full disk): one line
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grin_jax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps: a smoke run for CI (seconds)")
@@ -63,8 +68,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", metavar="REGEX", default=None, help="run only the groups whose name matches")
     parser.add_argument("--train-step", action="store_true", help="with --quick: also the train-step case")
     args = parser.parse_args(argv)
-    reps = args.reps or (2 if args.quick else 7)
-    slow_reps = args.slow_reps or (1 if args.quick else 3)
+    reps = args.reps if args.reps is not None else (2 if args.quick else 7)  # --reps 0: refused, not the default
+    slow_reps = args.slow_reps if args.slow_reps is not None else (1 if args.quick else 3)
     if reps < 1 or slow_reps < 1:
         parser.error("--reps and --slow-reps must be >= 1")
     sizes = cases.QUICK if args.quick else cases.FULL

@@ -13,15 +13,19 @@ replaces its contents. User errors print one line (set GRIN_JAX_DEBUG=1 for the 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from grin_jax.cli import run_main
 from grin_jax.convert import checkpoint_to_hf, hf_to_checkpoint
 from grin_jax.convert.hf import LAYOUTS
 from grin_jax.models.config import DTYPES
 
 
 def main(argv=None) -> int:
+    return run_main(_main, argv)  # a user error (ValueError, a missing file, a full disk): one line
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grin_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -37,18 +41,12 @@ def main(argv=None) -> int:
                         help="replace the contents of a non-empty --out directory (refused otherwise)")
     args = parser.parse_args(argv)
     common = dict(dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    try:
-        if args.from_hf:
-            config = hf_to_checkpoint(args.from_hf, args.out, **common)
-            print(f"imported {args.from_hf} -> {args.out}: {config}")
-        else:
-            checkpoint_to_hf(args.to_hf, args.out, layout=args.layout, **common)
-            print(f"exported {args.to_hf} -> {args.out} ({args.layout} layout)")
-    except ValueError as error:  # a user error: one line (GRIN_JAX_DEBUG=1 for the traceback)
-        if os.environ.get("GRIN_JAX_DEBUG"):
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.from_hf:
+        config = hf_to_checkpoint(args.from_hf, args.out, **common)
+        print(f"imported {args.from_hf} -> {args.out}: {config}")
+    else:
+        checkpoint_to_hf(args.to_hf, args.out, layout=args.layout, **common)
+        print(f"exported {args.to_hf} -> {args.out} ({args.layout} layout)")
     return 0
 
 

@@ -62,8 +62,6 @@ def save_checkpoint(path: str, config: ModelConfig, params, *, hf_config: Mappin
 
 def load_checkpoint(path: str):
     """-> (ModelConfig, flat numpy params, hf_config dict or None)."""
-    from safetensors.numpy import load_file
-
     with open(os.path.join(path, CONFIG_FILE)) as f:
         config = ModelConfig.from_dict(json.load(f))
     files = sorted(glob.glob(os.path.join(path, "params*.safetensors")))
@@ -71,7 +69,7 @@ def load_checkpoint(path: str):
         raise FileNotFoundError(f"no {PARAMS_FILE} in {path}")
     flat = {}
     for name in files:
-        flat.update(load_file(name))
+        flat.update(_hf.load_safetensors(name))
     hf_config = None
     if os.path.exists(os.path.join(path, HF_CONFIG_FILE)):
         with open(os.path.join(path, HF_CONFIG_FILE)) as f:

@@ -311,10 +311,21 @@ def hf_state_from_flat(flat: Mapping[str, np.ndarray], config: ModelConfig, *, l
 
 
 # ------------------------------------------------------------------------------------------------- files
-def read_safetensors_dir(path: str) -> dict:
-    """All tensors of a directory of *.safetensors (sharded via model.safetensors.index.json or not), as numpy."""
+def load_safetensors(path: str) -> dict:
+    """The tensors of one .safetensors file, as numpy; a damaged or truncated file raises ValueError naming it
+    (safetensors' own error does not say which file)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}): it may be truncated or damaged; "
+                         "convert or copy it again") from error
+
+
+def read_safetensors_dir(path: str) -> dict:
+    """All tensors of a directory of *.safetensors (sharded via model.safetensors.index.json or not), as numpy."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -326,7 +337,7 @@ def read_safetensors_dir(path: str) -> dict:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     state = {}
     for name in files:
-        state.update(load_file(name))
+        state.update(load_safetensors(name))
     return state
 
 

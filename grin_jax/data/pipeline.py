@@ -202,6 +202,27 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} is invalid; accepted: an int >= 1")
 
 
+def _split_name(config, split: str) -> str:
+    """How an error names the split: by its config key (data.train_split / data.eval_split) and source."""
+    key = ("data.train_split" if split == config.train_split else
+           "data.eval_split" if split == config.eval_split else "split")
+    source = f"data.paths={config.paths!r}" if config.name == _config.TEXT_NAME else f"data.name={config.name!r}"
+    return f"{key}={split!r} of {source}"
+
+
+def _empty_split_error(config, split: str, documents: int) -> ValueError:
+    """A split with no text: training would read nothing but end-of-document tokens and report a meaningless loss."""
+    return ValueError(f"{_split_name(config, split)} has no text: its {documents:,} document"
+                      f"{'s are' if documents != 1 else ' is'} empty (data.text_key={config.text_key!r}); accepted "
+                      "are splits with non-empty documents")
+
+
+def _check_has_text(config, split: str, docs) -> None:
+    """Refuse a split whose documents are all empty (reads documents up to the first non-empty one)."""
+    if not any(len(docs[i]) for i in range(len(docs))):
+        raise _empty_split_error(config, split, len(docs))
+
+
 def make_tokenizer(config, *, data_dir: str | None = None) -> _tokenizers.Tokenizer:
     """The config's tokenizer; SentencePiece is trained on the train split on first use and cached in data_dir."""
     _config.validate_data_config(config)
@@ -209,6 +230,7 @@ def make_tokenizer(config, *, data_dir: str | None = None) -> _tokenizers.Tokeni
         return _tokenizers.ByteTokenizer()
     data_dir = data_dir or _sources.resolve_data_dir(config)
     docs = _sources.documents(config, config.train_split, data_dir=data_dir)
+    _check_has_text(config, config.train_split, docs)  # before SentencePiece trains on nothing
     return _tokenizers.sentencepiece_tokenizer(
         docs, cache_dir=data_dir, dataset_id=f"{docs.dataset_id}-{config.train_split}-{config.text_key}",
         vocab_size=config.vocab_size or _config.DEFAULT_SP_VOCAB_SIZE, model_type=config.sp_model_type,
@@ -255,6 +277,8 @@ def make_dataset(config, split: str | None = None, *, batch_size: int, seed: int
     read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     if config.shuffle == "global":
         rows = packed_rows(config, split, seq_len=seq_len, tokenizer=tokenizer)
+        if len(rows.corpus.tokens) - 1 <= rows.corpus.num_documents:  # only the EOS of each document
+            raise _empty_split_error(config, split, rows.corpus.num_documents)
         if len(rows) < batch_size * pc:
             raise ValueError(f"split {split!r} of data.name={config.name!r} packs into {len(rows)} rows of "
                              f"seq_len={seq_len}, fewer than one global batch of {batch_size * pc} rows")
@@ -264,6 +288,7 @@ def make_dataset(config, split: str | None = None, *, batch_size: int, seed: int
         it = DataIterator(iter(ds), shuffle="global", global_batch_rows=batch_size * pc, rows_per_epoch=len(rows))
         return it, tokenizer
     docs = _sources.documents(config, split, data_dir=data_dir)
+    _check_has_text(config, split, docs)
     if len(docs) < pc:
         raise ValueError(f"split {split!r} of data.name={config.name!r} has {len(docs)} documents, fewer than "
                          f"process_count={pc}")

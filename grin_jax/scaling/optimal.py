@@ -250,4 +250,5 @@ def main(argv: Sequence[str] | None = None) -> list[Allocation]:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    from grin_jax.cli import run_main
+    sys.exit(run_main(main, sys.argv[1:]))  # a user error: one line (GRIN_JAX_DEBUG=1 for the traceback)

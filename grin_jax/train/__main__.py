@@ -1,12 +1,17 @@
 """python -m grin_jax.train --config=configs/grin_tiny.py[:variant] --workdir=DIR [--config.a.b=value ...]
 
 Multi-process (one process per host or per GPU): the same command in every process; `config.distributed`
-(or the cluster's environment: SLURM, Open MPI, Cloud TPU) says how they find each other (grin_jax.sharding)."""
+(or the cluster's environment: SLURM, Open MPI, Cloud TPU) says how they find each other (grin_jax.sharding).
+
+User errors (a config mistake naming its key, a refused resume, a full disk, a loss that became NaN) print one line
+and exit with status 2 (1 for the disk and the loss); set GRIN_JAX_DEBUG=1 for the traceback (grin_jax.cli)."""
 
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from grin_jax.cli import run_main
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grin_tiny.py", "experiment config file",
                                           lock_config=True)
@@ -14,7 +19,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, met
                                "required (a default would let two configs share one run directory)")
 
 
-def main(argv):
+def main(argv) -> int:
+    return run_main(_main, argv)
+
+
+def _main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
@@ -25,13 +34,11 @@ def main(argv):
     from grin_jax.sharding import initialize_distributed
     from grin_jax.train.trainer import check_resumable, resolve, resolved_config, train
     workdir = _WORKDIR.value
-    try:
-        initialize_distributed(_CONFIG.value)  # multi-process runs: before anything touches the devices
-        resolve(_CONFIG.value)
-        check_resumable(workdir, resolved_config(_CONFIG.value))
-    except ValueError as error:  # a config mistake or a refused resume: one line naming the key; no traceback
-        print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
+    # A config mistake or a refused resume raises ValueError naming the key, here or inside train(): run_main
+    # prints it in one line, as it does a full disk or a NonFiniteLossError.
+    initialize_distributed(_CONFIG.value)  # multi-process runs: before anything touches the devices
+    resolve(_CONFIG.value)
+    check_resumable(workdir, resolved_config(_CONFIG.value))
     summary = train(_CONFIG.value, workdir)
     print(f"\n{summary['config_name']}: {summary['steps']} steps, {summary['tokens_seen']:,} tokens, "
           f"{summary['wall_seconds']:.0f} s")

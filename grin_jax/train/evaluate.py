@@ -1,10 +1,19 @@
 """Evaluation on the validation split: per-token NLL from the eval step, aggregated per document on the host
 (grin_jax.data.DocumentLosses) into the loss, its standard error over documents and bits per byte; with several
-data slices (processes) the per-slice accumulators are gathered and merged once per slice."""
+data slices (processes) the per-slice accumulators are gathered and merged once per slice.
+
+A finished or running run's checkpoint, on one device:
+
+    python -m grin_jax.train.evaluate --workdir=workdirs/grin_tiny [--step=N] [--max_batches=0] [--out=FILE.json]
+
+prints the validation loss with its standard error over documents (default: the newest intact checkpoint, the
+whole validation split). A damaged or missing step is refused in one line (grin_jax.cli)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 
 import jax
 import numpy as np
@@ -70,3 +79,42 @@ def _allgather_json(obj) -> list:
     buffer[:raw.size] = raw
     gathered = np.asarray(multihost_utils.process_allgather(buffer))
     return [json.loads(gathered[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
+
+
+def evaluate_checkpoint(workdir: str, *, step: int | None = None, max_batches: int | None = None) -> dict:
+    """evaluate() of a run's checkpoint `step` (None: the newest intact one) on one device, plus 'step'."""
+    from grin_jax.train.step import make_eval_step
+    from grin_jax.train.trainer import load_trained
+
+    config, graphdef, params, tokenizer, step = load_trained(workdir, step, with_step=True)
+    result = evaluate(jax.jit(make_eval_step(graphdef)), params, config, tokenizer, max_batches=max_batches)
+    return {**result, "step": step}
+
+
+def main(argv=None) -> int:
+    from grin_jax.cli import run_main
+    return run_main(_main, argv)
+
+
+def _main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grin_jax.train.evaluate",
+                                     description="validation loss of a run's checkpoint")
+    parser.add_argument("--workdir", required=True, help="a training run's workdir")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest intact one)")
+    parser.add_argument("--max_batches", type=int, default=0, help="validation batches (0: the whole split)")
+    parser.add_argument("--out", default=None, help="also write the result to this JSON file")
+    args = parser.parse_args(argv)
+    if args.max_batches < 0:
+        raise ValueError(f"--max_batches={args.max_batches} is invalid: accepted values are integers >= 0")
+    result = evaluate_checkpoint(args.workdir, step=args.step, max_batches=args.max_batches or None)
+    stderr = "" if result["stderr"] is None else f" ± {result['stderr']:.4f}"
+    print(f"step {result['step']}: validation loss {result['loss']:.4f}{stderr} nats/token over "
+          f"{result['documents']} documents ({result['tokens']:,} tokens; {result['bits_per_byte']:.4f} bits/byte)")
+    if args.out:
+        from grin_jax.train.metrics import write_json_atomic
+        write_json_atomic(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

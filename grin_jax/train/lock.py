@@ -14,6 +14,10 @@ import time
 LOCK_NAME = ".lock"
 
 
+class WorkdirInUseError(RuntimeError):
+    """Another trainer holds the workdir (a user error: the CLI answers it in one line, grin_jax.cli)."""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -35,7 +39,8 @@ def _try_create(path: str) -> bool:
 
 
 def acquire(workdir: str) -> str:
-    """Take the lock or raise RuntimeError naming the process that holds it. Returns the lock's path."""
+    """Take the lock or raise WorkdirInUseError (a RuntimeError) naming the process that holds it. Returns the
+    lock's path."""
     path = os.path.join(workdir, LOCK_NAME)
     for _ in range(3):
         if _try_create(path):
@@ -49,10 +54,10 @@ def acquire(workdir: str) -> str:
         if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
             os.remove(path)  # stale: its process is gone
             continue
-        raise RuntimeError(f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} (since "
-                           f"{time.ctime(holder.get('since', 0))}): a workdir is one run. Wait for it, stop it, or, if "
-                           f"that process is dead on another host, remove {path}")
-    raise RuntimeError(f"could not take the lock {path}; remove it if no trainer runs in {workdir}")
+        raise WorkdirInUseError(f"{workdir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                                f"(since {time.ctime(holder.get('since', 0))}): a workdir is one run. Wait for it, "
+                                f"stop it, or, if that process is dead on another host, remove {path}")
+    raise WorkdirInUseError(f"could not take the lock {path}; remove it if no trainer runs in {workdir}")
 
 
 @contextlib.contextmanager

@@ -3,7 +3,9 @@
     python -m grin_jax.train --config=configs/grin_tiny.py --workdir=workdirs/grin_tiny
 
 Workdir layout:
-    checkpoints/<step>/   Orbax checkpoints (params, optimizer state, step, RNG; data iterator state as JSON)
+    checkpoints/<step>/   Orbax checkpoints (params, optimizer state, step, RNG; data iterator state and the loss as
+                          JSON), sealed with checksums.json (train/checkpoint.py)
+    damaged_checkpoints/, diverged_checkpoints/   checkpoints set aside (failed verification; after a divergence)
     metrics.jsonl         one JSON record per logged step (train/*, eval/*)
     tb/                   TensorBoard event files
     config.json           the resolved experiment config
@@ -12,8 +14,10 @@ Workdir layout:
                           over documents, bits per byte, tokens seen, wall time, parameter counts, the git commit
                           and dirty flag of the code, and the scaling law's columns (grin_jax.scaling.summary),
                           written atomically
-Restarting with the same workdir resumes from the latest checkpoint; the data order, the RNG and therefore the
-losses continue exactly as in an uninterrupted run.
+Restarting with the same workdir resumes from the newest intact checkpoint (damaged ones are reported and set
+aside); the data order, the RNG and therefore the losses continue exactly as in an uninterrupted run. After a
+non-finite loss the checkpoints saved since the last healthy one (DIVERGENCE_FACTOR) are set aside, so that a
+rerun resumes from before the divergence.
 
 `train` in parts: `_setup` (mesh, optimizer, data, state, checkpointer) -> `_restore` (the latest checkpoint) ->
 `_compile` (the steps, ahead of time) -> `_loop` (the steps, evals and checkpoints) -> `_summarise`. The jitted
@@ -143,13 +147,30 @@ def _make_optimizer(tc):
         final_lr_fraction=tc.final_lr_fraction)
 
 
-def _non_finite(what: str, checkpointer) -> NonFiniteLossError:
+# A checkpoint is healthy when the mean training loss of the steps since the previous checkpoint is at most this
+# factor times the best such mean of the run so far: the newest healthy checkpoint is pinned (never rotated out)
+# and is where a run that diverged resumes.
+DIVERGENCE_FACTOR = 1.5
+
+
+def _non_finite(what: str, run: "_Run") -> NonFiniteLossError:
+    """The error for a non-finite loss or gradient: checkpoints after the newest healthy one are set aside
+    (<workdir>/diverged_checkpoints/), so that rerunning the command resumes from the healthy one."""
+    checkpointer = run.checkpointer
     checkpointer.wait()
-    good = checkpointer.latest_step()
-    return NonFiniteLossError(
-        f"{what}; the run stopped and the last good checkpoint "
-        f"({'step ' + str(good) if good is not None else 'none yet'}) in {checkpointer.directory} is kept. "
-        "Try a lower train.learning_rate, a larger train.warmup_steps or train.clip_norm > 0.")
+    good = run.healthy_step
+    newer = [s for s in checkpointer.all_steps() if good is None or s > good]
+    for step in newer:
+        checkpointer.set_aside(step, "diverged")
+    if good is None:
+        where = "no healthy checkpoint yet: rerunning starts over"
+    else:
+        best = "" if run.best_loss is None else f" (loss {run.best_loss:.4f})"
+        where = (f"rerunning resumes from the last healthy checkpoint, step {good}{best}"
+                 + (f"; the later ones (steps {newer}) were diverging and are set aside in "
+                    f"{os.path.join(run.workdir, 'diverged_checkpoints')}" if newer else ""))
+    return NonFiniteLossError(f"{what}; the run stopped: {where}. Try a lower train.learning_rate, a larger "
+                              "train.warmup_steps or train.clip_norm > 0.")
 
 
 def enable_compilation_cache(setting: str) -> None:
@@ -216,6 +237,8 @@ class _Run:
     provenance: dict  # git_commit, git_dirty of the code this process runs
     start_step: int = 0
     prior_wall: float = 0.0  # wall seconds of the runs this one resumes
+    best_loss: float | None = None  # the best mean train loss between two checkpoints so far (DIVERGENCE_FACTOR)
+    healthy_step: int | None = None  # the newest healthy checkpoint (pinned)
 
     @property
     def config(self) -> ml_collections.ConfigDict:
@@ -280,11 +303,12 @@ def _setup(experiment: Experiment, workdir: str):
     return run, state
 
 
-# What may change when a workdir is reused (resumed): how long and how visibly the run goes on. Everything else
-# (model, data, batch, optimizer, seed, mesh) must equal the stored config.json.
-RESUMABLE_CHANGES = ("name", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "train.final_eval_batches", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.progress", "train.async_checkpoint", "train.compilation_cache_dir")
+# What may change when a workdir is reused (resumed): how long and how visibly the run goes on, and the peak learning
+# rate (to resume a diverged run from its last healthy checkpoint more gently). Everything else (model, data,
+# batch, the optimizer's other settings, seed, mesh) must equal the stored config.json.
+RESUMABLE_CHANGES = ("name", "train.steps", "train.learning_rate", "train.log_every", "train.eval_every",
+                     "train.eval_batches", "train.final_eval_batches", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.progress", "train.async_checkpoint", "train.compilation_cache_dir")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -323,12 +347,21 @@ def check_resumable(workdir: str, resolved: dict) -> None:
 
 
 def _restore(run: _Run, state):
-    """The state of the latest checkpoint (and the data iterator's position), or `state` when there is none."""
+    """The state of the newest checkpoint that verifies and restores (and the data iterator's position), or `state`
+    when there is none. Damaged newer checkpoints are reported in one line each and set aside
+    (<workdir>/damaged_checkpoints/); when every checkpoint is damaged the run stops rather than start over."""
     checkpointer = run.checkpointer
-    latest = checkpointer.latest_step()
-    if latest is None:
+    if not checkpointer.all_steps():
         return state
-    state, meta = checkpointer.restore(latest, _checkpoint.abstract_like(state))
+    say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    latest, restored, meta, damaged = checkpointer.restore_newest(_checkpoint.abstract_like(state), log=say)
+    if latest is None:
+        raise ValueError(f"no checkpoint in {checkpointer.directory} can be restored ("
+                         + "; ".join(reason for _, reason in damaged) + "): nothing was moved; use a new --workdir "
+                         "to start over, or restore the files")
+    for step, _ in damaged:
+        say(f"  set aside in {checkpointer.set_aside(step)}; resuming from step {latest}")
+    state = restored
     data_states = meta.get("data_states", [meta["data_state"]])
     if len(data_states) != run.data_count:
         raise ValueError(f"{checkpointer.directory}/{latest} was written with the batch loaded in "
@@ -336,7 +369,11 @@ def _restore(run: _Run, state):
                          "be resumed exactly; resume with the same mesh and number of processes")
     run.train_iter.set_state(data_states[run.data_index])
     run.start_step, run.prior_wall = int(state["step"]), float(meta.get("wall_seconds", 0.0))
-    print(f"resuming from {checkpointer.directory}/{latest} (step {run.start_step})", file=sys.stderr, flush=True)
+    run.best_loss = meta.get("best_loss")
+    healthy = [s for s in checkpointer.all_steps() if checkpointer.meta(s).get("healthy", True)]
+    run.healthy_step = max(healthy) if healthy else None
+    checkpointer.pin(run.healthy_step)
+    say(f"resuming from {checkpointer.directory}/{latest} (step {run.start_step})")
     return state
 
 
@@ -374,15 +411,23 @@ def _evaluate(run: _Run, compiled: _Compiled, params, *, final: bool = False) ->
     return {**result, "final": final}
 
 
-def _save(run: _Run, compiled: _Compiled, state, step: int) -> None:
-    """Checkpoint the state after `step`. The caller has checked the step's loss; the parameters are checked here."""
+def _save(run: _Run, compiled: _Compiled, state, step: int, loss: float | None) -> None:
+    """Checkpoint the state after `step`. The caller has checked the step's loss finite; `loss` is the mean train
+    loss since the previous checkpoint (healthy or diverging: DIVERGENCE_FACTOR). The parameters are checked here."""
     if not bool(compiled.all_finite(state["params"])):
-        raise _non_finite(f"non-finite parameters after step {step}", run.checkpointer)
+        raise _non_finite(f"non-finite parameters after step {step}", run)
+    healthy = loss is None or run.best_loss is None or loss <= DIVERGENCE_FACTOR * run.best_loss
+    if healthy and loss is not None:
+        run.best_loss = loss if run.best_loss is None else min(run.best_loss, loss)
     data_state = run.train_iter.get_state()
-    meta = {"data_state": data_state, "config_name": run.experiment.name, "wall_seconds": run.wall_seconds()}
+    meta = {"data_state": data_state, "config_name": run.experiment.name, "wall_seconds": run.wall_seconds(),
+            "loss": loss, "best_loss": run.best_loss, "healthy": healthy}
     if jax.process_count() > 1:  # every data slice's iterator state (processes of one slice agree)
         by_slice = dict((i, st) for i, st in _allgather_json([run.data_index, data_state]))
         meta["data_states"] = [by_slice[i] for i in range(run.data_count)]
+    if healthy:
+        run.healthy_step = step
+        run.checkpointer.pin(step)
     run.checkpointer.save(step, state, meta)
 
 
@@ -443,6 +488,7 @@ class _StepLog:
         self.last_eval: dict = {}
         self._pending = None  # (step, device metrics, dispatch time, data position) of the step not read yet
         self._interval_losses: list[float] = []  # every step's loss since the last record (-> train/loss_mean)
+        self._losses_since_save: list[float] = []  # every step's loss since the last checkpoint
         self._last_read = 0.0
         self._bar = _progress_bar(run)
 
@@ -456,6 +502,11 @@ class _StepLog:
             pending, self._pending = self._pending, None
             self._read(*pending)
 
+    def loss_since_save(self) -> float | None:
+        """The mean loss of the steps read since the last call (None: none), for the next checkpoint."""
+        losses, self._losses_since_save = self._losses_since_save, []
+        return float(np.mean(losses)) if losses else None
+
     def _read(self, step: int, metrics: dict, dispatched_at: float, position: dict) -> None:
         tc = self.run.tc
         due = step % tc.log_every == 0 or step == tc.steps
@@ -466,8 +517,9 @@ class _StepLog:
         self._last_read = now
         if not all(math.isfinite(host[k]) for k in self.CHECKED):
             raise _non_finite(f"non-finite training loss or gradient (loss {host['loss']}) at step {step}",
-                              self.run.checkpointer)
+                              self.run)
         self._interval_losses.append(host["loss"])
+        self._losses_since_save.append(host["loss"])
         if due:
             host["loss_mean"] = float(np.mean(self._interval_losses))  # every step since the last record
             self._interval_losses = []
@@ -525,7 +577,7 @@ def _loop(run: _Run, compiled: _Compiled, state, log: _StepLog):
             log.write_eval(step, _evaluate(run, compiled, state["params"], final=step == tc.steps))
         if _due(tc.checkpoint_every, step, tc.steps):
             log.flush()  # this step's loss is checked finite before its state is saved
-            _save(run, compiled, state, step)
+            _save(run, compiled, state, step, log.loss_since_save())
     log.flush()
     return state, step
 
@@ -625,8 +677,10 @@ def _with_later_keys(config: ml_collections.ConfigDict) -> ml_collections.Config
     return config
 
 
-def load_trained(workdir: str, step: int | None = None):
-    """(config, graphdef, params, tokenizer) of a run's checkpoint (default: the latest)."""
+def load_trained(workdir: str, step: int | None = None, *, with_step: bool = False):
+    """(config, graphdef, params, tokenizer) of a run's checkpoint `step` (default: the newest intact one; a
+    damaged one is reported and skipped). ValueError for a step that is not there or is damaged. with_step: also
+    return the step loaded (a fifth element)."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = _with_later_keys(ml_collections.ConfigDict(json.load(f)))
     experiment = resolve(config, check_mesh=False)  # restored onto one device, whatever mesh trained it
@@ -636,12 +690,26 @@ def load_trained(workdir: str, step: int | None = None):
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     checkpointer = _checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
+        steps = checkpointer.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}: train first "
                                     f"(python -m grin_jax.train --workdir={workdir})")
-        state, _ = checkpointer.restore(step, target)
+        if step is None:  # the newest intact one (damaged ones are reported, left in place)
+            say = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+            step, state, _, damaged = checkpointer.restore_newest(target, log=say)
+            if step is None:
+                raise ValueError(f"no checkpoint in {checkpointer.directory} can be restored: "
+                                 + "; ".join(reason for _, reason in damaged))
+        elif step not in steps:
+            raise ValueError(f"step={step} is invalid: {checkpointer.directory} holds steps {steps}")
+        else:
+            try:
+                state, _ = checkpointer.restore(step, target)
+            except _checkpoint.DamagedCheckpointError as error:
+                raise ValueError(f"checkpoint {error}; intact steps are chosen by leaving the step out") from None
     finally:
         checkpointer.close()
     tokenizer = _data.make_tokenizer(config.data)
+    if with_step:
+        return config, graphdef, state["params"], tokenizer, step
     return config, graphdef, state["params"], tokenizer
