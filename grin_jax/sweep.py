@@ -8,6 +8,8 @@ A sweep config is an ml_collections file whose get_config() returns:
     product:     {'model': {'granularity': [1, 2, 4]}, 'train': {'seed': [0, 1]}}   cartesian product
     zip:         {'model': {'d_model': [64, 96], 'num_layers': [2, 3]}}            zipped lists (one axis)
 (nested like the experiment config, since ConfigDict keys cannot contain dots; trials name fields dotted).
+An axis may also be `base_config` itself (trials from different experiment configs, e.g. two routers whose
+options differ), and a value None leaves that field as the trial's base config sets it.
     executor:    'local' | 'slurm'     parallel: trials at once for 'local' (default: one per 2 cores)
     slurm:       submitit parameters for 'slurm' (partition, timeout_min, gpus_per_node, ...)
 Each trial is a normal `python -m grin_jax.train` run in `<sweep_dir>/trials/<trial_id>/` (its log in log.txt).
@@ -104,8 +106,11 @@ def _check_unique(trials: list[dict]) -> None:
 
 
 def trial_command(base_config: str, workdir: str, overrides: dict) -> list[str]:
-    return [sys.executable, "-m", "grin_jax.train", f"--config={base_config}", f"--workdir={workdir}",
-            *[f"--config.{k}={_format_value(v)}" for k, v in overrides.items()]]
+    """The trainer's command line of a trial: its own base_config when it has one, then every override that is
+    not None."""
+    return [sys.executable, "-m", "grin_jax.train", f"--config={overrides.get('base_config') or base_config}",
+            f"--workdir={workdir}", *[f"--config.{k}={_format_value(v)}" for k, v in overrides.items()
+                                      if k != "base_config" and v is not None]]
 
 
 def run_trial(command: list[str], workdir: str) -> dict:
@@ -163,7 +168,8 @@ def gather_results(sweep_dir: str, trials: list[dict]) -> list[dict]:
                 error = json.load(f)
             row["status"] = "failed"
             lines = (error.get("error") or "").strip().splitlines()
-            row["error"] = lines[-1] if lines else f"exit code {error.get('returncode')}"
+            said = [line for line in lines if line.startswith("error: ")]  # a user error's line (grin_jax.cli)
+            row["error"] = (said or lines)[-1] if lines else f"exit code {error.get('returncode')}"
         else:
             row["status"] = "pending"
         rows.append(row)
@@ -195,13 +201,15 @@ def _slurm_executor(sweep, sweep_dir: str):
     return executor
 
 
-def _base_config(sweep) -> str:
+def _base_config(sweep, trials: list[dict]) -> str:
+    """The sweep's base_config, checked with every trial's own (a base_config axis) to exist."""
     base_config = sweep.get("base_config", None)
     if not base_config:
         raise ValueError("sweep config key 'base_config' is missing: give the experiment config path, "
                          "e.g. 'configs/grin_tiny.py'")
-    if not os.path.exists(base_config.split(":")[0]):
-        raise ValueError(f"sweep config key 'base_config'={base_config!r}: no such file")
+    for path in {base_config, *(t["base_config"] for t in trials if t.get("base_config"))}:
+        if not os.path.exists(path.split(":")[0]):
+            raise ValueError(f"sweep config key 'base_config'={path!r}: no such file")
     return base_config
 
 
@@ -212,7 +220,7 @@ def _prepare_jobs(base_config: str, sweep_dir: str, todo: list[dict]) -> list[tu
         workdir = os.path.join(sweep_dir, "trials", trial_id(t))
         os.makedirs(workdir, exist_ok=True)
         _write_json_atomic(os.path.join(workdir, "trial.json"),
-                           {"id": trial_id(t), "base_config": base_config, "overrides": t})
+                           {"id": trial_id(t), "base_config": t.get("base_config") or base_config, "overrides": t})
         jobs.append((trial_command(base_config, workdir, t), workdir))
     return jobs
 
@@ -244,12 +252,12 @@ def _run_jobs(jobs, sweep, sweep_dir: str, executor: str, parallel: int, bar) ->
 def run_sweep(sweep, sweep_dir: str, *, parallel: int | None = None, executor: str | None = None,
               progress: bool = True) -> list[dict]:
     """Run every unfinished trial of `sweep` and write `<sweep_dir>/results.csv`. Returns the result rows."""
-    base_config = _base_config(sweep)
     executor = executor or sweep.get("executor", "local")
     if executor not in ("local", "slurm"):
         raise ValueError(f"executor={executor!r} is unknown: accepted values are ['local', 'slurm']")
     parallel = parallel or sweep.get("parallel", 0) or max(1, (os.cpu_count() or 2) // 2)
     trials = expand_trials(sweep)
+    base_config = _base_config(sweep, trials)
     _check_unique(trials)
     os.makedirs(os.path.join(sweep_dir, "trials"), exist_ok=True)
     _write_json_atomic(os.path.join(sweep_dir, "sweep.json"),
@@ -274,7 +282,12 @@ def run_sweep(sweep, sweep_dir: str, *, parallel: int | None = None, executor: s
 
 
 def main(argv=None) -> int:
-    from absl import app, flags
+    from grin_jax.cli import run_main
+    return run_main(_main, argv)  # a user error: one line (GRIN_JAX_DEBUG=1 for the traceback)
+
+
+def _main(argv=None) -> int:
+    from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()

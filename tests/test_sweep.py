@@ -86,7 +86,7 @@ def test_failures_isolated_and_resume_runs_only_missing(tmp_path):
     table = read_csv(os.path.join(sweep_dir, "results.csv"))
     assert len(table) == 3
     failed = next(r for r in table if r["model.moe.top_k"] == "99")
-    assert "top_k" in failed["error"]
+    assert failed["error"].startswith("error: ") and "top_k" in failed["error"]  # the trial's one-line error
     done = [r for r in table if r["status"] == "done"]
     for row in done:
         for column in ("N", "D", "G", "loss", "flops", "validation_loss", "wall_seconds"):
@@ -118,3 +118,33 @@ def test_slurm_executor_through_submitit_local_cluster(tmp_path):
     assert os.listdir(os.path.join(sweep_dir, "submitit"))
     table = read_csv(os.path.join(sweep_dir, "results.csv"))
     assert float(next(r for r in table if r["model.moe.top_k"] == "2")["loss"]) > 0
+
+
+def test_a_base_config_axis_and_unset_values(tmp_path):
+    """Trials may come from different experiment configs (a `base_config` axis); None leaves a field as the
+    trial's config sets it (top-2 softmax has no jitter_eps). The GRIN vs GShard sweep is built this way."""
+    sys.path.insert(0, os.path.join(REPO, "configs", "sweeps"))
+    import grin_vs_gshard
+    trials = sweep_lib.expand_trials(grin_vs_gshard.get_config())
+    assert len(trials) == 3 * 5 and len({sweep_lib.trial_id(t) for t in trials}) == 15
+    commands = [sweep_lib.trial_command("configs/grin_tiny.py", "w", t) for t in trials]
+    gshard = [c for c in commands if "--config=configs/gshard_tiny.py" in c]
+    assert len(gshard) == 3 and not any("jitter_eps" in arg for c in gshard for arg in c)
+    assert sorted({arg for c in commands for arg in c if "jitter_eps" in arg}) == [
+        f"--config.model.moe.router_options.jitter_eps={eps!r}" for eps in (0.01, 0.05, 0.2, 0.5)]
+
+    smoke = os.path.join(REPO, "configs", "{}_tiny.py:smoke")
+    s = make_sweep(zip={"base_config": [smoke.format("grin"), smoke.format("gshard")],
+                        "model": {"moe": {"router_options": {"jitter_eps": [0.3, None]}}}})
+    sweep_dir = str(tmp_path / "sweep")
+    rows = sweep_lib.run_sweep(s, sweep_dir, progress=False)
+    assert [r["status"] for r in rows] == ["done", "done"]
+    routers = []
+    for row in rows:
+        with open(os.path.join(sweep_dir, "trials", row["trial"], "config.json")) as f:
+            routers.append((json.load(f)["model"]["moe"]["router"], row["model.moe.router_options.jitter_eps"]))
+        with open(os.path.join(sweep_dir, "trials", row["trial"], "trial.json")) as f:
+            assert json.load(f)["base_config"] == row["base_config"]
+    assert routers == [("sparsemixer_v2", 0.3), ("topk_softmax", None)]
+    with pytest.raises(ValueError, match=r"'base_config'='nope.py': no such file"):
+        sweep_lib.run_sweep(make_sweep(zip={"base_config": ["nope.py"]}), str(tmp_path / "bad"), progress=False)
