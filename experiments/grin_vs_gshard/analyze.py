@@ -117,7 +117,9 @@ def print_tables(runs, routers, seeds):
     for lo, hi in windows:
         def window_mean(run, lo=lo, hi=hi):
             values = [v for s, v in series(run, "train/loss_mean").items() if lo <= s <= hi]
-            return float(np.mean(values))
+            return float(np.mean(values)) if values else float("nan")
+        if all(np.isnan(window_mean(run)) for rs in runs.values() for run in rs.values()):
+            continue
         cells = [fmt(list(paired_to_gshard(runs, r, window_mean).values()), True) for r in routers if r != GSHARD]
         print(f"| {lo}-{hi if hi < 10**9 else 'end'} | " + " | ".join(cells) + " |")
     print()
@@ -131,8 +133,9 @@ def print_tables(runs, routers, seeds):
         frac = [np.mean(list(series(r, "train/moe/router_grad_fraction").values())) for r in rs]
         end = [list(series(r, "train/moe/router_grad_fraction").values())[-1] for r in rs]
         cand = [np.mean(list(series(r, "train/moe/mean_candidates").values()) or [np.nan]) for r in rs]
+        cand_text = "–" if np.all(np.isnan(cand)) else f"{np.nanmean(cand):.2f}"
         stats = np.asarray([load_stats(r) for r in rs])
-        print(f"| {router} | {np.mean(frac):.3f} | {np.mean(end):.3f} | {np.nanmean(cand):.2f} | "
+        print(f"| {router} | {np.mean(frac):.3f} | {np.mean(end):.3f} | {cand_text} | "
               f"{stats[:, 0].mean():.2f} | {stats[:, 1].mean():.3f} |")
     print()
 
@@ -157,7 +160,7 @@ def plot_curves(runs, routers, path):
                                  for t in steps] for s in seeds])
             kernel = np.ones(5) / 5  # 5 records = 50 steps
             smooth = np.asarray([np.convolve(d, kernel, mode="valid") for d in diffs])
-            x = steps[2:len(steps) - 2]
+            x = steps[2:2 + smooth.shape[1]]
             axes[1].plot(x, smooth.mean(0), color=colors[router], label=router, lw=1.2)
             axes[1].fill_between(x, smooth.min(0), smooth.max(0), color=colors[router], alpha=0.15)
     axes[0].set_ylim(top=min(axes[0].get_ylim()[1], 3.0))
