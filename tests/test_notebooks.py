@@ -59,11 +59,11 @@ def _synthetic_granularity_table(path) -> None:
                         loss = law_loss(n * 4, tokens, 1, truth) + 0.05  # any plausible baseline
                         flops = 72 * d_model ** 2 * 2 * tokens
                     rows.append({"trial": f"d{d_model}-{ffn}-G{granularity}-s{seed}-D{tokens}",
-                                 "model.d_model": d_model, "model.ffn": ffn, "model.granularity": granularity,
+                                 "model.d_model": d_model, "model.layout": ffn, "model.moe.granularity": granularity,
                                  "train.seed": seed, "N": n, "D": tokens, "G": granularity,
                                  "loss": float(loss * np.exp(rng.normal(0, 0.005))), "flops": flops,
                                  "status": "done"})
-    rows.append({"trial": "broken", "model.d_model": 64, "model.ffn": "moe", "model.granularity": 16,
+    rows.append({"trial": "broken", "model.d_model": 64, "model.layout": "moe", "model.moe.granularity": 16,
                  "train.seed": 0, "status": "failed"})
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

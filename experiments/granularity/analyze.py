@@ -1,8 +1,10 @@
-"""Tables for the granularity sweep: loss by size x G (mean ± half-range over seeds), the gain of each G over
-G = 1 against the seed noise, the dense baselines, throughput; and the MoE / dense rows split into their own CSVs
-for `python -m grin_jax.scaling.fit --table` (the fitter reads N, D, G, loss and knows nothing of ffn).
+"""Tables and a plot for the granularity sweep: validation loss (primary) and smoothed train loss by size x variant,
+mean and range over seeds; the paired gain of every G over G = 1 (same seed = same initialisation seed and the same
+batches), with its range over seeds; the CSVs of seed means for `python -m grin_jax.scaling.fit --table`.
 
     python experiments/granularity/analyze.py [--sweep experiments/granularity/runs] > experiments/granularity/tables.md
+
+A paired difference is called resolved when every seed gives it the same sign; otherwise it is inside the noise.
 """
 
 import argparse
@@ -10,11 +12,12 @@ import collections
 import csv
 import json
 import os
-import sys
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+METRICS = (("validation_loss", "validation loss over the whole held-out split (nats/byte; primary)"),
+           ("smoothed_train_loss", "smoothed final train loss (nats/byte; the law's `loss`)"))
 
 
 def read_rows(path):
@@ -23,132 +26,154 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
-    columns = list(rows[0]) if rows else []
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def mean_spread(values):
+def variant_of(row):
+    return "dense" if row["model.layout"] == "dense" else f"G={int(row['model.moe.granularity'])}"
+
+
+def group(rows):
+    """{(d_model, variant): {seed: row}}"""
+    cells = collections.defaultdict(dict)
+    for r in rows:
+        cells[(int(r["model.d_model"]), variant_of(r))][int(r["train.seed"])] = r
+    return cells
+
+
+def paired(cells, d, variant, key, *, reverse=False):
+    """Per seed L(G=1) - L(variant) (reverse: L(variant) - L(G=1)), for the seeds both have."""
+    base, other = cells.get((d, "G=1"), {}), cells.get((d, variant), {})
+    diffs = {s: float(base[s][key]) - float(other[s][key]) for s in sorted(set(base) & set(other))}
+    return {s: -v for s, v in diffs.items()} if reverse else diffs
+
+
+def dropped_fraction(sweep_dir, row):
+    """Mean of train/moe/dropped_fraction over the last 10 % of a trial's logged steps (tokens no expert chose)."""
+    path = os.path.join(sweep_dir, "trials", row["trial"], "metrics.jsonl")
+    with open(path) as f:
+        values = [r["train/moe/dropped_fraction"] for r in map(json.loads, filter(str.strip, f))
+                  if r.get("train/moe/dropped_fraction") is not None]
+    return float(np.mean(values[-max(1, len(values) // 10):])) if values else float("nan")
+
+
+def fmt_range(values):
     v = np.asarray(values, float)
-    return v.mean(), (v.max() - v.min()) / 2 if v.size > 1 else 0.0
+    return f"{v.mean():.4f} [{v.min():.4f}, {v.max():.4f}]" if v.size > 1 else (f"{v[0]:.4f}" if v.size else "–")
+
+
+def fmt_diff(diffs):
+    if not diffs:
+        return "–"
+    v = np.asarray(list(diffs.values()))
+    resolved = len(v) > 1 and (np.all(v > 0) or np.all(v < 0))
+    text = f"{v.mean():+.4f} [{v.min():+.4f}, {v.max():+.4f}]"
+    return f"**{text}**" if resolved else text
+
+
+def plot(cells, sizes, variants, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (key, title) in zip(axes, METRICS):
+        for d in sizes:
+            xs, means, lo, hi = [], [], [], []
+            for i, variant in enumerate(variants[1:]):
+                diffs = list(paired(cells, d, variant, key).values())
+                if diffs:
+                    xs.append(i + 0.08 * (sizes.index(d) - 1))
+                    means.append(np.mean(diffs))
+                    lo.append(np.mean(diffs) - min(diffs))
+                    hi.append(max(diffs) - np.mean(diffs))
+            ax.errorbar(xs, means, yerr=[lo, hi], marker="o", capsize=3, label=f"d_model={d}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(variants) - 1), variants[1:])
+        ax.set_ylabel("L(G=1) − L(variant), nats/byte")
+        ax.set_title(title.split(" (")[0] + ": gain over G=1\n(mean, bars = range over seeds)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--sweep", default=os.path.join(HERE, "runs"))
-    parser.add_argument("--out", default=HERE, help="where results_moe.csv / results_dense.csv go")
+    parser.add_argument("--out", default=HERE, help="where the CSVs and paired_gain.png go")
     args = parser.parse_args(argv)
     rows = read_rows(os.path.join(args.sweep, "results.csv"))
     done = [r for r in rows if r.get("status") == "done"]
-    for r in done:
-        # The law's N (the paper's): experts + attention = d^2 (8E + 4) per block (dense: 12 d^2), without the
-        # router (d E G per block, which grows with G) and the norms that the trainer's N (non-embedding) includes.
-        r["N_trainer"] = r["N"]
-        r["N"] = str(int(float(r["params.attention"]) + float(r["params.experts"]) + float(r["params.dense_ffn"])))
-        val_path = os.path.join(args.sweep, "trials", r["trial"], "val_full.json")  # evaluate.py
-        if os.path.exists(val_path):
-            with open(val_path) as f:
-                r["val_loss_long"] = json.load(f)["loss"]
-    moe = [r for r in done if r["model.ffn"] == "moe"]
-    dense = [r for r in done if r["model.ffn"] == "dense"]
-    write_rows(os.path.join(args.out, "results_moe.csv"), moe)
-    write_rows(os.path.join(args.out, "results_dense.csv"), dense)
-    with_val = [dict(r, loss=r["val_loss_long"]) for r in moe if "val_loss_long" in r]
-    if with_val:  # the same law fitted to the long validation loss (robustness check)
-        write_rows(os.path.join(args.out, "results_moe_val.csv"), with_val)
-    # Seed means per (N, D, G): the seed (= data order) shifts every variant's loss together by up to 0.8 nats here,
-    # which swamps the G effect in a fit over single runs; in the means every point carries the same seed mix.
-    for name, rs in (("results_moe_mean.csv", moe), ("results_moe_val_mean.csv", with_val)):
-        cells = collections.defaultdict(list)
-        for r in rs:
-            cells[(r["N"], r["D"], r["G"])].append(r)
-        means = [{"N": n, "D": d, "G": g, "loss": float(np.mean([float(r["loss"]) for r in group])),
-                  "flops": float(np.mean([float(r["flops"]) for r in group])), "seeds": len(group),
-                  "status": "done"} for (n, d, g), group in sorted(cells.items(), key=lambda kv: [float(x) for x in kv[0]])]
-        if means:
-            write_rows(os.path.join(args.out, name), means)
-    print(f"{len(done)}/{len(rows)} trials done ({len(moe)} MoE, {len(dense)} dense); "
-          f"not done: {[r['trial'] for r in rows if r.get('status') != 'done']}\n")
+    commits = sorted({(r.get("git_commit") or "?")[:10] + (" (dirty)" if r.get("git_dirty") == "True" else "")
+                      for r in done})
+    print(f"{len(done)}/{len(rows)} trials done; code: {', '.join(commits)}; not done: "
+          f"{[r['trial'] for r in rows if r.get('status') != 'done']}\n")
+    cells = group(done)
+    sizes = sorted({d for d, _ in cells})
+    gs = sorted({int(r["model.moe.granularity"]) for r in done if r["model.layout"] == "moe"})
+    variants = [f"G={g}" for g in gs] + ["dense"]
+    seeds = sorted({int(r["train.seed"]) for r in done})
 
-    sizes = sorted({int(r["model.d_model"]) for r in done})
-    gs = sorted({int(r["model.granularity"]) for r in moe})
-    by = collections.defaultdict(list)
-    for r in done:
-        by[(int(r["model.d_model"]), r["model.ffn"], int(r["model.granularity"]))].append(r)
-
-    def cell(rs, key="loss"):
-        rs = [r for r in rs if r.get(key) not in (None, "")]
-        if not rs:
-            return "–"
-        m, s = mean_spread([float(r[key]) for r in rs])
-        return f"{m:.4f} ± {s:.4f}" + ("" if len(rs) == 2 else f" (n={len(rs)})")
-
-    for key, title in (("loss", "smoothed final train loss (nats/byte; the law's `loss`)"),
-                       ("val_loss_long", "validation loss on 98k held-out tokens (nats/byte; evaluate.py)"),
-                       ("validation_loss", "trainer's end-of-run validation loss, 16k tokens (nats/byte)")):
-        print(f"### {title}: mean ± half-range over seeds\n")
-        print("| d_model | N (MoE, non-emb.) | " + " | ".join(f"G={g}" for g in gs) + " | dense (N) |")
-        print("|---|---|" + "---|" * (len(gs) + 1))
-        for d in sizes:
-            n_moe = next((f"{int(r['N']):,}" for r in moe if int(r["model.d_model"]) == d), "?")
-            n_dense = next((f"{int(r['N']):,}" for r in dense if int(r["model.d_model"]) == d), "?")
-            cells = [cell(by[(d, "moe", g)], key) for g in gs]
-            print(f"| {d} | {n_moe} | " + " | ".join(cells) + f" | {cell(by[(d, 'dense', 1)], key)} (N={n_dense}) |")
-        print()
-
-    for key, what in (("loss", "train loss"), ("val_loss_long", "98k-token validation loss")):
-        print(f"### gain over G = 1 ({what}; seed 0 / seed 1 (mean)); seed noise = mean over G of "
-              "|seed 0 - seed 1|\n")
-        print("| d_model | " + " | ".join(f"G={g}: L(1) - L(G)" for g in gs[1:])
-              + " | L(dense) - L(G=1) | seed noise |")
-        print("|---|" + "---|" * (len(gs) + 1))
-        for d in sizes:
-            val = lambda rs: {int(r["train.seed"]): float(r[key]) for r in rs if r.get(key) not in (None, "")}
-            base = val(by[(d, "moe", 1)])
-            cells = []
-            for g in gs[1:] + ["dense"]:
-                vals = val(by[(d, "dense", 1)] if g == "dense" else by[(d, "moe", g)])
-                diffs = [(vals[s] - base[s]) if g == "dense" else (base[s] - vals[s]) for s in sorted(vals)
-                         if s in base]
-                cells.append(" / ".join(f"{x:+.4f}" for x in diffs) + (f" ({np.mean(diffs):+.4f})" if diffs else "–"))
-            noise = [abs(v[0] - v[1]) for v in (val(by[(d, "moe", g)]) for g in gs) if len(v) == 2]
-            print(f"| {d} | " + " | ".join(cells) + (f" | {np.mean(noise):.4f} |" if noise else " | – |"))
-        print()
-
-    print("### throughput and cost (mean over seeds; shared 2-core CPU, noisy)\n")
-    print("| d_model | variant | tokens/s | wall s | paper FLOPs/token | XLA FLOPs/token (train step) | dropped frac. |")
-    print("|---|---|---|---|---|---|---|")
-    for d in sizes:
-        for ffn, g in [("moe", g) for g in gs] + [("dense", 1)]:
-            rs = by[(d, ffn, g)]
-            if not rs:
+    # Seed means of the MoE rows for the fitter (N = the law's N, written by the trainer), one file per metric.
+    for key, name in (("smoothed_train_loss", "results_moe_mean.csv"), ("validation_loss", "results_moe_val_mean.csv")):
+        means = []
+        for (d, variant), by_seed in sorted(cells.items()):
+            if variant == "dense":
                 continue
-            mean = lambda k: np.mean([float(r[k]) for r in rs if r.get(k) not in (None, "")] or [np.nan])
-            print(f"| {d} | {ffn} G={g} | {mean('tokens_per_second'):,.0f} | {mean('wall_seconds'):.0f} | "
-                  f"{mean('paper_flops_per_token'):,.0f} | {mean('xla_flops_per_token'):,.0f} | "
-                  f"{_dropped(args.sweep, rs)} |")
-    return 0
+            rs = list(by_seed.values())
+            means.append({"N": rs[0]["N"], "D": rs[0]["D"], "G": rs[0]["G"], "d_model": d, "seeds": len(rs),
+                          "loss": float(np.mean([float(r[key]) for r in rs])),
+                          "flops": float(np.mean([float(r["flops"]) for r in rs])), "status": "done"})
+        write_rows(os.path.join(args.out, name), means)
 
+    for key, title in METRICS:
+        print(f"### {title}: mean [min, max] over seeds {seeds}\n")
+        print("| d_model | N (MoE) | " + " | ".join(variants[:-1]) + " | dense (N) |")
+        print("|---|---|" + "---|" * len(variants))
+        for d in sizes:
+            n_moe = f"{int(next(iter(cells[(d, 'G=1')].values()))['N']):,}" if (d, "G=1") in cells else "?"
+            n_dense = f"{int(next(iter(cells[(d, 'dense')].values()))['N']):,}" if (d, "dense") in cells else "?"
+            values = [fmt_range([float(r[key]) for r in cells.get((d, v), {}).values()]) for v in variants]
+            print(f"| {d} | {n_moe} | " + " | ".join(values[:-1]) + f" | {values[-1]} ({n_dense}) |")
+        print()
+    stderrs = [float(r["validation_loss_stderr"]) for r in done]
+    print(f"Standard error of one run's validation loss over its {done[0]['validation_documents']} documents: "
+          f"{min(stderrs):.4f}-{max(stderrs):.4f} (shared by every run: the same documents, so it does not apply "
+          "to paired differences).\n")
 
-def _dropped(sweep, rs):
-    """Mean over seeds of the last logged train/moe/dropped_fraction (tokens no expert took)."""
-    vals = []
-    for r in rs:
-        path = os.path.join(sweep, "trials", r["trial"], "metrics.jsonl")
-        if not os.path.exists(path):
-            continue
-        last = None
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("train/moe/dropped_fraction") is not None:
-                    last = rec["train/moe/dropped_fraction"]
-        if last is not None:
-            vals.append(last)
-    return f"{np.mean(vals):.3f}" if vals else "–"
+    for key, title in METRICS:
+        print(f"### paired gain over G = 1, {title.split(' (')[0]}: mean [min, max] over seeds; **bold** = every "
+              "seed agrees on the sign\n")
+        print("| d_model | " + " | ".join(f"L(G=1) − L({v})" for v in variants[1:-1])
+              + " | L(dense) − L(G=1) |")
+        print("|---|" + "---|" * (len(variants) - 1))
+        for d in sizes:
+            cols = [fmt_diff(paired(cells, d, v, key)) for v in variants[1:-1]]
+            cols.append(fmt_diff(paired(cells, d, "dense", key, reverse=True)))
+            print(f"| {d} | " + " | ".join(cols) + " |")
+        print()
+
+    print("### cost and dropped tokens (mean over seeds; tokens/s and wall on a shared 2-core CPU, noisy)\n")
+    print("| d_model | variant | paper FLOPs/token | vs G=1 | dropped tokens (last 10 % of steps) | tokens/s | "
+          "wall s | corpus fraction seen |")
+    print("|---|---|---|---|---|---|---|---|")
+    for d in sizes:
+        base_flops = np.mean([float(r["paper_flops_per_token"]) for r in cells.get((d, "G=1"), {}).values()])
+        for v in variants:
+            rs = list(cells.get((d, v), {}).values())
+            if rs:
+                flops = np.mean([float(r["paper_flops_per_token"]) for r in rs])
+                dropped = [dropped_fraction(args.sweep, r) for r in rs]
+                print(f"| {d} | {v} | {flops / 1e6:.3f}M | {flops / base_flops - 1:+.1%} | "
+                      f"{'–' if v == 'dense' else f'{np.mean(dropped):.1%}'} | "
+                      f"{np.mean([float(r['tokens_per_second']) for r in rs]):,.0f} | "
+                      f"{np.mean([float(r['wall_seconds']) for r in rs]):.0f} | "
+                      f"{np.mean([float(r['corpus_fraction']) for r in rs]):.3f} |")
+    plot(cells, sizes, variants, os.path.join(args.out, "paired_gain.png"))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
