@@ -6,7 +6,8 @@
 
 Active parameters per token = all parameters except those a token does not visit, as each FFN kind says
 (grin_jax.ffn `param_counts`): in an MoE layer only top_k of num_experts experts run (the router, attention, norms,
-embedding and LM head always count).
+embedding and LM head always count). Only nnx.Param are parameters: running statistics (nnx.BatchStat, e.g. PEER's
+query BatchNorm mean and variance) are not counted.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def count_params(config: ModelConfig) -> dict:
     layer's FFN by its kind's `param_counts` (the split into components and what is active per token), checked
     against the layer's abstract shapes (what the kind does not claim, e.g. an output norm, counts as 'norms')."""
     from grin_jax import ffn as _ffn
-    from grin_jax.models.lm import abstract_init, flatten_params
+    from grin_jax.models.lm import abstract_init, flatten_params, split_variables
 
-    _, abstract = abstract_init(config)
+    abstract, _ = split_variables(abstract_init(config)[1])  # nnx.Param only: running statistics are not parameters
     totals, actives = {}, {}
 
     def add(component, total, active):

@@ -16,6 +16,7 @@ Every parameter carries logical axis names (nn/ sets them in `nnx.Param(..., out
     kv_heads -> 'model'              (when divisible; GQA with fewer KV heads than model shards replicates K, V)
     mlp      -> 'model'              (expert width and dense FFN width; must divide)
     experts  -> 'expert'             (must divide)
+    peer_experts -> 'expert'         (rows of PEER's expert tables; when divisible)
     embed, kv, length -> None        (replicated)
 
 A dimension whose size is not divisible by its mesh axes is left replicated (vocab 259 of the byte tokenizer,
@@ -275,9 +276,10 @@ def named_shardings(tree, mesh, rules=LOGICAL_AXIS_RULES):
 
 
 def state_shardings(abstract_state, mesh, rules=LOGICAL_AXIS_RULES):
-    """Shardings of a train state {'params', 'opt_state', 'step', 'rng'}: parameters by their logical names, the
-    optimizer state the same (optax's mu / nu are copies of the params tree, nnx.Param metadata included),
-    scalars (Adam's count, the step, the key) replicated."""
+    """Shardings of a train state {'params', 'opt_state', 'step', 'rng'} (+ 'model_state', running statistics:
+    nnx.BatchStat with logical names, laid out alike): parameters by their logical names, the optimizer state the
+    same (optax's mu / nu are copies of the params tree, nnx.Param metadata included), scalars (Adam's count, the
+    step, the key) replicated."""
     return named_shardings(abstract_state, mesh, rules)
 
 

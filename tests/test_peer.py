@@ -1,7 +1,10 @@
 """PEER (grin_jax/ffn/peer.py): product-key top-k against brute force (ties included), parity with peer-pytorch,
 chunked == unchunked (values, gradients, no [T, H, K, D] intermediate), config validation, a 'moe,peer' model
-trained two steps with its retrieval metrics logged."""
+trained two steps with its retrieval metrics logged; the query BatchNorm: masked batch statistics and the momentum
+rule in training, running averages at eval, running statistics as train state (not parameters, not optimised),
+through training, checkpoints and load_trained, and on a data-parallel mesh equal to one device."""
 
+import math
 import os
 
 import jax
@@ -98,7 +101,7 @@ def test_parity_with_peer_pytorch(separate, non_competing):
     config = peer.PEERConfig(d_model=D, num_experts=n * n, heads=H, top_k=1 if non_competing else k,
                              d_key=2 * dim_key, shared_keys=False, shared_experts=not separate,
                              score_activation="relu" if non_competing else "softmax", expert_activation="gelu",
-                             chunk_tokens=None)
+                             query_norm="none", chunk_tokens=None)  # peer-pytorch has no query BatchNorm
     module = peer.PEERFFN(config, rngs=nnx.Rngs(0))
     for name, value in _torch_to_ours(tp, config).items():
         assert getattr(module, name)[...].shape == value.shape, name
@@ -127,7 +130,7 @@ def test_parity_with_peer_pytorch(separate, non_competing):
 # ------------------------------------------------------------------------------------------------ chunking
 def test_chunked_equals_unchunked_and_bounds_the_gathered_rows():
     B, S, D, H, K, C = 2, 7, 16, 2, 3, 4
-    base = dict(d_model=D, num_experts=8 * 8, heads=H, top_k=K, d_key=8, shared_experts=False)
+    base = dict(d_model=D, num_experts=8 * 8, heads=H, top_k=K, d_key=8, shared_experts=False, query_norm="none")
     modules = [peer.PEERFFN(peer.PEERConfig(**base, chunk_tokens=c), rngs=nnx.Rngs(3)) for c in (None, C)]
     x = jax.random.normal(jax.random.key(4), (B, S, D))
     cot = jax.random.normal(jax.random.key(5), (B, S, D))
@@ -171,7 +174,10 @@ def test_retrieval_metrics():
     ("num_experts", True, "perfect squares"), ("heads", 0, "integers >= 1"), ("top_k", 17, "1..sqrt"),
     ("d_key", 7, "even integers"), ("score_activation", "sigmoid", "softmax"),
     ("expert_activation", "tanh", "gelu"), ("shared_keys", 1, "True or False"),
-    ("query_norm", "batchnorm", "running"), ("query_norm", "layernorm", "none"),
+    ("query_norm", "layernorm", "batchnorm"), ("query_norm", None, "none"),
+    ("bn_momentum", 1.0, "[0, 1)"), ("bn_momentum", -0.1, "[0, 1)"), ("bn_momentum", float("nan"), "finite"),
+    ("bn_momentum", True, "finite"), ("bn_momentum", "0.9", "finite"), ("bn_epsilon", 0.0, "> 0"),
+    ("bn_epsilon", -1e-5, "> 0"), ("bn_epsilon", float("inf"), "finite"),
     ("chunk_tokens", 0, "None"), ("chunk_tokens", 2.0, "None")])
 def test_config_validation(key, value, match):
     with pytest.raises(ValueError, match=f"peer.{key}") as error:
@@ -182,6 +188,7 @@ def test_config_validation(key, value, match):
 def test_config_section_round_trip_and_defaults():
     c = peer.PEERConfig.from_section({"num_experts": 32 ** 2, "heads": 4}, d_model=64)
     assert (c.top_k, c.d_key, c.score_activation, c.shared_keys, c.shared_experts) == (16, 64, "softmax", True, True)
+    assert (c.query_norm, c.bn_momentum, c.bn_epsilon) == ("batchnorm", 0.99, 1e-5)  # the paper's query BatchNorm
     assert peer.PEERConfig.from_section(c.to_section(), d_model=64) == c
     assert c.loss_weights == {}
     with pytest.raises(ValueError, match="peer: unknown key.*accepted keys"):
@@ -189,15 +196,21 @@ def test_config_section_round_trip_and_defaults():
 
 
 # ------------------------------------------------------------------------------------------------ in a model
-def test_peer_tiny_config_builds():
+def peer_tiny(arg=None):
+    """configs/peer_tiny.py's get_config(arg)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("peer_tiny", os.path.join(os.path.dirname(__file__), "..",
                                                                              "configs", "peer_tiny.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_peer_tiny_config_builds():
     for arg, layout in [(None, ("moe", "peer", "peer", "moe")), ("smoke", ("moe", "peer"))]:
-        model = models.model_config_from(module.get_config(arg).model)
+        model = models.model_config_from(peer_tiny(arg).model)
         assert model.layout == layout and model.section("peer").num_experts in (128 ** 2, 32 ** 2)
+        assert model.section("peer").query_norm == "batchnorm"  # the paper's
 
 
 def test_moe_peer_model_trains_two_steps_and_logs_usage(tmp_path):
@@ -227,3 +240,278 @@ def test_moe_peer_model_on_a_mesh_equals_one_device():
     config.model.layout = "moe,peer"
     config.model.peer = dict(num_experts=16 ** 2, heads=2, top_k=4, d_key=32, chunk_tokens=64)
     assert_mesh_equals_one_device(config)
+
+
+# ------------------------------------------------------------------------------------------------ query BatchNorm
+BN_D, BN_H, BN_Q, BN_N, BN_K = 16, 2, 8, 8 * 8, 3
+
+
+def bn_module(momentum=0.9, seed=0):
+    """A PEER layer with query BatchNorm whose scale and bias are not the identity."""
+    config = peer.PEERConfig(d_model=BN_D, num_experts=BN_N, heads=BN_H, top_k=BN_K, d_key=BN_Q,
+                             query_norm="batchnorm", bn_momentum=momentum, chunk_tokens=None)
+    module = peer.PEERFFN(config, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed + 100)
+    module.query_norm.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, (BN_H, BN_Q)), jnp.float32)
+    module.query_norm.bias[...] = jnp.asarray(0.3 * rng.standard_normal((BN_H, BN_Q)), jnp.float32)
+    return module
+
+
+def bn_batch(seed=1, B=3, S=5):
+    """x [B, S, D] (not zero-mean, not unit-variance) and a mask with padding at the ends of rows 0 and 2."""
+    rng = np.random.default_rng(seed)
+    x = (2.0 * rng.standard_normal((B, S, BN_D)) + 0.5).astype(np.float32)
+    mask = np.ones((B, S), np.float32)
+    mask[0, 3:] = 0.0
+    mask[2, 1:] = 0.0
+    return x, mask
+
+
+def np_queries(module, x_BSD):
+    """The heads' queries before the norm, float64 [T, H, Q]."""
+    return np.einsum("td,dhq->thq", x_BSD.reshape(-1, BN_D).astype(np.float64),
+                     np.asarray(module.w_query[...], np.float64))
+
+
+def np_batchnorm(module, q, mean, var):
+    bn = module.query_norm
+    return ((q - mean) / np.sqrt(var + bn.epsilon) * np.asarray(bn.scale[...], np.float64)
+            + np.asarray(bn.bias[...], np.float64))
+
+
+def np_peer_output(module, x_BSD, q_norm):
+    """The layer's output (numpy, float64) from normalised queries [T, H, Q]: brute-force top-k over all N product
+    keys, softmax gates, exact-GELU singleton experts (shared keys and pool)."""
+    from scipy.special import erf
+    n, half = math.isqrt(BN_N), BN_Q // 2
+    keys = np.asarray(module.sub_keys[...], np.float64)
+    s1 = np.einsum("thq,nq->thn", q_norm[..., :half], keys[0])
+    s2 = np.einsum("thq,nq->thn", q_norm[..., half:], keys[1])
+    full = (s1[..., :, None] + s2[..., None, :]).reshape(*s1.shape[:2], n * n)
+    idx = np.argsort(-full, axis=-1, kind="stable")[..., :BN_K]
+    top = np.take_along_axis(full, idx, axis=-1)
+    gates = np.exp(top - top.max(-1, keepdims=True))
+    gates /= gates.sum(-1, keepdims=True)
+    x = x_BSD.reshape(-1, BN_D).astype(np.float64)
+    u = np.asarray(module.w_in[...], np.float64)[idx]                        # [T, H, K, D]
+    v = np.asarray(module.w_out[...], np.float64)[idx]
+    a = np.einsum("td,thkd->thk", x, u)
+    a = 0.5 * a * (1.0 + erf(a / np.sqrt(2.0)))
+    return np.einsum("thk,thkd->td", a * gates, v).reshape(x_BSD.shape)
+
+
+def running(module):
+    return np.asarray(module.query_norm.mean[...]), np.asarray(module.query_norm.var[...])
+
+
+def test_query_batchnorm_training_uses_masked_batch_statistics_and_the_momentum_rule():
+    module = bn_module(momentum=0.9)
+    x, mask = bn_batch()
+    real = mask.reshape(-1) > 0
+    q = np_queries(module, x)
+    mean, var = q[real].mean(0), q[real].var(0)          # padding excluded; biased variance
+    assert np.all(running(module)[0] == 0) and np.all(running(module)[1] == 1)   # initial running averages
+    y, _ = module(jnp.asarray(x), training=True, token_mask_BS=jnp.asarray(mask))
+    expected_q = np_batchnorm(module, q, mean, var)
+    np.testing.assert_allclose(np.asarray(y), np_peer_output(module, x, expected_q), rtol=1e-4, atol=1e-5)
+    run_mean, run_var = 0.1 * mean, 0.9 * 1.0 + 0.1 * var   # running = m * running + (1 - m) * batch, m = 0.9
+    np.testing.assert_allclose(running(module)[0], run_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(running(module)[1], run_var, rtol=1e-5, atol=1e-6)
+
+    # a second batch: the rule again, from the updated averages; queries() is what the layer normalises
+    x2, mask2 = bn_batch(seed=2)
+    q2 = np_queries(module, x2)
+    real2 = mask2.reshape(-1) > 0
+    got = module.queries(jnp.asarray(x2.reshape(-1, BN_D)), training=True, mask_T=jnp.asarray(mask2.reshape(-1)))
+    np.testing.assert_allclose(np.asarray(got), np_batchnorm(module, q2, q2[real2].mean(0), q2[real2].var(0)),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(running(module)[0], 0.9 * run_mean + 0.1 * q2[real2].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(running(module)[1], 0.9 * run_var + 0.1 * q2[real2].var(0), rtol=1e-5, atol=1e-6)
+
+    # padding does not count: other values on the padding tokens change neither the real tokens' output nor the
+    # running averages; without a mask they would
+    outputs = []
+    for fill in (None, 100.0, "no mask"):
+        m = bn_module(momentum=0.9)
+        xf = x.copy()
+        if fill is not None:
+            xf[mask == 0] = 100.0
+        y, _ = m(jnp.asarray(xf), training=True, token_mask_BS=None if fill == "no mask" else jnp.asarray(mask))
+        outputs.append((np.asarray(y)[mask > 0], running(m)))
+    np.testing.assert_allclose(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outputs[1][1], outputs[0][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert np.max(np.abs(outputs[2][1][1] - outputs[0][1][1])) > 1.0
+
+    # a batch of padding only leaves the running averages as they were
+    before = running(module)
+    module(jnp.asarray(x), training=True, token_mask_BS=jnp.zeros_like(jnp.asarray(mask)))
+    for a, b in zip(running(module), before):
+        np.testing.assert_array_equal(a, b)
+
+    # the batch statistics are differentiated through (as in every BatchNorm): the sum of the normalised queries
+    # over the real tokens is bias * count whatever x, so its gradient is 0 (it would not be with them constant)
+    graphdef, state = nnx.split(module)
+    mask_T = jnp.asarray(mask.reshape(-1))
+
+    def total(x_TD, training):
+        q = nnx.merge(graphdef, state, copy=True).queries(x_TD, training=training, mask_T=mask_T)
+        return jnp.sum(mask_T[:, None, None] * q)
+
+    x_TD = jnp.asarray(x.reshape(-1, BN_D))
+    assert float(jnp.max(jnp.abs(jax.grad(total)(x_TD, True)))) < 1e-4
+    assert float(jnp.max(jnp.abs(jax.grad(total)(x_TD, False)))) > 1e-2   # eval mode (fixed statistics): not 0
+
+
+def test_query_batchnorm_eval_uses_the_running_averages():
+    module = bn_module()
+    rng = np.random.default_rng(5)
+    run_mean = rng.standard_normal((BN_H, BN_Q)).astype(np.float32)
+    run_var = rng.uniform(0.5, 3.0, (BN_H, BN_Q)).astype(np.float32)
+    module.query_norm.mean[...] = jnp.asarray(run_mean)
+    module.query_norm.var[...] = jnp.asarray(run_var)
+    x, mask = bn_batch()
+    q = np_queries(module, x)
+    y_eval, _ = module(jnp.asarray(x), token_mask_BS=jnp.asarray(mask))   # training=False: the default
+    expected = np_peer_output(module, x, np_batchnorm(module, q, run_mean, run_var))
+    np.testing.assert_allclose(np.asarray(y_eval), expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(running(module)[0], run_mean)           # eval updates nothing
+    np.testing.assert_array_equal(running(module)[1], run_var)
+    y_train, _ = module(jnp.asarray(x), training=True, token_mask_BS=jnp.asarray(mask))
+    assert np.max(np.abs(np.asarray(y_train) - np.asarray(y_eval))) > 1e-2
+    # a model's eval forward reads the running averages from its variables (models.apply, training=False)
+    config = presets.tiny("smoke", name="peer_bn")
+    config.model.layout = "peer"
+    config.model.num_layers = 1
+    config.model.peer = dict(num_experts=8 * 8, heads=2, top_k=3, d_key=16, chunk_tokens=None)
+    graphdef, variables = models.init(models.model_config_from(config.model), 0)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 259)
+    params, model_state = models.split_variables(variables)
+    moved = jax.tree.map(lambda a: a + 0.5, model_state)
+    base = models.apply(graphdef, variables, tokens)[0]
+    shifted = models.apply(graphdef, models.join_variables(params, moved), tokens)[0]
+    assert float(jnp.max(jnp.abs(base - shifted))) > 1e-4
+    with pytest.raises(ValueError, match="running statistics"):
+        models.apply(graphdef, params, tokens)    # the parameters alone are not the model
+
+
+def test_running_statistics_are_train_state_not_parameters():
+    """models.init holds the running statistics with the parameters; the train state keeps them apart under
+    'model_state' (absent for a model without BatchNorm); the optimizer state has no copy of them; count_params
+    counts the BatchNorm's scale and bias (as norms), not its running mean and variance."""
+    config = peer_tiny("smoke")
+    experiment = trainer.resolve(config, check_mesh=False)
+    tx, _ = trainer._make_optimizer(config.train)
+    _, abstract = trainer.abstract_state(experiment, tx)
+    stats = models.flatten_params(abstract["model_state"])
+    assert sorted(stats) == ["layers.1.mlp.query_norm.mean", "layers.1.mlp.query_norm.var"]
+    params = models.flatten_params(abstract["params"])
+    assert "layers.1.mlp.query_norm.scale" in params and not set(stats) & set(params)
+    opt_paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(abstract["opt_state"])]
+    assert any("query_norm" in p and "scale" in p for p in opt_paths)
+    assert not any("query_norm" in p and ("'mean'" in p or "'var'" in p) for p in opt_paths)
+    counts = _params.count_params(experiment.model)
+    assert counts["total"] == sum(math.prod(a.shape) for a in params.values())
+    H, Q = config.model.peer.heads, config.model.peer.d_key
+    without = peer_tiny("smoke")
+    without.model.peer.query_norm = "none"
+    assert counts["norms"] - _params.count_params(models.model_config_from(without.model))["norms"] == 2 * H * Q
+    _, abstract_none = trainer.abstract_state(trainer.resolve(without, check_mesh=False), tx)
+    assert sorted(abstract_none) == ["opt_state", "params", "rng", "step"]   # as before BatchNorm existed
+
+
+def test_peer_tiny_trains_and_checkpoints_its_running_statistics(tmp_path, monkeypatch):
+    """configs/peer_tiny.py:smoke (query BatchNorm on) trained 2 steps by trainer.train: the running statistics move
+    from their initial values, are saved with the state, and load_trained restores exactly the ones at the end of
+    training; a resumed run continues from them as an uninterrupted one does."""
+    from kind_checks import train_steps
+    finals = []
+    loop = trainer._loop
+
+    def recording(*args, **kwargs):
+        state, step = loop(*args, **kwargs)
+        finals.append(jax.device_get(state))
+        return state, step
+
+    monkeypatch.setattr(trainer, "_loop", recording)
+    last = train_steps(peer_tiny("smoke"), tmp_path / "run", steps=2)
+    assert 0 < last["train/peer/usage"] <= 1
+    final = finals[-1]
+    end = models.flatten_params(final["model_state"])
+    assert sorted(end) == ["layers.1.mlp.query_norm.mean", "layers.1.mlp.query_norm.var"]
+    assert np.max(np.abs(end["layers.1.mlp.query_norm.mean"])) > 1e-4                 # not the initial 0
+    assert np.max(np.abs(end["layers.1.mlp.query_norm.var"] - 1.0)) > 1e-4            # not the initial 1
+    _, graphdef, variables, _ = trainer.load_trained(str(tmp_path / "run"))
+    params, model_state = models.split_variables(variables)
+    for name, value in models.flatten_params(model_state).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(end[name]), err_msg=name)
+    for name, value in models.flatten_params(params).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(models.flatten_params(final["params"])[name]))
+    tokens = models.generate(graphdef, variables, np.zeros((1, 2), np.int32), max_new_tokens=2)  # eval mode
+    assert tokens.shape == (1, 4)
+
+    # resumed (2 -> 3 steps in the same workdir) == uninterrupted 3 steps: the state's running statistics too
+    config = peer_tiny("smoke")
+    config.train.steps, config.train.eval_every, config.train.warmup_steps = 3, 0, 0
+    config.train.checkpoint_every = 0
+    trainer.train(config, str(tmp_path / "run"))
+    train_steps(peer_tiny("smoke"), tmp_path / "straight", steps=3)
+    resumed, straight = finals[-2], finals[-1]
+    for name, value in models.flatten_params(resumed["model_state"]).items():
+        np.testing.assert_allclose(value, models.flatten_params(straight["model_state"])[name], rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
+def test_batchnorm_train_step_on_a_data_parallel_mesh_equals_one_device():
+    """On a mesh with data=4 (the batch's rows on 4 fake devices, padding in some rows) the query BatchNorm's
+    statistics are over the global batch (a reduction over a sharded axis is global under SPMD): the loss, the
+    gradients and the updated running statistics equal one device's, and the compiled train step returns those
+    statistics in its new state. bn_momentum=0: the running statistics are the batch statistics themselves."""
+    from grin_jax import sharding
+    from grin_jax.train import step as step_module
+    config = peer_tiny("smoke")
+    config.model.peer.update(num_experts=16 ** 2, heads=2, top_k=4, chunk_tokens=64, bn_momentum=0.0)
+    experiment = trainer.resolve(config, check_mesh=False)
+    tx, _ = trainer._make_optimizer(config.train)
+    graphdef, state = trainer.init_state(experiment, tx)
+    B, S = 8, config.data.seq_len
+    rng = np.random.default_rng(0)
+    mask = np.ones((B, S), np.float32)
+    mask[1, S - 6:] = 0.0
+    mask[6, S // 3:] = 0.0
+    batch = {"inputs": rng.integers(0, 256, (B, S)).astype(np.int32),
+             "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": mask,
+             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+             "segment_ids": mask.astype(np.int32)}
+    loss_fn = step_module.make_loss_fn(graphdef)
+    key = jax.random.fold_in(state["rng"], state["step"])   # the train step's key (MoE input jitter)
+
+    def loss_grads_stats(params, model_state, batch):
+        (total, (ce, _, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key,
+                                                                                       model_state)
+        return total, ce, grads, new_stats
+
+    ref = jax.jit(loss_grads_stats)(state["params"], state["model_state"], batch)
+
+    config.mesh.data, config.mesh.expert, config.mesh.model = 4, 1, 1
+    mesh = sharding.make_mesh(config.mesh)
+    shardings = trainer.state_shardings(experiment, tx, mesh)
+    placed = jax.device_put(state, shardings)
+    sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
+    assert sharded["inputs"].sharding.shard_shape((B, S)) == (B // 4, S)
+    with jax.set_mesh(mesh):
+        got = jax.jit(loss_grads_stats)(placed["params"], placed["model_state"], sharded)
+    for a, b in zip(ref[:2], got[:2]):
+        assert abs(float(a) - float(b)) < 1e-5
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref[2]), jax.tree.leaves(got[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    stats_ref, stats_mesh = models.flatten_params(ref[3]), models.flatten_params(got[3])
+    assert np.max(np.abs(stats_ref["layers.1.mlp.query_norm.var"] - 1.0)) > 1e-2    # moved (momentum 0)
+    for name in stats_ref:
+        np.testing.assert_allclose(np.asarray(stats_mesh[name]), np.asarray(stats_ref[name]), rtol=1e-5, atol=1e-5)
+
+    step = trainer.compile_train_step(graphdef, tx, placed, shardings, mesh, sharded)
+    new_state, metrics = step(placed, sharded)
+    assert abs(float(metrics["loss"]) - float(ref[1])) < 1e-5
+    for name, value in models.flatten_params(new_state["model_state"]).items():
+        np.testing.assert_allclose(np.asarray(value), np.asarray(stats_ref[name]), rtol=1e-5, atol=1e-5)

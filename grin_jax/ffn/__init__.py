@@ -11,6 +11,13 @@ A kind is an `nnx.Module` class registered under a name (`register_ffn`) with th
                                     aux = {'losses': {name: scalar, unweighted}, 'metrics': {name: array}}; the
                                     model weighs the losses with config.loss_weights and sums them; the trainer
                                     logs every metric under '<section>/<name>' without knowing the kind.
+    takes_token_mask = True         (optional) kind(x_BSD, *, training, rng, token_mask_BS) also receives the batch's
+                                    token mask [B, S] (non-zero = a real token, 0 = padding) when the model has one
+                                    (the train step passes its loss mask), e.g. for statistics over the tokens
+                                    (PEER's query BatchNorm). Kinds without the attribute never receive it.
+    Non-trainable state             a kind may own nnx.BatchStat variables (running statistics, updated in place
+                                    when training=True): the train state carries them as state['model_state'],
+                                    apart from the parameters (models/lm.py).
     Kind.param_counts(config) -> {component: (total, active per token)}
                                     what params.py and the FLOP accounting ask for (components: 'dense_ffn',
                                     'experts', 'router', 'norms', or a kind's own).

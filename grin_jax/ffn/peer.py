@@ -6,7 +6,8 @@ Axes: B batch, S sequence, T = B*S tokens, D model, H PEER heads, K experts kept
 n = sqrt(N) sub-keys per half, Q = d_key (the full query dimension of a head; each half has Q/2).
 
     expert i:      e_i(x) = act(u_i . x) v_i               u_i, v_i in R^D, no biases; i = i1 * n + i2
-    head j:        q_j(x) = x W_q[:, j, :] in R^Q, split into halves q_j^1 (first Q/2), q_j^2 (last Q/2)
+    head j:        q_j(x) = BN(x W_q[:, j, :]) in R^Q, split into halves q_j^1 (first Q/2), q_j^2 (last Q/2)
+                   (BN: the query BatchNorm, query_norm='batchnorm', the paper's default; identity with 'none')
     product keys:  score(i) = q_j^1 . c_{i1} + q_j^2 . c'_{i2}   (sub-keys c, c' in R^{Q/2}: shared by the heads, or
                                                             one set per head with shared_keys=False)
     retrieval:     top-K over each half's n scores, then top-K over the K^2 sums = the exact top-K over all N keys
@@ -14,13 +15,25 @@ n = sqrt(N) sub-keys per half, Q = d_key (the full query dimension of a head; ea
     gates:         g = softmax (or relu) over the head's K scores
     output:        f(x) = sum_j sum_{i in top-K(j)} g_i e_i(x)
 
-Parameters (logical axis names; none of the `peer_*` names has a rule in sharding.LOGICAL_AXIS_RULES yet, so the
-tables are replicated):
+Parameters (logical axis names; sharding.LOGICAL_AXIS_RULES maps 'peer_experts' to the mesh's expert axis, so the
+expert tables' rows are sharded over it; the other `peer_*` names are replicated):
     w_query [D, H, Q]                    ('embed', 'peer_heads', 'peer_key')
     sub_keys [2, n, Q/2]                 (None, 'peer_keys', 'peer_key')                 shared_keys=True
              [H, 2, n, Q/2]              ('peer_heads', None, 'peer_keys', 'peer_key')   shared_keys=False
     w_in (u), w_out (v) [N, D]           ('peer_experts', 'embed')                       shared_experts=True
                         [H, N, D]        ('peer_heads', 'peer_experts', 'embed')         shared_experts=False
+    query_norm.scale, .bias [H, Q]       ('peer_heads', 'peer_key')                      query_norm='batchnorm'
+Running statistics (nnx.BatchStat, not parameters; query_norm='batchnorm'):
+    query_norm.mean, .var [H, Q] float32 ('peer_heads', 'peer_key')   initially 0 and 1
+
+Query BatchNorm (QueryBatchNorm): each of the H*Q query features is normalised over the tokens, with a learned scale
+and bias. training=True: the batch statistics (mean, biased variance) of the tokens whose `token_mask_BS` is
+non-zero (the train step passes the batch's loss mask: padding does not count), differentiated through; the running
+averages become m * running + (1 - m) * batch (m = bn_momentum). training=False (eval, generation): the running
+averages. Under jit with the batch sharded over the mesh's data axes the token sums are global (SPMD), so the
+statistics are the global batch's, as on one device. The running averages are updated in place on the module; the
+functional model returns them (models.apply_train) and the train state carries them as state['model_state'], out of
+the optimizer's reach and into the checkpoints (models/lm.py, train/step.py).
 Initialisation (the paper states none; peer-pytorch uses N(0, 1) tables, N(0, 0.02^2) keys): fan-in scaled normals,
     w_query ~ N(0, 1/D), sub_keys ~ N(0, 2/Q) (scores of unit-variance queries have unit variance),
     w_in ~ N(0, 1/D) (u.x has unit variance for a unit-variance x), w_out ~ N(0, 1/(H*K)) (the fan-in of the
@@ -43,7 +56,7 @@ from flax import nnx
 
 from grin_jax import sections as _sections
 from grin_jax.ffn import register_ffn
-from grin_jax.nn.layers import normal_init, param
+from grin_jax.nn.layers import batch_stat, normal_init, param
 
 SCORE_ACTIVATIONS = ("softmax", "relu")
 EXPERT_ACTIVATIONS = {
@@ -56,6 +69,10 @@ QUERY_NORMS = ("none", "batchnorm")
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,8 +88,11 @@ class PEERConfig:
     shared_keys: True (paper): one pair of sub-key sets for all heads; False (peer-pytorch): a pair per head.
     shared_experts: True (paper): one expert pool for all heads; False: a separate pool of N experts per head
       (peer-pytorch `separate_embed_per_head=True`).
-    query_norm: 'none'. 'batchnorm' (the paper's query BatchNorm) is rejected: it needs running statistics in the
-      train state, not supported yet.
+    query_norm: 'batchnorm' (paper): BatchNorm of each head's query over the tokens (QueryBatchNorm: batch
+      statistics of the non-padding tokens in training, running averages at eval) | 'none' (peer-pytorch).
+    bn_momentum: the running averages' momentum m in [0, 1): running = m * running + (1 - m) * batch (flax / Keras
+      convention; torch's momentum=0.1 is m = 0.9). Default 0.99 (flax's).
+    bn_epsilon: added to the variance before the square root (> 0; torch and flax default 1e-5).
     chunk_tokens: the token chunk of the expert computation (None = all tokens at once): the gathered expert rows
       never exceed chunk_tokens * H * K * D per table.
     """
@@ -86,7 +106,9 @@ class PEERConfig:
     expert_activation: str = "gelu"
     shared_keys: bool = True
     shared_experts: bool = True
-    query_norm: str = "none"
+    query_norm: str = "batchnorm"
+    bn_momentum: float = 0.99
+    bn_epsilon: float = 1e-5
     chunk_tokens: int | None = 1024
 
     def __post_init__(self):
@@ -113,12 +135,12 @@ class PEERConfig:
         for name in ("shared_keys", "shared_experts"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
-        if self.query_norm == "batchnorm":
-            raise ValueError("peer.query_norm='batchnorm' is not supported yet: query BatchNorm needs running "
-                             "statistics in the train state (batch statistics in training, running averages at "
-                             "eval); accepted values now are ['none']")
         if self.query_norm not in QUERY_NORMS:
-            fail("query_norm", ["none"])
+            fail("query_norm", list(QUERY_NORMS))
+        if not _is_real(self.bn_momentum) or not 0 <= self.bn_momentum < 1:
+            fail("bn_momentum", "finite numbers in [0, 1) (running = m * running + (1 - m) * batch)")
+        if not _is_real(self.bn_epsilon) or not self.bn_epsilon > 0:
+            fail("bn_epsilon", "finite numbers > 0")
         if self.chunk_tokens is not None and (not _is_int(self.chunk_tokens) or self.chunk_tokens < 1):
             fail("chunk_tokens", "None (no chunking) or integers >= 1")
 
@@ -235,14 +257,67 @@ def retrieval_metrics(idx_THK: jax.Array, num_pool_experts: int) -> dict:
     return {"usage": usage, "unevenness": unevenness, "head_overlap": overlap}
 
 
+# ------------------------------------------------------------------------------------------------ query BatchNorm
+def batch_moments(q_THQ: jax.Array, mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean [H, Q], biased variance [H, Q], count) of the queries over the tokens whose mask is non-zero (all
+    tokens without a mask), float32, two-pass (the variance from the deviations to the mean). Under jit with the
+    tokens sharded over the mesh's data axes these are sums over the global batch (SPMD: a reduction over a
+    sharded axis is global). count 0 (every token masked): mean 0, variance 0."""
+    q = q_THQ.astype(jnp.float32)
+    if mask_T is None:
+        count = jnp.float32(q.shape[0])
+        mean = jnp.mean(q, axis=0)
+        return mean, jnp.mean(jnp.square(q - mean), axis=0), count
+    w = (mask_T.reshape(-1) > 0).astype(jnp.float32)[:, None, None]
+    count = jnp.sum(w)
+    denominator = jnp.maximum(count, 1.0)
+    mean = jnp.sum(w * q, axis=0) / denominator
+    return mean, jnp.sum(w * jnp.square(q - mean), axis=0) / denominator, count
+
+
+class QueryBatchNorm(nnx.Module):
+    """BatchNorm of the queries q [T, H, Q] (the paper's query BatchNorm): each of the H*Q features is normalised
+    over the tokens, y = (q - mean) / sqrt(var + epsilon) * scale + bias, with a learned scale and bias
+    (nnx.Param [H, Q], 'peer_heads', 'peer_key') and running averages `mean`, `var` (nnx.BatchStat [H, Q] float32,
+    initially 0 and 1: not parameters, the train state carries them as state['model_state'], models/lm.py).
+
+    training=True: the batch statistics of the tokens with a non-zero mask (batch_moments: padding excluded;
+    biased variance, as flax), differentiated through (as every BatchNorm); the running averages become
+    m * running + (1 - m) * batch (m = momentum, the batch statistics under stop_gradient; not updated when every
+    token is masked). training=False: the running averages, nothing updated.
+    """
+
+    def __init__(self, heads: int, d_key: int, *, momentum: float, epsilon: float, param_dtype=jnp.float32):
+        names = ("peer_heads", "peer_key")
+        self.scale = param(jnp.ones((heads, d_key), param_dtype), names)
+        self.bias = param(jnp.zeros((heads, d_key), param_dtype), names)
+        self.mean = batch_stat(jnp.zeros((heads, d_key), jnp.float32), names)
+        self.var = batch_stat(jnp.ones((heads, d_key), jnp.float32), names)
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+
+    def __call__(self, q_THQ: jax.Array, *, training: bool, mask_T: jax.Array | None = None) -> jax.Array:
+        q = q_THQ.astype(jnp.float32)
+        if training:
+            mean, var, count = batch_moments(q, mask_T)
+            m, seen = self.momentum, count > 0
+            for stat, batch in ((self.mean, mean), (self.var, var)):
+                old = stat[...]
+                stat[...] = jnp.where(seen, m * old + (1.0 - m) * jax.lax.stop_gradient(batch), old)
+        else:
+            mean, var = self.mean[...], self.var[...]
+        y = (q - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+
+
 # ------------------------------------------------------------------------------------------------ the kind
 @register_ffn("peer")
 class PEERFFN(nnx.Module):
     Config = PEERConfig
+    takes_token_mask = True  # __call__ accepts token_mask_BS (the query BatchNorm's statistics skip padding)
 
     def __init__(self, config: PEERConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
                  param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
-        del norm, norm_eps  # the kind has no norm of its own (query_norm 'none')
+        del norm, norm_eps  # the kind's only norm is its query BatchNorm (query_norm)
         c = config
         self.config = c
         D, H, K, Q, N, n = c.d_model, c.heads, c.top_k, c.d_key, c.num_experts, c.num_keys
@@ -259,14 +334,26 @@ class PEERFFN(nnx.Module):
                         else ((H, N, D), ("peer_heads", "peer_experts", "embed")))
         self.w_in = param(normal_init(rngs.params(), shape, param_dtype, D ** -0.5), names)
         self.w_out = param(normal_init(rngs.params(), shape, param_dtype, (H * K) ** -0.5), names)
+        self.query_norm = (QueryBatchNorm(H, Q, momentum=c.bn_momentum, epsilon=c.bn_epsilon,
+                                          param_dtype=param_dtype) if c.query_norm == "batchnorm" else None)
         self.dtype = dtype
 
-    def route(self, x_TD: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def queries(self, x_TD: jax.Array, *, training: bool = False, mask_T: jax.Array | None = None) -> jax.Array:
+        """The heads' queries [T, H, Q] float32, after the query BatchNorm when there is one (training: batch
+        statistics of the tokens whose mask is non-zero, running averages updated; else the running averages)."""
+        q = jnp.einsum("td,dhq->thq", x_TD.astype(jnp.float32), self.w_query[...].astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+        if self.query_norm is not None:
+            q = self.query_norm(q, training=training, mask_T=mask_T)
+        return q
+
+    def route(self, x_TD: jax.Array, *, training: bool = False,
+              mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """(flat expert ids [T, H, K] int32 into the (H*)N rows of the tables, gates [T, H, K] float32)."""
         c = self.config
         half = c.d_key // 2
         hi = jax.lax.Precision.HIGHEST
-        q = jnp.einsum("td,dhq->thq", x_TD.astype(jnp.float32), self.w_query[...].astype(jnp.float32), precision=hi)
+        q = self.queries(x_TD, training=training, mask_T=mask_T)
         keys = self.sub_keys[...].astype(jnp.float32)
         if c.shared_keys:
             s1 = jnp.einsum("thq,nq->thn", q[..., :half], keys[0], precision=hi)
@@ -280,13 +367,16 @@ class PEERFFN(nnx.Module):
             idx = idx + (jnp.arange(c.heads, dtype=jnp.int32) * c.num_experts)[:, None]
         return idx, gates
 
-    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
-        """(y [B, S, D], aux {'losses': {}, 'metrics': {'usage', 'unevenness', 'head_overlap'}})."""
-        del training, rng
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None):
+        """(y [B, S, D], aux {'losses': {}, 'metrics': {'usage', 'unevenness', 'head_overlap'}}).
+        token_mask_BS: non-zero for the tokens the query BatchNorm's batch statistics count (None: all); the
+        model passes the batch's loss mask (0 on padding) in training."""
+        del rng
         c = self.config
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        idx, gates = self.route(x_TD)
+        mask_T = None if token_mask_BS is None else token_mask_BS.reshape(B * S)
+        idx, gates = self.route(x_TD, training=training, mask_T=mask_T)
         w_in = self.w_in[...].astype(self.dtype).reshape(-1, D)
         w_out = self.w_out[...].astype(self.dtype).reshape(-1, D)
         y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), w_in, w_out,
@@ -298,7 +388,8 @@ class PEERFFN(nnx.Module):
     def param_counts(config: PEERConfig) -> dict:
         """peer_experts: the tables u, v (2 * P * N * D, P pools), active H * K * 2 * D per token;
         peer_router: the query network (D * H * Q) and the sub-keys (2 * n * Q/2, times H when per head), all active
-        (every token scores every sub-key)."""
+        (every token scores every sub-key). The query BatchNorm's scale and bias (2 * H * Q) are not claimed: they
+        count as 'norms' (params.count_params); its running mean and variance are not parameters."""
         c = config
         experts = 2 * c.num_pools * c.num_experts * c.d_model
         router = c.d_model * c.heads * c.d_key + (1 if c.shared_keys else c.heads) * 2 * c.num_keys * (c.d_key // 2)
@@ -306,6 +397,6 @@ class PEERFFN(nnx.Module):
 
     @staticmethod
     def check_mesh(config: PEERConfig, sizes: dict) -> None:
-        """Nothing to check: the PEER parameters are replicated (no 'peer_*' sharding rule yet) and the layer is
-        plain XLA, partitioned by the compiler over the data axes."""
+        """Nothing to check: the expert tables' rows (N = n^2) are sharded over the expert axis where it divides N and
+        replicated otherwise (sharding rules), and the layer is plain XLA, partitioned by the compiler."""
         del config, sizes

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grin_jax.models.lm import DecoderLM, apply_with_cache, init_cache
+from grin_jax.models.lm import VARIABLES, DecoderLM, apply_with_cache, init_cache
 
 
 def sample_logits(logits_BV: jax.Array, rng, temperature=0.0, top_p=1.0) -> jax.Array:
@@ -59,14 +59,15 @@ def generate(graphdef, params=None, prompt_BP=None, *, max_new_tokens: int, temp
              top_p: float = 1.0, rng=None, eos_id: int | None = None, cache_dtype=None) -> jax.Array:
     """Generate `max_new_tokens` tokens after `prompt_BP` ([B, P] int). Returns [B, P + N] int32.
 
-    graphdef, params: from `init` / `nnx.split(model, nnx.Param)`; or pass a DecoderLM as `graphdef` alone.
+    graphdef, params: from `init` (the model's variables: running statistics included, read in eval mode) or
+    `trainer.load_trained`; or pass a DecoderLM as `graphdef` alone.
     temperature 0 = greedy; top_p in (0, 1] nucleus sampling; rng: a key (needed when temperature > 0).
     eos_id: once a row emits it, the row's later tokens are eos_id; generation stops when every row is done.
     """
     if isinstance(graphdef, DecoderLM):
         if prompt_BP is None:
             prompt_BP = params
-        graphdef, params = nnx.split(graphdef, nnx.Param)
+        graphdef, params = nnx.split(graphdef, VARIABLES)
     config = graphdef_config(graphdef, params)
     prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
     if prompt_BP.ndim != 2 or prompt_BP.shape[1] < 1:

@@ -7,9 +7,23 @@ Axes: B batch, S sequence, D model, V vocabulary, L layers (stacked aux), E expe
     logits_BSV, aux = model(tokens_BS, training=False)
 
 Pure (for a trainer):
-    graphdef, params = init(config, jax.random.key(0))            # params: nnx.State of nnx.Param
+    graphdef, params = init(config, jax.random.key(0))            # params: nnx.State of nnx.Param (+ BatchStat)
     logits_BSV, aux = apply(graphdef, params, tokens_BS, training=True, rng=key)
     loss = cross_entropy(logits_BSV, targets_BS) + aux['aux_loss']
+
+Running statistics (model state). A model may own non-trainable variables besides its parameters: nnx.BatchStat,
+today only PEER's query BatchNorm (ffn/peer.py). The functional API keeps one rule:
+    - `init`, `abstract_init`, `apply`, `apply_with_cache`, `generate`, `trainer.load_trained` hold the model's
+      *variables*: one nnx.State with its nnx.Param and, when it has some, its nnx.BatchStat (for every model
+      without running statistics this is exactly the parameters, as before). Eval mode (training=False) reads the
+      running statistics from there.
+    - the train state keeps them apart (`split_variables`): state['params'] (what the optimizer sees) and
+      state['model_state'] (the nnx.BatchStat; the key is absent for a model without any, so such a model's state,
+      checkpoints and numbers are unchanged). The train step runs `apply_train`, which returns the running
+      statistics updated by the forward pass (batch statistics of the non-padding tokens, token_mask_BS); they are
+      saved in the checkpoints with the rest of the state, and `trainer.load_trained` returns
+      `join_variables(params, model_state)` for evaluation and generation.
+    - the running statistics are not parameters: params.count_params counts nnx.Param only.
 
 aux (`combine_aux`): 'aux_loss' scalar (sum over FFN sections of loss weight * mean over the section's layers),
     'losses' {'<section>/<loss>': mean over the section's layers, unweighted, e.g. 'moe/load_balance_loss'},
@@ -56,19 +70,22 @@ class DecoderLM(nnx.Module):
             self.lm_head_bias = None
 
     def __call__(self, tokens_BS: jax.Array, *, training: bool = False, rng=None, positions_BS=None,
-                 segment_ids_BS=None):
+                 segment_ids_BS=None, token_mask_BS=None):
         """tokens [B, S] int -> (logits [B, S, V] float32, aux)."""
         logits, aux, _ = self.forward(tokens_BS, training=training, rng=rng, positions_BS=positions_BS,
-                                      segment_ids_BS=segment_ids_BS)
+                                      segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS)
         return logits, aux
 
     def forward(self, tokens_BS, *, training=False, rng=None, positions_BS=None, segment_ids_BS=None, cache=None,
-                cache_index=None):
+                cache_index=None, token_mask_BS=None):
         """The full forward: (logits [B, S, V] float32, aux, new cache or None).
 
         positions_BS: RoPE positions (default 0..S-1, or from cache_index); segment_ids_BS: packed documents (a
         query attends only to keys of its own segment). cache: a list with one {'k', 'v'} [B, L, G, K] dict per
         layer (init_cache); this call's tokens are written at slots cache_index .. cache_index + S - 1.
+        token_mask_BS: non-zero for real tokens, 0 for padding (the train step passes the loss mask): reaches the
+        FFN kinds that take it (batch statistics over the real tokens only); None = every token.
+        In training mode the model's running statistics (nnx.BatchStat) are updated in place.
         """
         c = self.config
         if tokens_BS.ndim != 2:
@@ -86,7 +103,7 @@ class DecoderLM(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
             x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, training=training, rng=layer_rng,
-                                          segment_ids_BS=segment_ids_BS,
+                                          segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS,
                                           cache=None if cache is None else cache[i], cache_index=cache_index)
             layer_aux.append(aux_i)
             new_cache.append(cache_i)
@@ -125,28 +142,77 @@ def _key(rng):
     return jax.random.key(rng) if isinstance(rng, int) else rng
 
 
+# The model's variables in the functional API: its parameters and its running statistics (module docstring).
+VARIABLES = (nnx.Param, nnx.BatchStat)
+
+
+def split_variables(variables):
+    """The model's variables -> (params: nnx.State of nnx.Param, model_state: nnx.State of nnx.BatchStat, empty
+    (falsy) for a model without running statistics)."""
+    return nnx.split_state(variables, nnx.Param, nnx.BatchStat)
+
+
+def join_variables(params, model_state=None):
+    """(params, model_state) -> the model's variables (params itself when model_state is None or empty)."""
+    if not model_state:
+        return params
+    return nnx.merge_state(params, model_state)
+
+
 def init(config: ModelConfig, rng=0):
-    """Build the model; returns (graphdef, params) with params an nnx.State of nnx.Param (logical names in
-    each Param's metadata: nnx.get_partition_spec(params)).
+    """Build the model; returns (graphdef, params) with params an nnx.State of the model's variables: its
+    nnx.Param, plus its nnx.BatchStat running statistics when it has some (split_variables separates them; for a
+    model without any, params holds exactly the nnx.Param). Logical names in each variable's metadata:
+    nnx.get_partition_spec(params).
 
     Runs eagerly: every initialiser is compiled once per shape and cached for the rest of the process (a jitted
     init recompiles them for every new config, seconds on CPU). For sharded creation of a large model use
     `abstract_init` and jit the construction with out_shardings (a later sharding module)."""
     model = DecoderLM(config, rngs=nnx.Rngs(params=_key(rng)))
-    return nnx.split(model, nnx.Param)
+    return nnx.split(model, VARIABLES)
 
 
 def abstract_init(config: ModelConfig):
-    """(graphdef, params as ShapeDtypeStructs): nothing is allocated (jax.eval_shape via nnx.eval_shape)."""
+    """(graphdef, the model's variables as ShapeDtypeStructs, as `init`): nothing is allocated (jax.eval_shape via
+    nnx.eval_shape)."""
     model = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(params=0)))
-    return nnx.split(model, nnx.Param)
+    return nnx.split(model, VARIABLES)
 
 
-def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, positions_BS=None, segment_ids_BS=None):
-    """Pure forward: (logits [B, S, V] float32, aux). Jit with `static_argnames=('graphdef', 'training')`
-    or close over graphdef."""
-    model = nnx.merge(graphdef, params)
-    return model(tokens_BS, training=training, rng=rng, positions_BS=positions_BS, segment_ids_BS=segment_ids_BS)
+def _merge(graphdef, variables):
+    """The model from its variables. copy=True: new nnx.Variable objects, so that a training-mode forward updates
+    the running statistics of this copy only (never the caller's state, which may live at another trace level)."""
+    try:
+        return nnx.merge(graphdef, variables, copy=True)
+    except ValueError as error:
+        if "number of leaves" not in str(error):
+            raise
+        raise ValueError(f"the variables do not match the model ({error}): a model with running statistics "
+                         "(nnx.BatchStat, e.g. PEER's query BatchNorm) needs them with its parameters, "
+                         "join_variables(params, model_state)") from None
+
+
+def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, positions_BS=None, segment_ids_BS=None,
+          token_mask_BS=None):
+    """Pure forward: (logits [B, S, V] float32, aux). params: the model's variables (init; running statistics
+    included). training=True uses batch statistics, and their updates are dropped (apply_train returns them). Jit
+    with `static_argnames=('graphdef', 'training')` or close over graphdef."""
+    model = _merge(graphdef, params)
+    return model(tokens_BS, training=training, rng=rng, positions_BS=positions_BS, segment_ids_BS=segment_ids_BS,
+                 token_mask_BS=token_mask_BS)
+
+
+def apply_train(graphdef, params, model_state, tokens_BS, *, rng=None, positions_BS=None, segment_ids_BS=None,
+                token_mask_BS=None):
+    """The training forward: (logits [B, S, V] float32, aux, the updated model_state). params: nnx.State of
+    nnx.Param; model_state: the running statistics (split_variables; None or empty for a model without any). The
+    running statistics come back updated from this batch's statistics over the tokens with a non-zero
+    token_mask_BS (None: all); differentiate with respect to params only."""
+    model = _merge(graphdef, join_variables(params, model_state))
+    logits, aux, _ = model.forward(tokens_BS, training=True, rng=rng, positions_BS=positions_BS,
+                                   segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS)
+    new_state = nnx.state(model, nnx.BatchStat) if model_state else model_state
+    return logits, aux, new_state
 
 
 apply_jit = jax.jit(apply, static_argnames=("graphdef", "training"))
@@ -154,8 +220,9 @@ apply_jit.__doc__ = "`apply` under jax.jit (graphdef and training static)."
 
 
 def apply_with_cache(graphdef, params, tokens_BS, cache, cache_index, *, positions_BS=None):
-    """Inference forward with a KV cache (eval mode): (logits [B, S, V], aux, new cache)."""
-    model = nnx.merge(graphdef, params)
+    """Inference forward with a KV cache (eval mode: running statistics from params, the model's variables):
+    (logits [B, S, V], aux, new cache)."""
+    model = _merge(graphdef, params)
     return model.forward(tokens_BS, training=False, cache=cache, cache_index=cache_index, positions_BS=positions_BS)
 
 
@@ -180,7 +247,8 @@ def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array, mask_BS=None) ->
 
 
 def flatten_params(params) -> dict:
-    """nnx.State -> {'layers.0.attn.q.kernel': array, ...} (the checkpoint / conversion naming)."""
+    """nnx.State -> {'layers.0.attn.q.kernel': array, ...} (the checkpoint / conversion naming; the running
+    statistics too when the state holds them, e.g. 'layers.1.mlp.query_norm.mean')."""
     flat = {}
     for path, leaf in nnx.to_flat_state(params):
         value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
@@ -189,7 +257,8 @@ def flatten_params(params) -> dict:
 
 
 def unflatten_params(config: ModelConfig, flat: dict, *, dtype=None):
-    """{'name': array} -> (graphdef, params) for `config`; checks names and shapes against the abstract model.
+    """{'name': array} -> (graphdef, params) for `config` (the model's variables, running statistics included);
+    checks names and shapes against the abstract model.
     Arrays are cast to the config's param_dtype (or `dtype`)."""
     graphdef, abstract = abstract_init(config)
     expected = flatten_params(abstract)
@@ -198,6 +267,7 @@ def unflatten_params(config: ModelConfig, flat: dict, *, dtype=None):
         raise ValueError(f"parameters do not match the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
                          f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
     target_dtype = jnp.dtype(dtype or config.param_dtype)
+    statistics = set(flatten_params(split_variables(abstract)[1]))  # running statistics keep their own dtype
     pure = {}
     for name, spec in expected.items():
         value = flat[name]
@@ -207,6 +277,6 @@ def unflatten_params(config: ModelConfig, flat: dict, *, dtype=None):
         keys = [int(k) if k.isdigit() else k for k in name.split(".")]
         for k in keys[:-1]:
             node = node.setdefault(k, {})
-        node[keys[-1]] = jnp.asarray(value, dtype=target_dtype)
+        node[keys[-1]] = jnp.asarray(value, dtype=spec.dtype if name in statistics else target_dtype)
     nnx.replace_by_pure_dict(abstract, pure)
     return graphdef, abstract

@@ -29,6 +29,16 @@ def param(value: jax.Array, names: Sequence[str | None]) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=eager)
 
 
+def batch_stat(value: jax.Array, names: Sequence[str | None]) -> nnx.BatchStat:
+    """An `nnx.BatchStat` (a running statistic: a non-trainable variable the train state carries apart from the
+    parameters, models/lm.py) carrying logical axis names, as `param`."""
+    names = tuple(names)
+    if len(names) != jnp.ndim(value):
+        raise ValueError(f"batch_stat: {len(names)} axis names {names} for an array of shape {jnp.shape(value)}")
+    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+    return nnx.BatchStat(value, out_sharding=names, eager_sharding=eager)
+
+
 def normal_init(key, shape, dtype, std: float) -> jax.Array:
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 

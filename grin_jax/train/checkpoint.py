@@ -1,6 +1,7 @@
-"""Orbax checkpoints of the train state (params, optimizer state, step, RNG) plus JSON metadata (data iterator
-state, config name, the loss at the save). Saves are atomic (Orbax writes to a temporary directory and renames)
-and asynchronous; restores take an abstract target so that optax namedtuples and shardings are kept.
+"""Orbax checkpoints of the train state (params, optimizer state, step, RNG, and 'model_state': the running
+statistics of a model that has some) plus JSON metadata (data iterator state, config name, the loss at the save).
+Saves are atomic (Orbax writes to a temporary directory and renames) and asynchronous; restores take an abstract
+target so that optax namedtuples and shardings are kept.
 
 Verified: once a save is complete, process 0 seals it with `<step>/checksums.json` (the size and SHA-256 of every
 file of the step, written atomically), at the next save, `wait` or `close`. `verify(step)` re-reads the files and

@@ -7,6 +7,14 @@ the query's own document and the per-document positions feed RoPE, so every docu
 were alone (tests/test_packing.py). A batch without them (data.document_attention=False, synthetic batches):
 positions 0..S-1 and no mask, rows attend across document boundaries (the behaviour before issue 12).
 
+Running statistics (models/lm.py): a model with nnx.BatchStat variables (PEER's query BatchNorm) has them in
+state['model_state'] (the key is absent otherwise). The train step's forward (`models.apply_train`) computes batch
+statistics over the tokens whose loss_mask is non-zero (padding excluded; packing.py sets loss_mask 0 exactly on
+padding) and returns the updated running statistics, which become the new state['model_state']; the optimizer sees
+state['params'] only. Under jit with the batch sharded over the mesh's data axes those statistics are over the
+global batch (SPMD reductions are global; tests/test_peer.py checks the step equals one device's). The eval step
+takes the model's variables (models.join_variables(params, model_state)) and reads the running statistics.
+
 The train step's metrics: 'loss' (cross-entropy), 'total_loss' (+ aux loss), 'aux_loss', 'grad_norm', then every
 entry of the model's aux['losses'] (scalars, unweighted) and aux['metrics'] (per layer, stacked) under its own name,
 e.g. 'moe/load_balance_loss', 'moe/expert_load' [L, E]. The step knows no FFN kind: the names come from the model.
@@ -34,30 +42,40 @@ def batch_features(document_attention: bool = True) -> tuple[str, ...]:
     return ("inputs", "targets", "loss_mask") + (DOCUMENT_FEATURES if document_attention else ())
 
 
+def _documents(batch) -> dict:
+    return {f"{k}_BS": batch[k] for k in DOCUMENT_FEATURES if k in batch}
+
+
 def forward(graphdef, params, batch, *, training: bool, rng=None):
-    """The model on a batch: (logits [B, S, V], aux); with the batch's positions and segment ids when it has them."""
-    documents = {f"{k}_BS": batch[k] for k in DOCUMENT_FEATURES if k in batch}
-    return _models.apply(graphdef, params, batch["inputs"], training=training, rng=rng, **documents)
+    """The model on a batch: (logits [B, S, V], aux); with the batch's positions and segment ids when it has them.
+    params: the model's variables (running statistics included). Training-mode statistic updates are dropped
+    (the train step uses make_loss_fn)."""
+    return _models.apply(graphdef, params, batch["inputs"], training=training, rng=rng, **_documents(batch))
 
 
 def make_loss_fn(graphdef):
-    """(params, batch, rng) -> (cross-entropy + aux loss, (cross-entropy, aux)): the training objective."""
+    """(params, batch, rng, model_state=None) -> (cross-entropy + aux loss, (cross-entropy, aux, model_state)): the
+    training objective; model_state: the running statistics (state['model_state'], None for a model without),
+    returned updated from this batch's non-padding tokens (loss_mask)."""
 
-    def loss_fn(params, batch, rng):
-        logits_BSV, aux = forward(graphdef, params, batch, training=True, rng=rng)
+    def loss_fn(params, batch, rng, model_state=None):
+        logits_BSV, aux, model_state = _models.apply_train(graphdef, params, model_state, batch["inputs"], rng=rng,
+                                                           token_mask_BS=batch["loss_mask"], **_documents(batch))
         ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
-        return ce + aux["aux_loss"], (ce, aux)
+        return ce + aux["aux_loss"], (ce, aux, model_state)
 
     return loss_fn
 
 
 def make_train_step(graphdef, tx):
-    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable."""
+    """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable. A state with
+    'model_state' (running statistics) gets it back updated by the step's forward; the optimizer never sees it."""
     loss_fn = make_loss_fn(graphdef)
 
     def train_step(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
-        (total, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch, rng)
+        (total, (ce, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], batch, rng, state.get("model_state"))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
         metrics = {"loss": ce, "total_loss": total, "aux_loss": aux["aux_loss"], "grad_norm": global_norm(grads)}
@@ -65,6 +83,8 @@ def make_train_step(graphdef, tx):
         metrics.update(losses)
         metrics.update(layer_metrics)
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+        if "model_state" in state:
+            new_state["model_state"] = model_state
         return new_state, metrics
 
     return train_step
@@ -72,7 +92,8 @@ def make_train_step(graphdef, tx):
 
 def make_eval_step(graphdef):
     """(params, batch) -> the per-token NLL of the targets [B, S] (float32, 0 where loss_mask is 0): the host sums
-    it per document (grin_jax.data.DocumentLosses) for the loss and its standard error."""
+    it per document (grin_jax.data.DocumentLosses) for the loss and its standard error. params: the model's
+    variables (models.join_variables(state['params'], state.get('model_state')): running statistics in eval mode)."""
 
     def eval_step(params, batch):
         logits_BSV, _ = forward(graphdef, params, batch, training=False)
@@ -118,7 +139,8 @@ def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, compiler_
 
 
 def compile_eval_step(graphdef, params, param_shardings, mesh, batch, *, compiler_options: dict | None = None):
-    """The eval step compiled ahead of time: params as `param_shardings`, the batch over the data axes."""
+    """The eval step compiled ahead of time: params (the model's variables) as `param_shardings`, the batch over the
+    data axes."""
     with jax.set_mesh(mesh):
         return jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, _sharding.batch_sharding(mesh)),
                        out_shardings=_sharding.replicated(mesh)).lower(params, batch).compile(compiler_options)

@@ -3,8 +3,8 @@
     python -m grin_jax.train --config=configs/grin_tiny.py --workdir=workdirs/grin_tiny
 
 Workdir layout:
-    checkpoints/<step>/   Orbax checkpoints (params, optimizer state, step, RNG; data iterator state and the loss as
-                          JSON), sealed with checksums.json (train/checkpoint.py)
+    checkpoints/<step>/   Orbax checkpoints (params, optimizer state, step, RNG, running statistics if any; data
+                          iterator state and the loss as JSON), sealed with checksums.json (train/checkpoint.py)
     damaged_checkpoints/, diverged_checkpoints/   checkpoints set aside (failed verification; after a divergence)
     metrics.jsonl         one JSON record per logged step (train/*, eval/*)
     tb/                   TensorBoard event files
@@ -32,6 +32,11 @@ slices each process scores its slice and the per-slice sums are all-gathered and
 The host reads each step's metrics one step late (`_StepLog`: step N+1 is dispatched before step N's metrics are
 pulled), so the device never waits for the host; a non-finite loss stops the run one step late, and every
 checkpoint is written only after its step's loss was checked finite.
+
+The state: {'params', 'opt_state', 'step', 'rng'}, plus 'model_state' for a model with running statistics
+(nnx.BatchStat: PEER's query BatchNorm; models/lm.py): updated by each train step's forward, never by the optimizer,
+checkpointed with the rest, and joined to the parameters (models.join_variables) for evaluation, for the eval step
+and in `load_trained`. A model without running statistics has no 'model_state' key (its checkpoints are as before).
 
 Sharding (grin_jax.sharding): the state is created directly sharded on the ('data', 'expert', 'model') mesh of
 `config.mesh` (a jit of the initialiser with out_shardings), the train and eval steps are compiled with explicit
@@ -182,11 +187,25 @@ def enable_compilation_cache(setting: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the state
+def _train_state(variables, tx, step, rng) -> dict:
+    """The train state of the model's variables: 'model_state' only when it has running statistics."""
+    params, model_state = _models.split_variables(variables)
+    state = {"params": params, "opt_state": tx.init(params), "step": step, "rng": rng}
+    if model_state:
+        state["model_state"] = model_state
+    return state
+
+
+def inference_variables(state):
+    """The model's variables of a train state (params, and the running statistics when it has some): what
+    models.apply, the eval step and generation take."""
+    return _models.join_variables(state["params"], state.get("model_state"))
+
+
 def abstract_state(experiment: Experiment, tx):
     """(graphdef, the train state as ShapeDtypeStructs): nothing allocated."""
-    graphdef, params = _models.abstract_init(experiment.model)
-    state = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-             "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.eval_shape(lambda: jax.random.key(0))}
+    graphdef, variables = _models.abstract_init(experiment.model)
+    state = jax.eval_shape(lambda v: _train_state(v, tx, jnp.int32(0), jax.random.key(0)), variables)
     return graphdef, state
 
 
@@ -196,13 +215,12 @@ def init_state(experiment: Experiment, tx, mesh=None):
     one (or on one device) it runs eagerly as before: initialisers compiled once per shape and cached."""
     seed = experiment.config.train.seed
 
-    def make(params):
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0),
-                "rng": jax.random.key(seed + 1)}
+    def make(variables):
+        return _train_state(variables, tx, jnp.int32(0), jax.random.key(seed + 1))
 
     if mesh is None or mesh.size == 1:
-        graphdef, params = _models.init(experiment.model, rng=jax.random.key(seed))
-        state = make(params)
+        graphdef, variables = _models.init(experiment.model, rng=jax.random.key(seed))
+        state = make(variables)
         if mesh is not None:
             state = jax.device_put(state, state_shardings(experiment, tx, mesh))
         return graphdef, state
@@ -213,7 +231,8 @@ def init_state(experiment: Experiment, tx, mesh=None):
 
 
 def state_shardings(experiment: Experiment, tx, mesh):
-    """NamedShardings of the train state on `mesh` (parameters by logical names, optimizer state alike)."""
+    """NamedShardings of the train state on `mesh` (parameters and running statistics by logical names, optimizer
+    state alike)."""
     return _sharding.state_shardings(abstract_state(experiment, tx)[1], mesh)
 
 
@@ -396,7 +415,8 @@ def _compile(run: _Run, state) -> _Compiled:
     spec = batch_spec(run.tc.batch_size, run.config.data.seq_len, document_attention=run.document_attention)
     train_step = compile_train_step(run.graphdef, run.tx, state, shardings, run.mesh, spec)
     compile_seconds = time.perf_counter() - compile_start
-    eval_step = compile_eval_step(run.graphdef, state["params"], shardings["params"], run.mesh, spec)
+    eval_step = compile_eval_step(run.graphdef, inference_variables(state), inference_variables(shardings), run.mesh,
+                                  spec)
     return _Compiled(train_step=train_step, eval_step=eval_step,
                      all_finite=jax.jit(all_finite, out_shardings=_sharding.replicated(run.mesh)),
                      compile_seconds=compile_seconds,
@@ -414,7 +434,7 @@ def _evaluate(run: _Run, compiled: _Compiled, params, *, final: bool = False) ->
 def _save(run: _Run, compiled: _Compiled, state, step: int, loss: float | None) -> None:
     """Checkpoint the state after `step`. The caller has checked the step's loss finite; `loss` is the mean train
     loss since the previous checkpoint (healthy or diverging: DIVERGENCE_FACTOR). The parameters are checked here."""
-    if not bool(compiled.all_finite(state["params"])):
+    if not bool(compiled.all_finite(inference_variables(state))):
         raise _non_finite(f"non-finite parameters after step {step}", run)
     healthy = loss is None or run.best_loss is None or loss <= DIVERGENCE_FACTOR * run.best_loss
     if healthy and loss is not None:
@@ -574,7 +594,7 @@ def _loop(run: _Run, compiled: _Compiled, state, log: _StepLog):
         log.push(step, metrics, dispatched_at, position)  # reads step - 1's metrics while the device runs this step
         if _due(tc.eval_every, step, tc.steps):  # the last step's is the final evaluation (train.final_eval_batches)
             log.flush()
-            log.write_eval(step, _evaluate(run, compiled, state["params"], final=step == tc.steps))
+            log.write_eval(step, _evaluate(run, compiled, inference_variables(state), final=step == tc.steps))
         if _due(tc.checkpoint_every, step, tc.steps):
             log.flush()  # this step's loss is checked finite before its state is saved
             _save(run, compiled, state, step, log.loss_since_save())
@@ -651,7 +671,8 @@ def _train(experiment: Experiment, workdir: str) -> dict:
         finally:
             log.close()
         if not log.last_eval.get("final"):  # resumed after the final step (its evaluation, run before the final
-            log.last_eval = _evaluate(run, compiled, state["params"], final=True)  # checkpoint, is logged already)
+            # checkpoint, is logged already)
+            log.last_eval = _evaluate(run, compiled, inference_variables(state), final=True)
     finally:
         run.checkpointer.close()
         if writer is not None:
@@ -680,7 +701,9 @@ def _with_later_keys(config: ml_collections.ConfigDict) -> ml_collections.Config
 def load_trained(workdir: str, step: int | None = None, *, with_step: bool = False):
     """(config, graphdef, params, tokenizer) of a run's checkpoint `step` (default: the newest intact one; a
     damaged one is reported and skipped). ValueError for a step that is not there or is damaged. with_step: also
-    return the step loaded (a fifth element)."""
+    return the step loaded (a fifth element). params: the model's variables, i.e. the parameters joined with the
+    checkpoint's running statistics (state['model_state']) when the model has some: ready for models.apply (eval
+    mode reads them), the eval step and models.generate; models.split_variables separates them."""
     with open(os.path.join(workdir, "config.json")) as f:
         config = _with_later_keys(ml_collections.ConfigDict(json.load(f)))
     experiment = resolve(config, check_mesh=False)  # restored onto one device, whatever mesh trained it
@@ -710,6 +733,7 @@ def load_trained(workdir: str, step: int | None = None, *, with_step: bool = Fal
     finally:
         checkpointer.close()
     tokenizer = _data.make_tokenizer(config.data)
+    variables = inference_variables(state)
     if with_step:
-        return config, graphdef, state["params"], tokenizer, step
-    return config, graphdef, state["params"], tokenizer
+        return config, graphdef, variables, tokenizer, step
+    return config, graphdef, variables, tokenizer
