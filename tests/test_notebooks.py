@@ -105,3 +105,30 @@ seed = 0
     assert len(images) == 3
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "router gradient for" in text and "sparsemixer_v2 eps=inf" in text
+
+
+def test_peer_notebook(tmp_path, monkeypatch):
+    """notebooks/peer.ipynb: two PEER LMs (query BatchNorm on and off) trained a few steps, evaluated over two
+    validation batches: the histogram and the bar chart, and a table of usage and unevenness for both settings.
+    The kernel compiles with XLA's backend optimisation off (half the CPU compile time of the four steps)."""
+    monkeypatch.setenv("XLA_FLAGS", (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip())
+    notebook = run_notebook("peer.ipynb", f"""
+variant = "smoke"
+steps = 3
+batch_size = 4
+seq_len = 32
+eval_batches = 2
+workdir = {str(tmp_path / 'peer')!r}
+mesh_data = 1
+seed = 0
+""", tmp_path)
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    images = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) == 2
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "usage" in text and "unevenness" in text and "tiny" in text
+    rows = [line for line in text.splitlines() if line.startswith(("with BN", "without BN"))]
+    assert len(rows) == 4 and all("%" in row or "not quoted" in row for row in rows)   # ours, then the paper's
+    assert any(line.startswith("with BN") and "1.06" in line for line in rows)
+    for name in ("batchnorm", "none"):
+        assert os.path.exists(tmp_path / "peer" / name / "summary.json")

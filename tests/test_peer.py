@@ -1,8 +1,10 @@
 """PEER (grin_jax/ffn/peer.py): product-key top-k against brute force (ties included), parity with peer-pytorch,
 chunked == unchunked (values, gradients, no [T, H, K, D] intermediate), config validation, a 'moe,peer' model
-trained two steps with its retrieval metrics logged; the query BatchNorm: masked batch statistics and the momentum
-rule in training, running averages at eval, running statistics as train state (not parameters, not optimised),
-through training, checkpoints and load_trained, and on a data-parallel mesh equal to one device."""
+trained two steps with its retrieval metrics logged; padding counts in no metric; the evaluation's usage and
+unevenness (the router score accumulated over the evaluation set) against brute force; the query BatchNorm: masked
+batch statistics and the momentum rule in training, running averages at eval, running statistics as train state
+(not parameters, not optimised), through training, checkpoints and load_trained, and on a data-parallel mesh equal
+to one device."""
 
 import math
 import os
@@ -168,6 +170,173 @@ def test_retrieval_metrics():
     assert float(peer.retrieval_metrics(idx[:, :1], 8)["head_overlap"]) == 0.0
 
 
+# ------------------------------------------------------------------------------------------------ evaluation metrics
+def np_accumulated(mass):
+    """The paper's usage and unevenness of an accumulated router score mass (numpy, float64)."""
+    m = np.asarray(mass, np.float64).reshape(-1)
+    z = m[m > 0] / m.sum()
+    return np.mean(m > 0), np.sum(z * np.log(z * m.size))
+
+
+def test_padding_counts_in_no_metric_nor_score_mass():
+    """The layer's router score mass (aux['sums']) and its per-batch retrieval metrics count the real tokens only:
+    equal to numpy over the real tokens' own ids and gates (route), unchanged by other values on the padding
+    tokens, different without the mask; in training mode too."""
+    module = bn_module()
+    x, mask = bn_batch()
+    real = mask.reshape(-1) > 0
+    P = BN_N
+    for training in (False, True):
+        m = bn_module()
+        y, aux = m(jnp.asarray(x), training=training, token_mask_BS=jnp.asarray(mask))
+        q_module = bn_module()
+        idx, gates = q_module.route(jnp.asarray(x.reshape(-1, BN_D)), training=training,
+                                    mask_T=jnp.asarray(mask.reshape(-1)))
+        idx, gates = np.asarray(idx), np.asarray(gates)
+        expected = np.zeros(P)
+        np.add.at(expected, idx[real].reshape(-1), gates[real].reshape(-1))
+        mass = np.asarray(aux["sums"]["router_score_mass"])
+        assert mass.shape == (P,)
+        np.testing.assert_allclose(mass, expected, rtol=1e-5, atol=1e-6)
+        assert mass.sum() == pytest.approx(real.sum() * BN_H, rel=1e-5)   # softmax: each head's gates sum to 1
+        reference = peer.retrieval_metrics(jnp.asarray(idx[real]), P)
+        for key in ("usage", "unevenness", "head_overlap"):
+            assert float(aux["metrics"][key]) == pytest.approx(float(reference[key]), rel=1e-6, abs=1e-7), key
+        # other values on the padding tokens: the same mass and metrics; without the mask: not the same
+        xf = x.copy()
+        xf[mask == 0] = 100.0
+        _, aux_f = bn_module()(jnp.asarray(xf), training=training, token_mask_BS=jnp.asarray(mask))
+        np.testing.assert_allclose(np.asarray(aux_f["sums"]["router_score_mass"]), mass, rtol=1e-5, atol=1e-6)
+        for key in ("usage", "unevenness", "head_overlap"):
+            assert float(aux_f["metrics"][key]) == pytest.approx(float(aux["metrics"][key]), rel=1e-5, abs=1e-7)
+        _, aux_all = bn_module()(jnp.asarray(x), training=training)
+        assert float(jnp.sum(aux_all["sums"]["router_score_mass"])) == pytest.approx(mask.size * BN_H, rel=1e-5)
+    # every token masked: no mass, usage 0
+    _, aux_none = module(jnp.asarray(x), token_mask_BS=jnp.zeros((3, 5)))
+    assert float(jnp.sum(aux_none["sums"]["router_score_mass"])) == 0.0 and float(aux_none["metrics"]["usage"]) == 0
+
+
+def test_accumulated_metrics():
+    assert peer.accumulated_metrics(np.ones(16)) == {"usage": 1.0, "unevenness": 0.0}
+    one = peer.accumulated_metrics(np.eye(1, 16)[0] * 3.0)
+    assert one["usage"] == 1 / 16 and one["unevenness"] == pytest.approx(math.log(16))
+    mass = np.array([[0.5, 0.0, 2.0, 1.5], [0.0, 0.0, 1.0, 3.0]])     # [H, N]: the H * N experts of a layer
+    got = peer.accumulated_metrics(mass)
+    assert got["usage"] == 5 / 8 and got["unevenness"] == pytest.approx(np_accumulated(mass)[1], rel=1e-12)
+    empty = peer.accumulated_metrics(np.zeros(4))
+    assert empty["usage"] == 0.0 and math.isnan(empty["unevenness"])
+    with pytest.raises(ValueError, match="finite values >= 0"):
+        peer.accumulated_metrics(np.array([1.0, -1.0]))
+
+
+def eval_corpus(tmp_path, config):
+    """A small 'text' corpus evaluated whole (its train split as the eval split): a dozen batches of 4 x 32
+    tokens, the last one padded."""
+    import json
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "def", "return", "x", "(", ")", ":", "\n"]
+    lines = [json.dumps({"text": " ".join(rng.choice(words, rng.integers(5, 40)))}) for _ in range(40)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines))
+    config.data.name, config.data.paths = "text", str(tmp_path / "docs.jsonl")
+    config.data.data_dir, config.data.eval_split = str(tmp_path / "data_dir"), "train"
+
+
+def test_evaluation_usage_and_unevenness_equal_brute_force_over_the_eval_set(tmp_path, monkeypatch):
+    """evaluate() adds up each PEER layer's router score mass over the evaluation set's real tokens (the eval step
+    returns it per batch) and reports the paper's usage and unevenness, per layer and their mean: equal to numpy
+    over the layers' own top-k ids and gates, recorded from an eager forward of the same batches, for a shared pool
+    ([N]) and a pool per head ([H, N]); the padding of the last batch does not count (each real token brings mass H:
+    softmax gates). A model without PEER evaluates as before: no sums, no extra keys."""
+    from grin_jax import data as data_lib
+    from grin_jax.train import evaluate as ev
+    config = presets.tiny("smoke", name="peer_eval")
+    eval_corpus(tmp_path, config)
+    config.model.layout = "peer,peer2"
+    config.model.peer = dict(num_experts=32 ** 2, heads=2, top_k=4, d_key=16, chunk_tokens=None)
+    config.model.peer2 = dict(kind="peer", num_experts=32 ** 2, heads=2, top_k=2, d_key=16, shared_experts=False,
+                              chunk_tokens=None)
+    model = models.model_config_from(config.model)
+    graphdef, variables = models.init(model, 0)
+    tokenizer = data_lib.make_tokenizer(config.data)
+    result = ev.evaluate(jax.jit(trainer.make_eval_step(graphdef)), variables, config, tokenizer, max_batches=None,
+                         keep_sums=True)
+
+    recorded = []
+    route = peer.PEERFFN.route
+
+    def recording(self, x_TD, **kwargs):
+        idx, gates = route(self, x_TD, **kwargs)
+        recorded.append((np.asarray(idx), np.asarray(gates)))
+        return idx, gates
+
+    monkeypatch.setattr(peer.PEERFFN, "route", recording)
+    masses = {"peer": np.zeros(32 ** 2), "peer2": np.zeros(2 * 32 ** 2)}
+    real_tokens = padding = 0
+    for batch in data_lib.eval_batches(config.data, batch_size=config.train.batch_size, tokenizer=tokenizer):
+        recorded.clear()
+        models.apply(graphdef, variables, jnp.asarray(batch["inputs"]), positions_BS=jnp.asarray(batch["positions"]),
+                     segment_ids_BS=jnp.asarray(batch["segment_ids"]))
+        real = batch["loss_mask"].reshape(-1) > 0
+        real_tokens, padding = real_tokens + real.sum(), padding + (~real).sum()
+        for name, (idx, gates) in zip(("peer", "peer2"), recorded):
+            np.add.at(masses[name], idx[real].reshape(-1), gates[real].reshape(-1))
+    assert padding > 0 and result["tokens"] == real_tokens
+    sums = result["sums"]
+    assert sums["peer/router_score_mass"].shape == (1, 32 ** 2)
+    assert sums["peer2/router_score_mass"].shape == (1, 2, 32 ** 2)             # [L, H, N]: a pool per head
+    for name, mass in masses.items():
+        got = sums[f"{name}/router_score_mass"]
+        np.testing.assert_allclose(got.reshape(-1), mass, rtol=1e-5, atol=1e-6)
+        assert got.sum() == pytest.approx(2 * real_tokens, rel=1e-5)           # padding: no mass
+        usage, unevenness = np_accumulated(mass)
+        assert 0.05 < usage < 1                                                  # an informative case
+        assert result[f"{name}/usage"] == pytest.approx(usage, abs=1e-12)
+        assert result[f"{name}/unevenness"] == pytest.approx(unevenness, rel=1e-4)
+        assert result[f"{name}/usage_per_layer"] == [result[f"{name}/usage"]]
+        assert result[f"{name}/unevenness_per_layer"] == [result[f"{name}/unevenness"]]
+
+    # a model without PEER: the eval step returns no sums and evaluate() exactly the keys it always had
+    config.model.layout = "moe"
+    graphdef, variables = models.init(models.model_config_from(config.model), 0)
+    step = jax.jit(trainer.make_eval_step(graphdef))
+    batch = next(iter(data_lib.eval_batches(config.data, batch_size=4, tokenizer=tokenizer)))
+    nll, no_sums = step(variables, trainer._device_batch(batch))
+    assert no_sums == {} and nll.shape == batch["inputs"].shape
+    plain = ev.evaluate(step, variables, config, tokenizer, max_batches=2)
+    assert sorted(plain) == ["bits_per_byte", "documents", "loss", "stderr", "tokens"]
+
+
+def test_eval_step_score_mass_on_a_data_parallel_mesh_equals_one_device():
+    """The eval step compiled for a data=4 mesh (trainer path: compile_eval_step, rows on 4 fake devices, padding in
+    some) returns the router score mass of the global batch, replicated: equal to one device's."""
+    from grin_jax import sharding
+    config = peer_tiny("smoke")
+    config.model.peer.update(num_experts=16 ** 2, heads=2, top_k=4, chunk_tokens=64)
+    experiment = trainer.resolve(config, check_mesh=False)
+    graphdef, variables = models.init(experiment.model, 0)
+    B, S = 8, config.data.seq_len
+    rng = np.random.default_rng(0)
+    mask = np.ones((B, S), np.float32)
+    mask[1, S - 6:] = 0.0
+    mask[6, S // 3:] = 0.0
+    batch = {"inputs": rng.integers(0, 256, (B, S)).astype(np.int32),
+             "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": mask,
+             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+             "segment_ids": mask.astype(np.int32)}
+    nll, sums = jax.jit(trainer.make_eval_step(graphdef))(variables, batch)
+    mass = np.asarray(sums["peer/router_score_mass"])
+    assert mass.shape == (1, 16 ** 2) and mass.sum() == pytest.approx(2 * mask.sum(), rel=1e-5)
+    config.mesh.data, config.mesh.expert, config.mesh.model = 4, 1, 1
+    mesh = sharding.make_mesh(config.mesh)
+    _, abstract = models.abstract_init(experiment.model)
+    shardings = sharding.named_shardings(abstract, mesh)
+    placed = jax.device_put(variables, shardings)
+    step = trainer.compile_eval_step(graphdef, placed, shardings, mesh, trainer.batch_spec(B, S))
+    nll_mesh, sums_mesh = step(placed, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    np.testing.assert_allclose(np.asarray(nll_mesh), np.asarray(nll), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(sums_mesh["peer/router_score_mass"]), mass, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("key,value,match", [
     ("num_experts", 200, "perfect squares"), ("num_experts", 0, "perfect squares"),
@@ -226,6 +395,15 @@ def test_moe_peer_model_trains_two_steps_and_logs_usage(tmp_path):
     last = train_steps(config, tmp_path)
     assert 0 < last["train/peer/usage"] <= 1
     assert last["train/peer/unevenness"] >= 0 and 0 <= last["train/peer/head_overlap"] <= 1
+    # the final evaluation's accumulated usage and unevenness: in its eval/ record and in summary.json
+    import json
+    evals = [r for r in (json.loads(line) for line in open(tmp_path / "metrics.jsonl")) if "eval/loss" in r]
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert 0 < evals[-1]["eval/peer/usage"] <= 1 and evals[-1]["eval/peer/unevenness"] >= 0
+    assert evals[-1]["eval/peer/usage_per_layer"] == [evals[-1]["eval/peer/usage"]]
+    for name in ("usage", "unevenness", "usage_per_layer", "unevenness_per_layer"):
+        assert summary[f"validation_peer/{name}"] == evals[-1][f"eval/peer/{name}"], name
+    assert not any(key.startswith("eval/moe/") or key.startswith("validation_moe") for key in [*evals[-1], *summary])
     _, _, params, _ = trainer.load_trained(str(tmp_path))
     flat = models.flatten_params(params)
     assert flat["layers.1.mlp.w_in"].shape == (256, 64) and flat["layers.1.mlp.sub_keys"].shape == (2, 16, 16)

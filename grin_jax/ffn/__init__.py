@@ -15,6 +15,13 @@ A kind is an `nnx.Module` class registered under a name (`register_ffn`) with th
                                     token mask [B, S] (non-zero = a real token, 0 = padding) when the model has one
                                     (the train step passes its loss mask), e.g. for statistics over the tokens
                                     (PEER's query BatchNorm). Kinds without the attribute never receive it.
+    aux['sums'] (optional)          {name: array}: per-batch totals over the batch's real tokens (token_mask_BS)
+                                    that evaluation adds up over the evaluation set, e.g. PEER's router score mass
+                                    per expert; the model stacks them as '<section>/<name>' [L, ...] and the eval
+                                    step returns them (train/step.py make_eval_step).
+    Kind.eval_metrics(sums) -> dict (with aux['sums']) the section's evaluation metrics {name: float or list} from its
+                                    sums over the evaluation set ({name: numpy [L, ...]}, float64); reported as
+                                    '<section>/<name>' by grin_jax.train.evaluate (eval/ records, summary.json).
     Non-trainable state             a kind may own nnx.BatchStat variables (running statistics, updated in place
                                     when training=True): the train state carries them as state['model_state'],
                                     apart from the parameters (models/lm.py).

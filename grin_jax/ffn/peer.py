@@ -43,6 +43,14 @@ Memory: the gathered rows u, v [T, H, K, D] are formed `chunk_tokens` tokens at 
 `jax.checkpoint`ed chunks, so the peak (forward and backward) is O(chunk_tokens * H * K * D) rather than
 O(T * H * K * D). The routing (scores [T, H, n], top-K) is computed for all tokens at once (O(T * H * n)).
 The tables' gradient is dense ([N, D], as the optimiser update): no row-sparse update yet (docs/peer.md).
+
+Metrics, per PEER layer, over the real tokens only (token_mask_BS non-zero; the train and eval steps pass the loss
+mask, 0 exactly on padding): aux['metrics'] (retrieval_metrics: the batch's usage and unevenness of the retrieval
+counts, head_overlap; logged in training as train/<section>/*) and aux['sums']['router_score_mass'] [N] ([H, N]
+with separate pools; expert_score_mass: the gates summed per expert), which the eval step returns and
+grin_jax.train.evaluate adds up over the evaluation set into the paper's usage (the fraction of experts whose
+accumulated router score is non-zero) and unevenness (KL(z || uniform) of the accumulated scores z normalised)
+(accumulated_metrics, PEERFFN.eval_metrics: eval/<section>/usage, summary.json validation_<section>/usage, ...).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from grin_jax import sections as _sections
@@ -235,14 +244,24 @@ def expert_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, act, chunk_tokens: int 
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def retrieval_metrics(idx_THK: jax.Array, num_pool_experts: int) -> dict:
-    """usage: the fraction of the P experts retrieved at least once; unevenness: KL(z || uniform) of the retrieval
-    distribution z (retrieval counts / total); head_overlap: the mean over tokens and pairs of heads of
-    |S_a & S_b| / K (0 with one head; 0 with separate pools, whose experts are distinct)."""
+def _token_weights(mask_T: jax.Array | None, T: int) -> jax.Array:
+    """[T] float32: 1 for the tokens that count (mask non-zero; all without a mask), 0 for padding."""
+    return jnp.ones((T,), jnp.float32) if mask_T is None else (mask_T.reshape(T) > 0).astype(jnp.float32)
+
+
+def retrieval_metrics(idx_THK: jax.Array, num_pool_experts: int, mask_T: jax.Array | None = None) -> dict:
+    """Per-batch retrieval metrics over the tokens whose mask is non-zero (all tokens without a mask; padding does
+    not count). usage: the fraction of the P experts retrieved at least once; unevenness: KL(z || uniform) of the
+    retrieval distribution z (retrieval counts / total); head_overlap: the mean over tokens and pairs of heads of
+    |S_a & S_b| / K (0 with one head; 0 with separate pools, whose experts are distinct). Every token masked:
+    usage 0, unevenness 0, head_overlap 0. (The evaluation's usage and unevenness are the paper's, from the router
+    score accumulated over the evaluation set: expert_score_mass, accumulated_metrics.)"""
     idx = jax.lax.stop_gradient(idx_THK)
     T, H, K = idx.shape
-    counts = jnp.zeros((num_pool_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
-    z = counts / jnp.sum(counts)
+    w_T = _token_weights(mask_T, T)
+    counts = jnp.zeros((num_pool_experts,), jnp.float32).at[idx.reshape(-1)].add(
+        jnp.broadcast_to(w_T[:, None, None], idx.shape).reshape(-1))
+    z = counts / jnp.maximum(jnp.sum(counts), 1.0)
     usage = jnp.mean((counts > 0).astype(jnp.float32))
     unevenness = jnp.sum(jnp.where(z > 0, z * jnp.log(jnp.maximum(z, 1e-30) * num_pool_experts), 0.0))
     if H > 1:
@@ -250,11 +269,39 @@ def retrieval_metrics(idx_THK: jax.Array, num_pool_experts: int) -> dict:
         s = jnp.sort(idx.reshape(T, H * K), axis=-1)
         pos = jnp.arange(H * K)
         start = jnp.where(jnp.concatenate([jnp.ones((T, 1), bool), s[:, 1:] != s[:, :-1]], axis=-1), pos, 0)
-        pairs = jnp.sum(pos - jax.lax.cummax(start, axis=1), axis=-1).astype(jnp.float32)
-        overlap = jnp.mean(pairs) / (H * (H - 1) / 2 * K)
+        pairs_T = jnp.sum(pos - jax.lax.cummax(start, axis=1), axis=-1).astype(jnp.float32)
+        overlap = jnp.sum(w_T * pairs_T) / jnp.maximum(jnp.sum(w_T), 1.0) / (H * (H - 1) / 2 * K)
     else:
         overlap = jnp.float32(0.0)
     return {"usage": usage, "unevenness": unevenness, "head_overlap": overlap}
+
+
+def expert_score_mass(idx_THK: jax.Array, gates_THK: jax.Array, num_pool_experts: int,
+                      mask_T: jax.Array | None = None) -> jax.Array:
+    """The router score mass per expert [P] float32: m_i = sum over the tokens t with a non-zero mask (all without a
+    mask), heads h and slots k with idx[t, h, k] = i of gates[t, h, k] (a scatter-add; no gradient). Summed over an
+    evaluation set this is the paper's accumulated router score (accumulated_metrics)."""
+    idx = jax.lax.stop_gradient(idx_THK)
+    T = idx.shape[0]
+    g_THK = jax.lax.stop_gradient(gates_THK).astype(jnp.float32) * _token_weights(mask_T, T)[:, None, None]
+    return jnp.zeros((num_pool_experts,), jnp.float32).at[idx.reshape(-1)].add(g_THK.reshape(-1))
+
+
+def accumulated_metrics(mass) -> dict:
+    """The paper's expert usage and unevenness from a layer's accumulated router score mass [N] (or [H, N] for
+    separate pools: the H*N experts of the layer), on the host in float64: usage = the fraction of experts whose
+    accumulated score is non-zero; unevenness = KL(z || uniform) in nats, z = mass / sum(mass) over the P experts
+    (0 when every expert has the same mass, log P when one has it all). No mass at all (no real token): usage 0,
+    unevenness NaN."""
+    m = np.asarray(mass, np.float64).reshape(-1)
+    if m.size == 0 or not np.all(np.isfinite(m)) or np.any(m < 0):
+        raise ValueError(f"accumulated router score mass must be a non-empty array of finite values >= 0 "
+                         f"(got shape {np.shape(mass)}, min {np.min(m) if m.size else None})")
+    total = m.sum()
+    if total <= 0:
+        return {"usage": 0.0, "unevenness": float("nan")}
+    z = m[m > 0] / total
+    return {"usage": float(np.mean(m > 0)), "unevenness": float(np.sum(z * np.log(z * m.size)))}
 
 
 # ------------------------------------------------------------------------------------------------ query BatchNorm
@@ -368,9 +415,12 @@ class PEERFFN(nnx.Module):
         return idx, gates
 
     def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None):
-        """(y [B, S, D], aux {'losses': {}, 'metrics': {'usage', 'unevenness', 'head_overlap'}}).
-        token_mask_BS: non-zero for the tokens the query BatchNorm's batch statistics count (None: all); the
-        model passes the batch's loss mask (0 on padding) in training."""
+        """(y [B, S, D], aux {'losses': {}, 'metrics': {'usage', 'unevenness', 'head_overlap'},
+        'sums': {'router_score_mass': [N] float32, or [H, N] with separate pools}}).
+        token_mask_BS: non-zero for the real tokens (None: all), 0 for padding; the model passes the batch's loss
+        mask (the train and eval steps). Only the real tokens count in the query BatchNorm's batch statistics
+        (training), in the retrieval metrics and in the router score mass (expert_score_mass: summed over the
+        evaluation set by grin_jax.train.evaluate into the paper's usage and unevenness, eval_metrics)."""
         del rng
         c = self.config
         B, S, D = x_BSD.shape
@@ -381,8 +431,27 @@ class PEERFFN(nnx.Module):
         w_out = self.w_out[...].astype(self.dtype).reshape(-1, D)
         y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), w_in, w_out,
                               act=EXPERT_ACTIVATIONS[c.expert_activation], chunk_tokens=c.chunk_tokens)
-        metrics = retrieval_metrics(idx, c.num_pools * c.num_experts)
-        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), {"losses": {}, "metrics": metrics}
+        P = c.num_pools * c.num_experts
+        metrics = retrieval_metrics(idx, P, mask_T)
+        mass = expert_score_mass(idx, gates, P, mask_T)
+        mass = mass if c.shared_experts else mass.reshape(c.heads, c.num_experts)
+        return (y_TD.reshape(B, S, D).astype(x_BSD.dtype),
+                {"losses": {}, "metrics": metrics, "sums": {"router_score_mass": mass}})
+
+    @staticmethod
+    def eval_metrics(sums: dict) -> dict:
+        """The section's evaluation metrics from its sums over the evaluation set ({'router_score_mass': [L, N] or
+        [L, H, N]}, stacked over the section's L layers; grin_jax.train.evaluate): 'usage', 'unevenness' (the
+        paper's, accumulated_metrics: the mean over the layers) and 'usage_per_layer', 'unevenness_per_layer'
+        (lists in layer order; None for a NaN: no real token was evaluated)."""
+        mass = np.asarray(sums["router_score_mass"], np.float64)
+        layers = [accumulated_metrics(m) for m in mass]
+        out = {}
+        for name in ("usage", "unevenness"):
+            values = [m[name] for m in layers]
+            out[name] = float(np.mean(values))
+            out[f"{name}_per_layer"] = [v if math.isfinite(v) else None for v in values]
+        return out
 
     @staticmethod
     def param_counts(config: PEERConfig) -> dict:

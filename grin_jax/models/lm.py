@@ -27,7 +27,9 @@ today only PEER's query BatchNorm (ffn/peer.py). The functional API keeps one ru
 
 aux (`combine_aux`): 'aux_loss' scalar (sum over FFN sections of loss weight * mean over the section's layers),
     'losses' {'<section>/<loss>': mean over the section's layers, unweighted, e.g. 'moe/load_balance_loss'},
-    'metrics' {'<section>/<metric>': stacked over the section's layers, e.g. 'moe/expert_load' [Lm, E]}.
+    'metrics' {'<section>/<metric>': stacked over the section's layers, e.g. 'moe/expert_load' [Lm, E]},
+    'sums' {'<section>/<name>': stacked over the section's layers, e.g. 'peer/router_score_mass' [Lp, N]}: the
+    kinds' per-batch totals over the real tokens that evaluation adds up (empty for kinds without; grin_jax.ffn).
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ class DecoderLM(nnx.Module):
         positions_BS: RoPE positions (default 0..S-1, or from cache_index); segment_ids_BS: packed documents (a
         query attends only to keys of its own segment). cache: a list with one {'k', 'v'} [B, L, G, K] dict per
         layer (init_cache); this call's tokens are written at slots cache_index .. cache_index + S - 1.
-        token_mask_BS: non-zero for real tokens, 0 for padding (the train step passes the loss mask): reaches the
-        FFN kinds that take it (batch statistics over the real tokens only); None = every token.
+        token_mask_BS: non-zero for real tokens, 0 for padding (the train and eval steps pass the loss mask):
+        reaches the FFN kinds that take it (batch statistics, metrics and sums over the real tokens only); None =
+        every token.
         In training mode the model's running statistics (nnx.BatchStat) are updated in place.
         """
         c = self.config
@@ -120,8 +123,9 @@ class DecoderLM(nnx.Module):
 def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
     """The layers' FFN aux -> {'aux_loss': sum over sections and losses of weight * mean over the section's layers,
     'losses': {'<section>/<loss>': mean over the section's layers (unweighted)},
-    'metrics': {'<section>/<metric>': stacked over the section's layers, in layer order}}."""
-    losses, metrics = {}, {}
+    'metrics': {'<section>/<metric>': stacked over the section's layers, in layer order},
+    'sums': {'<section>/<name>': the kinds' aux['sums'] (when they have some), stacked likewise}}."""
+    losses, metrics, sums = {}, {}, {}
     aux_loss = jnp.float32(0.0)
     for name, section in config.sections:
         layers = config.layers_of(name)
@@ -134,7 +138,8 @@ def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
             losses[f"{name}/{loss_name}"] = mean
             aux_loss = aux_loss + weights.get(loss_name, 0.0) * mean
         metrics.update({f"{name}/{k}": v for k, v in stacked["metrics"].items()})
-    return {"aux_loss": aux_loss.astype(jnp.float32), "losses": losses, "metrics": metrics}
+        sums.update({f"{name}/{k}": v for k, v in stacked.get("sums", {}).items()})
+    return {"aux_loss": aux_loss.astype(jnp.float32), "losses": losses, "metrics": metrics, "sums": sums}
 
 
 # ------------------------------------------------------------------------------------------- functional API

@@ -1,13 +1,18 @@
 """Evaluation on the validation split: per-token NLL from the eval step, aggregated per document on the host
 (grin_jax.data.DocumentLosses) into the loss, its standard error over documents and bits per byte; with several
-data slices (processes) the per-slice accumulators are gathered and merged once per slice.
+data slices (processes) the per-slice accumulators are gathered and merged once per slice. The eval step's sums
+(the FFN kinds' per-batch totals over the real tokens, e.g. PEER's router score mass per expert; none for most
+models) are added up over the batches on the host in float64 and turned into the kinds' metrics
+('<section>/<metric>', section_metrics); they are over the global batch already, the same on every process.
 
 A finished or running run's checkpoint, on one device:
 
     python -m grin_jax.train.evaluate --workdir=workdirs/grin_tiny [--step=N] [--max_batches=0] [--out=FILE.json]
 
 prints the validation loss with its standard error over documents (default: the newest intact checkpoint, the
-whole validation split). A damaged or missing step is refused in one line (grin_jax.cli)."""
+whole validation split), and the FFN kinds' metrics accumulated over the same batches (a PEER model: peer/usage and
+peer/unevenness, the paper's, from the router score mass per expert summed over the evaluation set; docs/peer.md).
+A damaged or missing step is refused in one line (grin_jax.cli)."""
 
 from __future__ import annotations
 
@@ -24,42 +29,88 @@ from grin_jax.train.step import batch_features, document_attention
 
 
 def evaluate(eval_step, params, config, tokenizer, *, max_batches, mesh=None, data_index: int = 0,
-             data_count: int = 1) -> dict:
+             data_count: int = 1, keep_sums: bool = False) -> dict:
     """The validation loss over `max_batches` global batches (None: the whole split) with its standard error over
-    documents: {'loss' (nats per token), 'stderr', 'documents', 'tokens', 'bits_per_byte'} (validation_stats).
-    eval_step: (params, batch) -> per-token NLL [B, S] (make_eval_step). With a mesh, this process loads slice
-    data_index of data_count of every global batch; every process returns the same numbers."""
-    documents, total_bytes = _score_documents(eval_step, params, config, tokenizer, max_batches=max_batches,
-                                              mesh=mesh, data_index=data_index, data_count=data_count)
+    documents: {'loss' (nats per token), 'stderr', 'documents', 'tokens', 'bits_per_byte'} (validation_stats),
+    plus the FFN kinds' evaluation metrics accumulated over those batches, '<section>/<metric>' (section_metrics;
+    e.g. PEER's 'peer/usage', 'peer/unevenness', and per layer; none for a model whose kinds have no sums).
+    eval_step: (params, batch) -> (per-token NLL [B, S], sums) (make_eval_step). With a mesh, this process loads slice data_index of data_count of every global batch;
+    the sums are over the global batch already (the eval step's SPMD reduction), so every process returns the same
+    numbers. keep_sums: also return the sums themselves, {'<section>/<name>': float64 numpy [L, ...]}, under 'sums'
+    (e.g. the router score mass per expert, for a histogram)."""
+    documents, total_bytes, sums = _score_documents(eval_step, params, config, tokenizer, max_batches=max_batches,
+                                                    mesh=mesh, data_index=data_index, data_count=data_count)
     if data_count > 1:  # each slice scored its own rows: merge one accumulator per slice (processes may share one)
         by_slice = {i: (acc, b) for i, acc, b in _allgather_json([data_index, documents.to_json(), total_bytes])}
         documents = _data.DocumentLosses.merged(acc for acc, _ in by_slice.values())
         total_bytes = sum(b for _, b in by_slice.values())
     stats = documents.stats()
-    return {"loss": stats["loss"], "stderr": stats["stderr"], "documents": stats["documents"],
-            "tokens": stats["tokens"], "bits_per_byte": _data.bits_per_byte(float(documents.nll.sum()),
-                                                                            max(total_bytes, 1))}
+    result = {"loss": stats["loss"], "stderr": stats["stderr"], "documents": stats["documents"],
+              "tokens": stats["tokens"], "bits_per_byte": _data.bits_per_byte(float(documents.nll.sum()),
+                                                                              max(total_bytes, 1))}
+    result.update(section_metrics(config.model, sums))
+    if keep_sums:
+        result["sums"] = sums
+    return result
+
+
+def section_metrics(model_config, sums: dict) -> dict:
+    """{'<section>/<metric>': value} from the evaluation sums {'<section>/<name>': [L, ...]}: each FFN section with
+    sums asks its kind (`Kind.eval_metrics(sums of the section)`, grin_jax.ffn). model_config: the experiment's
+    model section (or a ModelConfig)."""
+    if not sums:
+        return {}
+    from grin_jax import ffn as _ffn
+    from grin_jax import models as _models
+
+    model = model_config if isinstance(model_config, _models.ModelConfig) else _models.model_config_from(model_config)
+    out = {}
+    for name, _ in model.sections:
+        own = {key.split("/", 1)[1]: value for key, value in sums.items() if key.split("/", 1)[0] == name}
+        if not own:
+            continue
+        kind = model.kind_of(name)
+        summarise = getattr(_ffn.get_ffn(kind), "eval_metrics", None)
+        if summarise is None:
+            raise ValueError(f"FFN section {name!r} (kind {kind!r}) returns sums {sorted(own)} but its kind has no "
+                             "eval_metrics(sums) to turn them into metrics (grin_jax.ffn)")
+        out.update({f"{name}/{metric}": value for metric, value in summarise(own).items()})
+    return out
+
+
+def _add_sums(totals: dict, sums) -> None:
+    """totals += this batch's sums (float64 numpy, on the host)."""
+    for key, value in sums.items():
+        value = np.asarray(value, np.float64)
+        totals[key] = totals[key] + value if key in totals else value
 
 
 def _score_documents(eval_step, params, config, tokenizer, *, max_batches, mesh, data_index, data_count):
-    """(DocumentLosses, UTF-8 bytes of the targets) of this process's slice of the evaluation batches. Batch t + 1
-    is dispatched before batch t's NLL is read, so the device does not wait for the host."""
+    """(DocumentLosses, UTF-8 bytes of the targets) of this process's slice of the evaluation batches, and the eval
+    step's sums over the global batches (float64). Batch t + 1 is dispatched before batch t's outputs are read, so
+    the device does not wait for the host."""
     global_size = config.train.batch_size
     local = global_size // data_count
     with_documents = document_attention(config.data)
     rows = slice(data_index * local, (data_index + 1) * local) if mesh is not None else slice(None)
-    documents, total_bytes, pending = _data.DocumentLosses(), 0, None
+    documents, total_bytes, sums, pending = _data.DocumentLosses(), 0, {}, None
+
+    def read(batch, out):
+        nll, batch_sums = out
+        documents.add(batch["doc_ids"], np.asarray(nll)[rows], batch["loss_mask"])
+        _add_sums(sums, batch_sums)
+
     for batch in _data.eval_batches(config.data, batch_size=local, tokenizer=tokenizer, max_batches=max_batches,
                                     process_index=data_index, process_count=data_count):
         host = _device_batch(batch, with_documents)
-        nll = eval_step(params, host if mesh is None else _sharding.global_batch(host, mesh, global_size))
+        out = eval_step(params, host if mesh is None else _sharding.global_batch(host, mesh, global_size))
         if pending is not None:
-            documents.add(pending[0]["doc_ids"], np.asarray(pending[1])[rows], pending[0]["loss_mask"])
-        pending = (batch, nll)
+            read(*pending)
+        pending = (batch, out)
         total_bytes += _data.batch_bytes(tokenizer, batch["targets"], batch["loss_mask"])
     if pending is not None:
-        documents.add(pending[0]["doc_ids"], np.asarray(pending[1])[rows], pending[0]["loss_mask"])
-    return documents, total_bytes
+        read(*pending)
+    return documents, total_bytes, sums
 
 
 def _device_batch(batch, document_attention: bool = True) -> dict:
@@ -81,13 +132,16 @@ def _allgather_json(obj) -> list:
     return [json.loads(gathered[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]
 
 
-def evaluate_checkpoint(workdir: str, *, step: int | None = None, max_batches: int | None = None) -> dict:
-    """evaluate() of a run's checkpoint `step` (None: the newest intact one) on one device, plus 'step'."""
+def evaluate_checkpoint(workdir: str, *, step: int | None = None, max_batches: int | None = None,
+                        keep_sums: bool = False) -> dict:
+    """evaluate() of a run's checkpoint `step` (None: the newest intact one) on one device, plus 'step' (keep_sums:
+    as evaluate)."""
     from grin_jax.train.step import make_eval_step
     from grin_jax.train.trainer import load_trained
 
     config, graphdef, params, tokenizer, step = load_trained(workdir, step, with_step=True)
-    result = evaluate(jax.jit(make_eval_step(graphdef)), params, config, tokenizer, max_batches=max_batches)
+    result = evaluate(jax.jit(make_eval_step(graphdef)), params, config, tokenizer, max_batches=max_batches,
+                      keep_sums=keep_sums)
     return {**result, "step": step}
 
 
@@ -110,6 +164,9 @@ def _main(argv) -> int:
     stderr = "" if result["stderr"] is None else f" ± {result['stderr']:.4f}"
     print(f"step {result['step']}: validation loss {result['loss']:.4f}{stderr} nats/token over "
           f"{result['documents']} documents ({result['tokens']:,} tokens; {result['bits_per_byte']:.4f} bits/byte)")
+    for key, value in result.items():  # the FFN kinds' evaluation metrics (e.g. PEER's peer/usage, peer/unevenness)
+        if "/" in key and isinstance(value, float):
+            print(f"  {key} {value:.4f}")
     if args.out:
         from grin_jax.train.metrics import write_json_atomic
         write_json_atomic(args.out, result)

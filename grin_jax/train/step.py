@@ -15,6 +15,9 @@ state['params'] only. Under jit with the batch sharded over the mesh's data axes
 global batch (SPMD reductions are global; tests/test_peer.py checks the step equals one device's). The eval step
 takes the model's variables (models.join_variables(params, model_state)) and reads the running statistics.
 
+The eval step returns the per-token NLL and the model's aux['sums'] (per-batch totals over the real tokens, e.g.
+PEER's router score mass per expert; {} for most models), which evaluation adds up over the evaluation set.
+
 The train step's metrics: 'loss' (cross-entropy), 'total_loss' (+ aux loss), 'aux_loss', 'grad_norm', then every
 entry of the model's aux['losses'] (scalars, unweighted) and aux['metrics'] (per layer, stacked) under its own name,
 e.g. 'moe/load_balance_loss', 'moe/expert_load' [L, E]. The step knows no FFN kind: the names come from the model.
@@ -44,13 +47,6 @@ def batch_features(document_attention: bool = True) -> tuple[str, ...]:
 
 def _documents(batch) -> dict:
     return {f"{k}_BS": batch[k] for k in DOCUMENT_FEATURES if k in batch}
-
-
-def forward(graphdef, params, batch, *, training: bool, rng=None):
-    """The model on a batch: (logits [B, S, V], aux); with the batch's positions and segment ids when it has them.
-    params: the model's variables (running statistics included). Training-mode statistic updates are dropped
-    (the train step uses make_loss_fn)."""
-    return _models.apply(graphdef, params, batch["inputs"], training=training, rng=rng, **_documents(batch))
 
 
 def make_loss_fn(graphdef):
@@ -91,15 +87,20 @@ def make_train_step(graphdef, tx):
 
 
 def make_eval_step(graphdef):
-    """(params, batch) -> the per-token NLL of the targets [B, S] (float32, 0 where loss_mask is 0): the host sums
-    it per document (grin_jax.data.DocumentLosses) for the loss and its standard error. params: the model's
-    variables (models.join_variables(state['params'], state.get('model_state')): running statistics in eval mode)."""
+    """(params, batch) -> (nll [B, S], sums). nll: the per-token NLL of the targets (float32, 0 where loss_mask is
+    0): the host sums it per document (grin_jax.data.DocumentLosses) for the loss and its standard error. sums: the
+    model's aux['sums'] over this batch's real tokens ({'<section>/<name>': [L, ...]}, e.g. PEER's
+    'peer/router_score_mass' [L, N]; {} for a model whose kinds have none): grin_jax.train.evaluate adds them up
+    over the evaluation set. The model receives the batch's loss_mask as its token mask (only the kinds that take
+    one see it; in eval mode it changes no output). params: the model's variables
+    (models.join_variables(state['params'], state.get('model_state')): running statistics in eval mode)."""
 
     def eval_step(params, batch):
-        logits_BSV, _ = forward(graphdef, params, batch, training=False)
+        logits_BSV, aux = _models.apply(graphdef, params, batch["inputs"], training=False,
+                                        token_mask_BS=batch["loss_mask"], **_documents(batch))
         logp = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
         nll_BS = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        return jnp.where(batch["loss_mask"] > 0, nll_BS, 0.0)
+        return jnp.where(batch["loss_mask"] > 0, nll_BS, 0.0), aux["sums"]
 
     return eval_step
 
@@ -139,8 +140,8 @@ def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, compiler_
 
 
 def compile_eval_step(graphdef, params, param_shardings, mesh, batch, *, compiler_options: dict | None = None):
-    """The eval step compiled ahead of time: params (the model's variables) as `param_shardings`, the batch over the
-    data axes."""
+    """The eval step (make_eval_step: (nll, sums)) compiled ahead of time: params (the model's variables) as
+    `param_shardings`, the batch over the data axes, both outputs replicated (the sums are over the global batch)."""
     with jax.set_mesh(mesh):
         return jax.jit(make_eval_step(graphdef), in_shardings=(param_shardings, _sharding.batch_sharding(mesh)),
                        out_shardings=_sharding.replicated(mesh)).lower(params, batch).compile(compiler_options)

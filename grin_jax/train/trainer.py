@@ -11,9 +11,10 @@ Workdir layout:
     config.json           the resolved experiment config
     loss.png, expert_load.png   plots written at the end
     summary.json          final losses, the final validation loss over the whole split with its standard error
-                          over documents, bits per byte, tokens seen, wall time, parameter counts, the git commit
-                          and dirty flag of the code, and the scaling law's columns (grin_jax.scaling.summary),
-                          written atomically
+                          over documents, bits per byte, the FFN kinds' evaluation metrics of that final evaluation
+                          as validation_<section>/<metric> (a PEER model: validation_peer/usage, .../unevenness),
+                          tokens seen, wall time, parameter counts, the git commit and dirty flag of the code, and
+                          the scaling law's columns (grin_jax.scaling.summary), written atomically
 Restarting with the same workdir resumes from the newest intact checkpoint (damaged ones are reported and set
 aside); the data order, the RNG and therefore the losses continue exactly as in an uninterrupted run. After a
 non-finite loss the checkpoints saved since the last healthy one (DIVERGENCE_FACTOR) are set aside, so that a
@@ -26,8 +27,10 @@ per-document positions) unless data.document_attention is False (step.py).
 
 Evaluation (train.eval_every, train.eval_batches; train.final_eval_batches): the eval step returns each target's
 NLL, the host sums it per document (grin_jax.data.DocumentLosses, by the batches' doc_ids); with several data
-slices each process scores its slice and the per-slice sums are all-gathered and merged. The final evaluation
-(whole split by default) gives summary.json's validation_loss and its standard error over documents.
+slices each process scores its slice and the per-slice sums are all-gathered and merged. The eval step also
+returns the FFN kinds' sums (PEER: the router score mass per expert), added up over the evaluation batches into
+their metrics (eval/peer/usage, eval/peer/unevenness, ...; grin_jax.train.evaluate). The final evaluation (whole
+split by default) gives summary.json's validation_loss, its standard error over documents and those metrics.
 
 The host reads each step's metrics one step late (`_StepLog`: step N+1 is dispatched before step N's metrics are
 pulled), so the device never waits for the host; a non-finite loss stops the run one step late, and every
@@ -634,6 +637,9 @@ def _summarise(run: _Run, compiled: _Compiled, log: _StepLog, step: int, final_e
         "validation_loss_stderr": _finite(final_eval["stderr"]),  # over documents (DocumentLosses)
         "validation_documents": int(final_eval["documents"]),
         "validation_bits_per_byte": _finite(final_eval["bits_per_byte"]),
+        # The FFN kinds' evaluation metrics ('<section>/<metric>', e.g. PEER's peer/usage; none for most models).
+        **{f"validation_{key}": _finite(value) if isinstance(value, float) else value
+           for key, value in final_eval.items() if "/" in key},
         "corpus_fraction": float(run.train_iter.position()["corpus_fraction"]),  # passes over the train split
         "wall_seconds": run.wall_seconds(),
         "params": counts,
