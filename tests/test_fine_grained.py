@@ -142,8 +142,8 @@ def test_config_files():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     trials = _sweep.expand_trials(module.get_config())
-    assert len(trials) == 30
-    assert trials[0]["train.seed"] == 0 and trials[-1]["train.seed"] == 1  # seed outermost
+    assert len(trials) == 45  # 3 seeds x 3 sizes x 5 variants
+    assert trials[0]["train.seed"] == 0 and trials[-1]["train.seed"] == 2  # seed outermost
     assert {(t["model.layout"], t["model.moe.granularity"]) for t in trials} == {
         ("moe", 1), ("moe", 2), ("moe", 4), ("moe", 8), ("dense", 1)}
 
