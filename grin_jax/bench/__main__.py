@@ -79,7 +79,7 @@ def _main(argv=None) -> int:
     load_start = os.getloadavg()
 
     groups = (cases.granularity_groups(sizes, key) + cases.backend_groups(sizes, key, slow_reps=slow_reps)
-              + cases.router_groups(sizes, key))
+              + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key))
     train_groups, skipped = cases.train_step_group(sizes, key)
     groups += train_groups
     if args.only:

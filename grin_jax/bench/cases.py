@@ -48,12 +48,18 @@ class Sizes:
     peak_n: int = 4096
     train_step: bool = True
     train_variant: str = ""       # configs/grin_tiny.py variant for the train-step case
+    peer_tokens: int = 4096       # the PEER layer against a GELU FFN of width 4 D (issue: h=4, k=8, d=128)
+    peer_d_model: int = 128
+    peer_heads: int = 4
+    peer_top_k: int = 8
+    peer_experts: tuple = (128 ** 2, 1024 ** 2)
 
 
 FULL = Sizes()
 QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(), backend_tokens=((1, 64),),
               router_shapes=((8, 2),), loads=("skewed",), ablation=False, auto_variant=False, peak_n=256,
-              train_step=False, train_variant="smoke")
+              train_step=False, train_variant="smoke", peer_tokens=256, peer_d_model=32,
+              peer_experts=(16 ** 2,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,3 +295,57 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
                       variants, note="whole optimizer step, synthetic tokens")], None
     except Exception as error:  # noqa: BLE001 - reported, not hidden
         return [], f"train-step case skipped: {type(error).__name__}: {error}"
+
+
+# ------------------------------------------------------------------------------------------------ PEER
+def gelu_ffn(params, x_TD):
+    """The dense baseline of a PEER layer: a 2-matrix GELU FFN of width 4 D."""
+    return jax.nn.gelu(x_TD @ params["w_in"], approximate=False) @ params["w_out"]
+
+
+def peer_groups(sizes: Sizes, key) -> list[Group]:
+    """A PEER layer (ffn/peer.py, the paper's defaults: query BatchNorm, shared sub-keys and experts, softmax gates,
+    GELU experts; h heads, top-k, N experts) against a GELU FFN of width 4 D on T tokens, forward and
+    forward+backward (gradients of every parameter and of x), one group per N. Useful FLOPs per token: the
+    baseline's 2·2·D·4D; PEER's queries 2·D·H·Q, product-key scores 2·H·2·n·Q/2 and top-k candidates 2·H·k²,
+    experts 2·2·H·k·D (forward; forward+backward 3x). PEER's peak memory at large N is dominated by the [N, D]
+    tables and their dense gradients (no row-sparse update yet; docs/peer.md)."""
+    from flax import nnx
+
+    from grin_jax.ffn import peer
+
+    T, D, H, K = sizes.peer_tokens, sizes.peer_d_model, sizes.peer_heads, sizes.peer_top_k
+    k_x, k_c, k_w = jax.random.split(key, 3)
+    x = jax.random.normal(k_x, (T, D), jnp.float32)
+    cot = jax.random.normal(k_c, (T, D), jnp.float32)
+    w1, w2 = jax.random.split(k_w)
+    dense = {"w_in": jax.random.normal(w1, (D, 4 * D)) / D ** 0.5, "w_out": jax.random.normal(w2, (4 * D, D)) / (2 * D)}
+    dense_flops = 2 * 2 * D * 4 * D * T
+    groups = []
+    for n_experts in sizes.peer_experts:
+        config = peer.PEERConfig(d_model=D, num_experts=n_experts, heads=H, top_k=K)
+        module = peer.PEERFFN(config, rngs=nnx.Rngs(0))
+        graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+
+        def peer_fn(params, x_TD, graphdef=graphdef, stats=stats):
+            model = nnx.merge(graphdef, params, stats, copy=True)
+            y, _ = model(x_TD[None], training=True)
+            return y[0]
+
+        n, Q = config.num_keys, config.d_key
+        flops = T * (2 * D * H * Q + 2 * H * n * Q + 2 * H * K * K + 2 * 2 * H * K * D)
+        variants = [peak_variant(sizes.peak_n, key)]
+        shape = {"tokens": T, "d_model": D, "num_experts": n_experts, "heads": H, "top_k": K, "d_key": config.d_key}
+        for mode in (FWD, FWD_BWD):
+            scale = 3 if mode == FWD_BWD else 1
+            base = f"gelu_ffn_4d/{mode}"
+            variants.append(Variant(base, with_mode(gelu_ffn, mode, (0, 1)), (dense, x, cot), scale * dense_flops,
+                                    meta={"case": "gelu_ffn_4d", "mode": mode, "backend": "dense_ffn", "load": "-",
+                                          "shape": {"tokens": T, "d_model": D, "width": 4 * D}}))
+            variants.append(Variant(f"peer/{mode}", with_mode(peer_fn, mode, (0, 1)), (params, x, cot),
+                                    scale * flops, baseline=base,
+                                    meta={"case": "peer", "mode": mode, "backend": "peer", "load": "-",
+                                          "shape": shape, "chunk_tokens": config.chunk_tokens}))
+        groups.append(Group(f"PEER N={n_experts:,} h={H} k={K} d={D} T={T}", variants,
+                            note="PEER against a GELU FFN of width 4d"))
+    return groups
