@@ -1,5 +1,6 @@
-"""Shared checks for the tests of FFN kinds and routers: train an experiment config for a few steps and return
-the last logged record; a model config's training loss and gradients on a mesh of fake devices equal one device's."""
+"""Shared test helpers: the grin_tiny smoke config with train overrides and a run's logged train losses (trainer
+and fault tests); for FFN kinds and routers, train an experiment config for a few steps and return the last logged
+record, and check a model config's training loss and gradients on a mesh of fake devices equal one device's."""
 
 import json
 import os
@@ -9,6 +10,25 @@ import numpy as np
 
 from grin_jax import models, sharding
 from grin_jax.train import trainer
+from grin_jax.train.metrics import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(**train_overrides):
+    """configs/grin_tiny.py:smoke with a 2-batch final evaluation and the given train.* overrides."""
+    from grin_jax.presets import tiny
+    config = tiny("smoke", name="grin_tiny")
+    config.train.final_eval_batches = 2  # the whole split (the default) is tested on a small corpus in test_train
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def train_losses(workdir) -> dict:
+    """{step: train/loss} of a run's metrics.jsonl."""
+    return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+            if r.get("train/loss") is not None}
 
 
 def train_steps(config, workdir: str, steps: int = 2) -> dict:

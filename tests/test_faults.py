@@ -23,25 +23,7 @@ import pytest
 from grin_jax.train import checkpoint as checkpoint_lib
 from grin_jax.train import step as step_module
 from grin_jax.train import trainer
-from grin_jax.train.metrics import read_jsonl
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-
-import grin_tiny  # noqa: E402
-
-
-def smoke_config(**train_overrides):
-    config = grin_tiny.get_config("smoke")
-    config.train.final_eval_batches = 2
-    for key, value in train_overrides.items():
-        config.train[key] = value
-    return config
-
-
-def train_losses(workdir):
-    return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if r.get("train/loss") is not None}
+from kind_checks import REPO, smoke_config, train_losses
 
 
 def steps_in(workdir, folder="checkpoints"):

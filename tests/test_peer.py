@@ -306,6 +306,19 @@ def test_evaluation_usage_and_unevenness_equal_brute_force_over_the_eval_set(tmp
     assert sorted(plain) == ["bits_per_byte", "documents", "loss", "stderr", "tokens"]
 
 
+def padded_batch(B, S, seed=0):
+    """(a host batch of B rows of S random byte tokens with padding at the ends of rows 1 and 6, its loss mask)."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((B, S), np.float32)
+    mask[1, S - 6:] = 0.0
+    mask[6, S // 3:] = 0.0
+    batch = {"inputs": rng.integers(0, 256, (B, S)).astype(np.int32),
+             "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": mask,
+             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
+             "segment_ids": mask.astype(np.int32)}
+    return batch, mask
+
+
 def test_eval_step_score_mass_on_a_data_parallel_mesh_equals_one_device():
     """The eval step compiled for a data=4 mesh (trainer path: compile_eval_step, rows on 4 fake devices, padding in
     some) returns the router score mass of the global batch, replicated: equal to one device's."""
@@ -315,14 +328,7 @@ def test_eval_step_score_mass_on_a_data_parallel_mesh_equals_one_device():
     experiment = trainer.resolve(config, check_mesh=False)
     graphdef, variables = models.init(experiment.model, 0)
     B, S = 8, config.data.seq_len
-    rng = np.random.default_rng(0)
-    mask = np.ones((B, S), np.float32)
-    mask[1, S - 6:] = 0.0
-    mask[6, S // 3:] = 0.0
-    batch = {"inputs": rng.integers(0, 256, (B, S)).astype(np.int32),
-             "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": mask,
-             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
-             "segment_ids": mask.astype(np.int32)}
+    batch, mask = padded_batch(B, S)
     nll, sums = jax.jit(trainer.make_eval_step(graphdef))(variables, batch)
     mass = np.asarray(sums["peer/router_score_mass"])
     assert mass.shape == (1, 16 ** 2) and mass.sum() == pytest.approx(2 * mask.sum(), rel=1e-5)
@@ -653,14 +659,7 @@ def test_batchnorm_train_step_on_a_data_parallel_mesh_equals_one_device():
     tx, _ = trainer._make_optimizer(config.train)
     graphdef, state = trainer.init_state(experiment, tx)
     B, S = 8, config.data.seq_len
-    rng = np.random.default_rng(0)
-    mask = np.ones((B, S), np.float32)
-    mask[1, S - 6:] = 0.0
-    mask[6, S // 3:] = 0.0
-    batch = {"inputs": rng.integers(0, 256, (B, S)).astype(np.int32),
-             "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": mask,
-             "positions": np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy(),
-             "segment_ids": mask.astype(np.int32)}
+    batch, mask = padded_batch(B, S)
     loss_fn = step_module.make_loss_fn(graphdef)
     key = jax.random.fold_in(state["rng"], state["step"])   # the train step's key (MoE input jitter)
 

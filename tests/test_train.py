@@ -28,19 +28,7 @@ CONFIGS = os.path.join(REPO, "configs")
 sys.path.insert(0, CONFIGS)
 
 import grin_tiny  # noqa: E402
-
-
-def smoke_config(**train_overrides):
-    config = grin_tiny.get_config("smoke")
-    config.train.final_eval_batches = 2  # the whole split (the default) is tested on a small corpus below
-    for key, value in train_overrides.items():
-        config.train[key] = value
-    return config
-
-
-def train_losses(workdir):
-    return {r["step"]: r["train/loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if r.get("train/loss") is not None}
+from kind_checks import smoke_config, train_losses  # noqa: E402
 
 
 @pytest.fixture(scope="module")
