@@ -24,6 +24,7 @@ def get_config(arg=None):
         d_key=config.model.d_model,     # the full query dimension of a head (sub-keys of d_model / 2)
         score_activation="softmax",
         expert_activation="gelu",
+        expert_type="singleton",        # e_i(x) = gelu(u_i . x) v_i ('value': a product-key memory, e_i(x) = v_i)
         shared_keys=True,
         shared_experts=True,
         query_norm="batchnorm",         # the paper's query BatchNorm ('none': peer-pytorch's default)

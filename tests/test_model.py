@@ -136,6 +136,26 @@ def test_layout_pattern_and_dense_baseline():
     assert moe["total"] - moe["active"] == tiny().num_layers * 3 * 32 * 24 * (4 - 2)
 
 
+def test_a_block_without_ffn():
+    """layout entry 'none' (a kind without a section): that block is attention only (its FFN adds 0 and has no
+    parameters); the model equals one whose block has a dense FFN with zero output weights."""
+    config = tiny(num_layers=2, layout="dense,none")
+    assert config.layout == ("dense", "none")
+    graphdef, params = init(config, 0)
+    flat = flatten_params(params)
+    assert not any(name.startswith("layers.1.mlp.") for name in flat)
+    counts, dense_counts = count_params(config), count_params(tiny(num_layers=2, layout="dense"))
+    assert dense_counts["total"] - counts["total"] == 3 * 32 * 48     # one SwiGLU of width 48 fewer
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+    logits, _ = apply_jit(graphdef, params, tokens)
+    dense_config = tiny(num_layers=2, layout="dense")
+    dense_flat = flatten_params(init(dense_config, 0)[1])
+    dense_flat.update(flat)
+    dense_flat["layers.1.mlp.w_down"] = jnp.zeros_like(dense_flat["layers.1.mlp.w_down"])
+    reference, _ = apply_jit(*unflatten_params(dense_config, dense_flat), tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference), rtol=1e-6, atol=1e-6)
+
+
 def test_logical_sharding_names_and_tied_embeddings():
     graphdef, params = init(tiny(tie_embeddings=True), 0)
     specs = {name: tuple(spec) for name, spec in flatten_params(nnx.get_partition_spec(params)).items()}

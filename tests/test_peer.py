@@ -343,6 +343,23 @@ def test_eval_step_score_mass_on_a_data_parallel_mesh_equals_one_device():
     np.testing.assert_allclose(np.asarray(sums_mesh["peer/router_score_mass"]), mass, rtol=1e-5, atol=1e-5)
 
 
+def test_value_experts_are_a_product_key_memory():
+    """expert_type='value' (the PKM control): no w_in, y = sum over heads and slots of gate * v_idx, against numpy
+    from the layer's own routing; half the expert parameters."""
+    base = dict(d_model=16, num_experts=8 * 8, heads=2, top_k=3, d_key=8, query_norm="none", chunk_tokens=4)
+    module = peer.PEERFFN(peer.PEERConfig(**base, expert_type="value"), rngs=nnx.Rngs(1))
+    assert module.w_in is None
+    x = jax.random.normal(jax.random.key(2), (2, 5, 16))
+    y, _ = module(x)
+    idx, gates = module.route(x.reshape(10, 16))
+    v = np.asarray(module.w_out[...], np.float64)[np.asarray(idx)]                 # [T, H, K, D]
+    expected = np.einsum("thk,thkd->td", np.asarray(gates, np.float64), v).reshape(2, 5, 16)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-6)
+    singleton = peer.PEERFFN.param_counts(peer.PEERConfig(**base))["peer_experts"]
+    value = peer.PEERFFN.param_counts(peer.PEERConfig(**base, expert_type="value"))["peer_experts"]
+    assert value == (singleton[0] // 2, singleton[1] // 2) == (64 * 16, 2 * 3 * 16)
+
+
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("key,value,match", [
     ("num_experts", 200, "perfect squares"), ("num_experts", 0, "perfect squares"),
@@ -353,7 +370,8 @@ def test_eval_step_score_mass_on_a_data_parallel_mesh_equals_one_device():
     ("bn_momentum", 1.0, "[0, 1)"), ("bn_momentum", -0.1, "[0, 1)"), ("bn_momentum", float("nan"), "finite"),
     ("bn_momentum", True, "finite"), ("bn_momentum", "0.9", "finite"), ("bn_epsilon", 0.0, "> 0"),
     ("bn_epsilon", -1e-5, "> 0"), ("bn_epsilon", float("inf"), "finite"),
-    ("chunk_tokens", 0, "None"), ("chunk_tokens", 2.0, "None")])
+    ("chunk_tokens", 0, "None"), ("chunk_tokens", 2.0, "None"), ("expert_type", "mlp", "singleton"),
+    ("num_experts", 4097 ** 2, "4096**2")])
 def test_config_validation(key, value, match):
     with pytest.raises(ValueError, match=f"peer.{key}") as error:
         peer.PEERConfig(d_model=64, **{"num_experts": 16 ** 2, key: value})

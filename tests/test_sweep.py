@@ -2,6 +2,8 @@
 stopping the others, rerunning runs only what is missing, and results.csv is complete and parseable."""
 
 import csv
+import glob
+import importlib.util
 import json
 import os
 import re
@@ -148,3 +150,38 @@ def test_a_base_config_axis_and_unset_values(tmp_path):
     assert routers == [("sparsemixer_v2", 0.3), ("topk_softmax", None)]
     with pytest.raises(ValueError, match=r"'base_config'='nope.py': no such file"):
         sweep_lib.run_sweep(make_sweep(zip={"base_config": ["nope.py"]}), str(tmp_path / "bad"), progress=False)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "sweeps", "*.py"))))
+def test_every_committed_sweep_expands_into_valid_trials(path):
+    """Each trial of each sweep config under configs/sweeps/ (full and :quick) is a config the trainer accepts: its
+    overrides applied to its base config build the model config (names, values and layouts checked)."""
+    from grin_jax import models
+    from grin_jax.train.config import validate_train_config
+    for arg in (None, "quick"):
+        sweep = _load(path).get_config(arg)
+        trials = sweep_lib.expand_trials(sweep)
+        assert trials
+        for trial in trials:
+            config = _load(os.path.join(REPO, trial.get("base_config") or sweep.base_config)).get_config()
+            for key, value in trial.items():
+                if key == "base_config" or value is None:
+                    continue
+                *parents, leaf = key.split(".")
+                section = config
+                for name in parents:
+                    section = section[name]
+                if isinstance(section, ml_collections.ConfigDict):
+                    with section.unlocked():
+                        section[leaf] = value
+                else:
+                    section[leaf] = value
+            models.model_config_from(config.model)
+            validate_train_config(config.train)
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

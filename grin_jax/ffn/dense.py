@@ -1,4 +1,6 @@
-"""The dense FFN kind: y = (act(x W_gate) * x W_up) W_down for gated activations, else act(x W_up) W_down.
+"""The dense FFN kind: y = (act(x W_gate) * x W_up) W_down for gated activations, else act(x W_up) W_down; and the
+`none` kind, a block without an FFN (y = 0: the block is attention only), a baseline for ablations
+(experiments/peer/).
 
 Axes: B batch, S sequence, D model, F hidden. Parameters (no biases): w_up, w_gate [D, F] ('embed', 'mlp'),
 w_down [F, D] ('mlp', 'embed'); fan-in scaled normal init.
@@ -83,3 +85,46 @@ class DenseFFN(nnx.Module):
         if config.d_hidden % model:
             raise ValueError(f"dense.d_hidden={config.d_hidden} is not divisible by mesh.model={model}: the dense "
                              "FFN width is sharded over the model axis")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoFFNConfig:
+    """The `none` kind has no options."""
+
+    d_model: int
+
+    @classmethod
+    def from_section(cls, values, *, d_model: int) -> "NoFFNConfig":
+        return _sections.from_section(cls, values, d_model=d_model, section="none")
+
+    def to_section(self) -> dict:
+        return {}
+
+    @property
+    def loss_weights(self) -> dict:
+        return {}
+
+
+@register_ffn("none")
+class NoFFN(nnx.Module):
+    """No FFN: y = 0, so the block is x + Attn(Norm(x)) (its pre-FFN norm is kept and stays unused)."""
+
+    Config = NoFFNConfig
+
+    def __init__(self, config: NoFFNConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
+                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+        del config, norm, norm_eps, param_dtype, rngs
+        self.dtype = dtype
+
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
+        del training, rng
+        return jnp.zeros_like(x_BSD, dtype=self.dtype), {"losses": {}, "metrics": {}}
+
+    @staticmethod
+    def param_counts(config: NoFFNConfig) -> dict:
+        del config
+        return {}
+
+    @staticmethod
+    def check_mesh(config: NoFFNConfig, sizes: dict) -> None:
+        del config, sizes

@@ -21,6 +21,7 @@ expert tables' rows are sharded over it; the other `peer_*` names are replicated
     sub_keys [2, n, Q/2]                 (None, 'peer_keys', 'peer_key')                 shared_keys=True
              [H, 2, n, Q/2]              ('peer_heads', None, 'peer_keys', 'peer_key')   shared_keys=False
     w_in (u), w_out (v) [N, D]           ('peer_experts', 'embed')                       shared_experts=True
+                                         (no w_in with expert_type='value': a product-key memory)
                         [H, N, D]        ('peer_heads', 'peer_experts', 'embed')         shared_experts=False
     query_norm.scale, .bias [H, Q]       ('peer_heads', 'peer_key')                      query_norm='batchnorm'
 Running statistics (nnx.BatchStat, not parameters; query_norm='batchnorm'):
@@ -74,6 +75,7 @@ EXPERT_ACTIVATIONS = {
     "silu": jax.nn.silu,
 }
 QUERY_NORMS = ("none", "batchnorm")
+EXPERT_TYPES = ("singleton", "value")
 
 
 def _is_int(value) -> bool:
@@ -94,6 +96,9 @@ class PEERConfig:
       peer-pytorch's default `dim_key = dim // 2` per half).
     score_activation: 'softmax' (paper) | 'relu' over a head's K scores.
     expert_activation: 'gelu' (exact erf GELU; paper and peer-pytorch) | 'relu' | 'silu'.
+    expert_type: 'singleton' (paper): e_i(x) = act(u_i . x) v_i | 'value': e_i(x) = v_i, a product-key memory
+      (Lample et al. 2019, the paper's PKM baseline): no w_in table and no expert activation, the output is the
+      gate-weighted sum of the retrieved values.
     shared_keys: True (paper): one pair of sub-key sets for all heads; False (peer-pytorch): a pair per head.
     shared_experts: True (paper): one expert pool for all heads; False: a separate pool of N experts per head
       (peer-pytorch `separate_embed_per_head=True`).
@@ -113,6 +118,7 @@ class PEERConfig:
     d_key: int | None = None
     score_activation: str = "softmax"
     expert_activation: str = "gelu"
+    expert_type: str = "singleton"
     shared_keys: bool = True
     shared_experts: bool = True
     query_norm: str = "batchnorm"
@@ -127,8 +133,9 @@ class PEERConfig:
         if self.d_key is None:
             object.__setattr__(self, "d_key", self.d_model)
         N = self.num_experts
-        if not _is_int(N) or N < 1 or math.isqrt(N) ** 2 != N:
-            fail("num_experts", "perfect squares n**2 >= 1 (product keys: n sub-keys per half)")
+        if not _is_int(N) or N < 1 or math.isqrt(N) ** 2 != N or N > 2 ** 24:
+            fail("num_experts", "perfect squares n**2 from 1 to 4096**2 (product keys: n sub-keys per half; "
+                 "expert ids exact in float32)")
         for name in ("heads", "top_k"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "integers >= 1")
@@ -141,6 +148,8 @@ class PEERConfig:
             fail("score_activation", list(SCORE_ACTIVATIONS))
         if self.expert_activation not in EXPERT_ACTIVATIONS:
             fail("expert_activation", sorted(EXPERT_ACTIVATIONS))
+        if self.expert_type not in EXPERT_TYPES:
+            fail("expert_type", list(EXPERT_TYPES))
         for name in ("shared_keys", "shared_experts"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
@@ -180,24 +189,52 @@ def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Arr
     s1, s2 [..., n]: (scores [..., k] descending, indices [..., k] int32).
 
     Tie order: that of `lax.top_k` over the full score vector (equal scores: the lower flat index first). The first
-    stage keeps each half's top-k (lax.top_k: equal half scores -> lower sub-key index first); the second orders the
-    k^2 candidate sums by (score descending, flat index ascending). Exact whenever the float32 sums s1 + s2 order the
-    candidates as the exact sums do; a rounding that makes two sums equal whose halves differ may swap two experts of
-    equal float32 score (the scores returned are then still equal to the brute force's).
+    stage keeps each half's top-k (lax.top_k: equal half scores -> lower sub-key index first); the second takes the
+    top-k of the k^2 candidate sums (_top_k_by_score_then_index: lax.top_k plus a tie repair, no full sort).
+    Exact whenever the float32 sums s1 + s2 order the candidates as the exact sums do; a rounding that makes two
+    sums equal whose halves differ may swap two experts of equal float32 score (the scores returned are then still
+    equal to the brute force's).
     Scores are differentiable (gathered from s1, s2 at the selected indices); the selection is not.
     """
     n = s1.shape[-1]
     if s2.shape[-1] != n:
         raise ValueError(f"product_key_topk: halves with {n} and {s2.shape[-1]} sub-keys")
+    if n * n > 2 ** 24:
+        raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
+                         "float32)")
     v1, i1 = jax.lax.top_k(jax.lax.stop_gradient(s1), k)
     v2, i2 = jax.lax.top_k(jax.lax.stop_gradient(s2), k)
     batch = v1.shape[:-1]
     sums = (v1[..., :, None] + v2[..., None, :]).reshape(*batch, k * k)
     flat = (i1[..., :, None] * n + i2[..., None, :]).reshape(*batch, k * k).astype(jnp.int32)
-    _, order = jax.lax.sort((-sums, flat), dimension=-1, num_keys=2)
-    indices = order[..., :k]
+    indices = _top_k_by_score_then_index(sums, flat, k)
     scores = (jnp.take_along_axis(s1, indices // n, axis=-1) + jnp.take_along_axis(s2, indices % n, axis=-1))
     return scores, indices
+
+
+def _top_k_by_score_then_index(values: jax.Array, ids: jax.Array, k: int) -> jax.Array:
+    """The ids [..., k] of the k largest values [..., M] ordered by (value descending, id ascending): equal to a
+    two-key sort's first k (ids distinct, 0 <= id < 2^24), at the cost of two lax.top_k (a two-key lax.sort is ~15x slower
+    on CPU). lax.top_k breaks ties by position, not by id, so: (1) the k-th value v_k is the threshold; the
+    entries above it are top_k's first `above` outputs; (2) of the entries equal to v_k the k - above with the
+    lowest ids fill the rest (a top_k over -id); (3) the k are put in (value desc, id asc) order by their ranks
+    (k^2 comparisons)."""
+    top_values, top_pos = jax.lax.top_k(values, k)
+    # kth by a min, not the slice top_values[..., -1:]: XLA CPU merges that slice into top_k's and falls back from
+    # its top-k routine to a full sort (10x slower)
+    kth = jnp.min(top_values, axis=-1, keepdims=True)
+    above = jnp.sum(top_values > kth, axis=-1, keepdims=True)                   # <= k - 1: all are in the top-k
+    # lax.top_k over float32 (over int32 it is a full sort on CPU): ids < 2^24 are exact in float32
+    neg_tied_ids, _ = jax.lax.top_k(jnp.where(values == kth, -ids.astype(jnp.float32), -jnp.inf), k)
+    slot = jnp.arange(k)
+    tied = jnp.take_along_axis(-neg_tied_ids, jnp.clip(slot - above, 0, k - 1), axis=-1).astype(ids.dtype)
+    chosen_ids = jnp.where(slot < above, jnp.take_along_axis(ids, top_pos, axis=-1), tied)
+    chosen_values = jnp.where(slot < above, top_values, kth)
+    # rank of each chosen entry: how many chosen entries come before it in (value desc, id asc) order
+    a_v, b_v = chosen_values[..., :, None], chosen_values[..., None, :]
+    a_i, b_i = chosen_ids[..., :, None], chosen_ids[..., None, :]
+    rank = jnp.sum((b_v > a_v) | ((b_v == a_v) & (b_i < a_i)), axis=-1)        # a permutation of 0..k-1
+    return jnp.sum(jnp.where(rank[..., :, None] == slot, chosen_ids[..., :, None], 0), axis=-2)
 
 
 def product_key_topk(q_half1: jax.Array, q_half2: jax.Array, keys1: jax.Array, keys2: jax.Array,
@@ -212,15 +249,20 @@ def product_key_topk(q_half1: jax.Array, q_half2: jax.Array, keys1: jax.Array, k
 
 # ------------------------------------------------------------------------------------------------ experts
 def _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act):
-    """sum_{h, k} g * act(x . u_idx) v_idx for one chunk of tokens: [T, D]."""
-    u = jnp.take(w_in, idx_THK, axis=0)                      # [T, H, K, D]
-    a = act(jnp.einsum("td,thkd->thk", x_TD, u)) * g_THK
+    """sum_{h, k} g * act(x . u_idx) v_idx for one chunk of tokens: [T, D] (w_in None: sum_{h, k} g * v_idx, a
+    product-key memory)."""
+    if w_in is None:
+        a = g_THK
+    else:
+        u = jnp.take(w_in, idx_THK, axis=0)                  # [T, H, K, D]
+        a = act(jnp.einsum("td,thkd->thk", x_TD, u)) * g_THK
     v = jnp.take(w_out, idx_THK, axis=0)
     return jnp.einsum("thk,thkd->td", a, v)
 
 
 def expert_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, act, chunk_tokens: int | None):
-    """The experts' output [T, D] for flat expert ids idx [T, H, K] (rows of w_in, w_out [P, D]) and gates g.
+    """The experts' output [T, D] for flat expert ids idx [T, H, K] (rows of w_in, w_out [P, D]; w_in None: the
+    values w_out alone, expert_type='value') and gates g.
     With chunk_tokens < T: lax.map over checkpointed chunks of chunk_tokens tokens (the last padded with gate 0),
     so at most chunk_tokens * H * K rows per table are gathered at a time, in the forward and the backward."""
     T = x_TD.shape[0]
@@ -379,7 +421,8 @@ class PEERFFN(nnx.Module):
                                   ("peer_heads", None, "peer_keys", "peer_key"))
         shape, names = (((N, D), ("peer_experts", "embed")) if c.shared_experts
                         else ((H, N, D), ("peer_heads", "peer_experts", "embed")))
-        self.w_in = param(normal_init(rngs.params(), shape, param_dtype, D ** -0.5), names)
+        self.w_in = (param(normal_init(rngs.params(), shape, param_dtype, D ** -0.5), names)
+                     if c.expert_type == "singleton" else None)
         self.w_out = param(normal_init(rngs.params(), shape, param_dtype, (H * K) ** -0.5), names)
         self.query_norm = (QueryBatchNorm(H, Q, momentum=c.bn_momentum, epsilon=c.bn_epsilon,
                                           param_dtype=param_dtype) if c.query_norm == "batchnorm" else None)
@@ -427,7 +470,7 @@ class PEERFFN(nnx.Module):
         x_TD = x_BSD.reshape(B * S, D)
         mask_T = None if token_mask_BS is None else token_mask_BS.reshape(B * S)
         idx, gates = self.route(x_TD, training=training, mask_T=mask_T)
-        w_in = self.w_in[...].astype(self.dtype).reshape(-1, D)
+        w_in = None if self.w_in is None else self.w_in[...].astype(self.dtype).reshape(-1, D)
         w_out = self.w_out[...].astype(self.dtype).reshape(-1, D)
         y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), w_in, w_out,
                               act=EXPERT_ACTIVATIONS[c.expert_activation], chunk_tokens=c.chunk_tokens)
@@ -455,14 +498,16 @@ class PEERFFN(nnx.Module):
 
     @staticmethod
     def param_counts(config: PEERConfig) -> dict:
-        """peer_experts: the tables u, v (2 * P * N * D, P pools), active H * K * 2 * D per token;
+        """peer_experts: the tables u, v (2 * P * N * D, P pools; v alone with expert_type='value'), active
+        H * K * 2 * D per token (H * K * D for values);
         peer_router: the query network (D * H * Q) and the sub-keys (2 * n * Q/2, times H when per head), all active
         (every token scores every sub-key). The query BatchNorm's scale and bias (2 * H * Q) are not claimed: they
         count as 'norms' (params.count_params); its running mean and variance are not parameters."""
         c = config
-        experts = 2 * c.num_pools * c.num_experts * c.d_model
+        tables = 2 if c.expert_type == "singleton" else 1
+        experts = tables * c.num_pools * c.num_experts * c.d_model
         router = c.d_model * c.heads * c.d_key + (1 if c.shared_keys else c.heads) * 2 * c.num_keys * (c.d_key // 2)
-        return {"peer_experts": (experts, c.heads * c.top_k * 2 * c.d_model), "peer_router": (router, router)}
+        return {"peer_experts": (experts, c.heads * c.top_k * tables * c.d_model), "peer_router": (router, router)}
 
     @staticmethod
     def check_mesh(config: PEERConfig, sizes: dict) -> None:
