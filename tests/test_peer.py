@@ -603,7 +603,7 @@ def test_running_statistics_are_train_state_not_parameters():
     counts the BatchNorm's scale and bias (as norms), not its running mean and variance."""
     config = peer_tiny("smoke")
     experiment = trainer.resolve(config, check_mesh=False)
-    tx, _ = trainer._make_optimizer(config.train)
+    tx, _ = trainer.make_optimizer(config.train, experiment.model)
     _, abstract = trainer.abstract_state(experiment, tx)
     stats = models.flatten_params(abstract["model_state"])
     assert sorted(stats) == ["layers.1.mlp.query_norm.mean", "layers.1.mlp.query_norm.var"]
@@ -674,7 +674,7 @@ def test_batchnorm_train_step_on_a_data_parallel_mesh_equals_one_device():
     config = peer_tiny("smoke")
     config.model.peer.update(num_experts=16 ** 2, heads=2, top_k=4, chunk_tokens=64, bn_momentum=0.0)
     experiment = trainer.resolve(config, check_mesh=False)
-    tx, _ = trainer._make_optimizer(config.train)
+    tx, _ = trainer.make_optimizer(config.train, experiment.model)
     graphdef, state = trainer.init_state(experiment, tx)
     B, S = 8, config.data.seq_len
     batch, mask = padded_batch(B, S)

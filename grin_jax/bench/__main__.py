@@ -29,7 +29,7 @@ def format_table(records: list[dict]) -> str:
     """One row per record; %peak against the peak_matmul of the same group."""
     peak = {r["group"]: r["gflops_per_s"] for r in records if r["name"] == "peak_matmul"}
     head = (f"{'variant':40s} {'reps':>4s} {'median ms':>10s} {'x dense':>8s} {'cpu x':>6s} {'util':>5s} "
-            f"{'GFLOP/s':>8s} {'%peak':>6s} {'temp MiB':>9s} {'peak MiB':>9s}")
+            f"{'GFLOP/s':>8s} {'%peak':>6s} {'GB/s':>6s} {'temp MiB':>9s} {'peak MiB':>9s}")
     lines, group = [], None
     for r in records:
         if r["group"] != group:
@@ -41,10 +41,11 @@ def format_table(records: list[dict]) -> str:
         useful = r["useful_gflop"] > 0
         gflops = f"{r['gflops_per_s']:.0f}" if useful else "-"
         pct = f"{100 * r['gflops_per_s'] / peak[group]:.0f}" if useful and peak.get(group) else "-"
+        bandwidth = f"{r['gbytes_per_s']:.1f}" if r.get("gbytes_per_s") else "-"
         mem = r.get("memory") or {}
         util = f"{r['median_cpu_s'] / r['median_s']:.2f}" if r.get("median_cpu_s") else "-"
         lines.append(f"{r['name']:40s} {r['reps']:4d} {1e3 * r['median_s']:10.1f} {ratio:>8s} {cpu_ratio:>6s} "
-                     f"{util:>5s} {gflops:>8s} {pct:>6s} {_fmt_bytes(mem.get('temp_bytes')):>9s} "
+                     f"{util:>5s} {gflops:>8s} {pct:>6s} {bandwidth:>6s} {_fmt_bytes(mem.get('temp_bytes')):>9s} "
                      f"{_fmt_bytes(mem.get('peak_bytes')):>9s}")
     return "\n".join(lines)
 
@@ -79,7 +80,7 @@ def _main(argv=None) -> int:
     load_start = os.getloadavg()
 
     groups = (cases.granularity_groups(sizes, key) + cases.backend_groups(sizes, key, slow_reps=slow_reps)
-              + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key))
+              + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key) + cases.peer_train_step_groups(sizes, key))
     train_groups, skipped = cases.train_step_group(sizes, key)
     groups += train_groups
     if args.only:
@@ -105,6 +106,7 @@ def _main(argv=None) -> int:
         "cpu x: the same with process CPU time (user+sys; steadier than wall time on a shared machine);",
         "util: CPU seconds per wall second (~2 = both cores ours, ~1 = another process held a core during the group).",
         "GFLOP/s: useful (active) FLOPs / median wall time; %peak: of the group's f32 peak_matmul.",
+        "GB/s: the least bytes a call must move / median wall time (stream_triad: the machine's memory bandwidth).",
         f"load average (1 min) at start {load_start[0]:.1f}, at end {load_end[0]:.1f}; {os.cpu_count()} cpus; "
         f"total {time.perf_counter() - start:.0f}s.",
     ]

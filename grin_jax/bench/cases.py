@@ -53,13 +53,14 @@ class Sizes:
     peer_heads: int = 4
     peer_top_k: int = 8
     peer_experts: tuple = (128 ** 2, 1024 ** 2)
+    stream_n: int = 2 ** 25       # stream_triad: 3 x 128 MiB moved
 
 
 FULL = Sizes()
 QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(), backend_tokens=((1, 64),),
               router_shapes=((8, 2),), loads=("skewed",), ablation=False, auto_variant=False, peak_n=256,
               train_step=False, train_variant="smoke", peer_tokens=256, peer_d_model=32,
-              peer_experts=(16 ** 2,))
+              peer_experts=(16 ** 2, 32 ** 2), stream_n=2 ** 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,13 +304,26 @@ def gelu_ffn(params, x_TD):
     return jax.nn.gelu(x_TD @ params["w_in"], approximate=False) @ params["w_out"]
 
 
+def stream_variant(n: int, key) -> Variant:
+    """The machine's memory bandwidth: y = a + 2 b over n float32 (reads 2n, writes n: 12 n bytes)."""
+    a = jax.random.normal(key, (n,), jnp.float32)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n,), jnp.float32)
+    return Variant("stream_triad", jax.jit(lambda a, b: a + 2.0 * b), (a, b), 2.0 * n, bytes=12.0 * n,
+                   meta={"case": "stream_triad", "mode": "triad", "backend": "xla", "load": "-", "shape": {"n": n}})
+
+
 def peer_groups(sizes: Sizes, key) -> list[Group]:
     """A PEER layer (ffn/peer.py, the paper's defaults: query BatchNorm, shared sub-keys and experts, softmax gates,
     GELU experts; h heads, top-k, N experts) against a GELU FFN of width 4 D on T tokens, forward and
-    forward+backward (gradients of every parameter and of x), one group per N. Useful FLOPs per token: the
-    baseline's 2·2·D·4D; PEER's queries 2·D·H·Q, product-key scores 2·H·2·n·Q/2 and top-k candidates 2·H·k²,
-    experts 2·2·H·k·D (forward; forward+backward 3x). PEER's peak memory at large N is dominated by the [N, D]
-    tables and their dense gradients (no row-sparse update yet; docs/peer.md)."""
+    forward+backward (gradients of every parameter and of x), one group per N; `peer_rows/fwd+bwd`: the backward of
+    the row-sparse update (peer.table_update='sparse': the gathered rows' gradients instead of the tables'; every
+    other parameter's and x's as before).
+    Useful FLOPs per token: the baseline's 2·2·D·4D; PEER's queries 2·D·H·Q, product-key scores 2·H·2·n·Q/2 and
+    top-k candidates 2·H·k², experts 2·2·H·k·D (forward; forward+backward 3x).
+    Least bytes (the roofline's memory side; x, y and the small weights left out): PEER reads the M = T·H·k rows of
+    both tables, 2·M·D·4 bytes, in the forward; its backward writes their gradients, as many bytes again, plus
+    with dense tables the [N, D] gradients (2·N·D·4). The dense FFN reads its 2·D·4D weights and writes and reads its
+    T·4D hidden activations (x 3 for forward+backward). stream_triad measures the bandwidth they are held against."""
     from flax import nnx
 
     from grin_jax.ffn import peer
@@ -321,31 +335,79 @@ def peer_groups(sizes: Sizes, key) -> list[Group]:
     w1, w2 = jax.random.split(k_w)
     dense = {"w_in": jax.random.normal(w1, (D, 4 * D)) / D ** 0.5, "w_out": jax.random.normal(w2, (4 * D, D)) / (2 * D)}
     dense_flops = 2 * 2 * D * 4 * D * T
+    dense_bytes = 4 * (2 * D * 4 * D + 2 * T * 4 * D)
+    rows_bytes = 2 * T * H * K * D * 4
     groups = []
     for n_experts in sizes.peer_experts:
-        config = peer.PEERConfig(d_model=D, num_experts=n_experts, heads=H, top_k=K)
+        config = peer.PEERConfig(d_model=D, num_experts=n_experts, heads=H, top_k=K, table_update="sparse")
         module = peer.PEERFFN(config, rngs=nnx.Rngs(0))
         graphdef, params, stats = nnx.split(module, nnx.Param, nnx.BatchStat)
+        tables, rest = nnx.split_state(params, lambda path, _: path[-1] in ("w_in", "w_out"), ...)
+        sinks = {name: jnp.zeros(s.shape, s.dtype) for name, s in module.row_sink_shapes(T).items()}
 
         def peer_fn(params, x_TD, graphdef=graphdef, stats=stats):
             model = nnx.merge(graphdef, params, stats, copy=True)
             y, _ = model(x_TD[None], training=True)
             return y[0]
 
+        def peer_rows_fn(rest, x_TD, sinks, tables, graphdef=graphdef, stats=stats):
+            model = nnx.merge(graphdef, rest, tables, stats, copy=True)
+            y, _ = model(x_TD[None], training=True, row_sinks=sinks)
+            return y[0]
+
         n, Q = config.num_keys, config.d_key
         flops = T * (2 * D * H * Q + 2 * H * n * Q + 2 * H * K * K + 2 * 2 * H * K * D)
-        variants = [peak_variant(sizes.peak_n, key)]
+        variants = [peak_variant(sizes.peak_n, key), stream_variant(sizes.stream_n, key)]
         shape = {"tokens": T, "d_model": D, "num_experts": n_experts, "heads": H, "top_k": K, "d_key": config.d_key}
+        meta = {"case": "peer", "backend": "peer", "load": "-", "shape": shape, "chunk_tokens": config.chunk_tokens}
         for mode in (FWD, FWD_BWD):
             scale = 3 if mode == FWD_BWD else 1
             base = f"gelu_ffn_4d/{mode}"
             variants.append(Variant(base, with_mode(gelu_ffn, mode, (0, 1)), (dense, x, cot), scale * dense_flops,
+                                    bytes=scale * dense_bytes,
                                     meta={"case": "gelu_ffn_4d", "mode": mode, "backend": "dense_ffn", "load": "-",
                                           "shape": {"tokens": T, "d_model": D, "width": 4 * D}}))
+            table_bytes = 0 if mode == FWD else rows_bytes + 2 * n_experts * D * 4
             variants.append(Variant(f"peer/{mode}", with_mode(peer_fn, mode, (0, 1)), (params, x, cot),
-                                    scale * flops, baseline=base,
-                                    meta={"case": "peer", "mode": mode, "backend": "peer", "load": "-",
-                                          "shape": shape, "chunk_tokens": config.chunk_tokens}))
+                                    scale * flops, baseline=base, bytes=rows_bytes + table_bytes,
+                                    meta={**meta, "mode": mode}))
+        variants.append(Variant(f"peer_rows/{FWD_BWD}", with_mode(peer_rows_fn, FWD_BWD, (0, 1, 2)),
+                                (rest, x, sinks, tables, cot), 3 * flops, baseline=f"gelu_ffn_4d/{FWD_BWD}",
+                                bytes=2 * rows_bytes, meta={**meta, "mode": FWD_BWD, "table_update": "sparse"}))
         groups.append(Group(f"PEER N={n_experts:,} h={H} k={K} d={D} T={T}", variants,
                             note="PEER against a GELU FFN of width 4d"))
     return groups
+
+
+def peer_train_step_groups(sizes: Sizes, key) -> list[Group]:
+    """One optimizer step (forward, backward, AdamW; trainer.make_train_step) of a one-block LM whose FFN is a PEER
+    layer (d_model D, h heads, top-k, T = batch x seq tokens), at the smallest and the largest N of
+    `sizes.peer_experts`, with the dense table update and the row-sparse one (peer.table_update). Each variant's
+    ratio is to the smallest N with the same update: the issue's 'train step at N = 1024^2 <= 2x that at 128^2'."""
+    from grin_jax import presets
+    from grin_jax.train import trainer
+
+    D, H, K, T = sizes.peer_d_model, sizes.peer_heads, sizes.peer_top_k, sizes.peer_tokens
+    seq = min(128, T)
+    small, large = min(sizes.peer_experts), max(sizes.peer_experts)
+    tokens = jax.random.randint(jax.random.fold_in(key, 500), (T // seq, seq + 1), 0, 256)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": jnp.ones((T // seq, seq), jnp.float32)}
+    variants = []
+    for update in ("dense", "sparse"):
+        for n_experts in (small, large):
+            config = presets.tiny(None, name="peer_bench", layout="peer")
+            config.model.update(num_layers=1, d_model=D, head_dim=D // config.model.num_heads)
+            config.model.peer = {"num_experts": n_experts, "heads": H, "top_k": K, "table_update": update}
+            config.data.seq_len, config.train.batch_size = seq, T // seq
+            experiment = trainer.resolve(config, check_mesh=False)
+            tx, _ = trainer.make_optimizer(config.train, experiment.model)
+            graphdef, state = trainer.init_state(experiment, tx)
+            name = f"train_step/{update}/N={n_experts}"
+            variants.append(Variant(name, jax.jit(trainer.make_train_step(graphdef, tx)), (state, batch), 0.0,
+                                    baseline=None if n_experts == small else f"train_step/{update}/N={small}",
+                                    meta={"case": "peer_train_step", "mode": "train_step", "backend": "peer",
+                                          "load": "-", "table_update": update,
+                                          "shape": {"tokens": T, "d_model": D, "num_experts": n_experts,
+                                                    "heads": H, "top_k": K}}))
+    return [Group(f"PEER train step N={small:,} vs {large:,} h={H} k={K} d={D} T={T}", variants,
+                  note=f"x dense here: time / that at N={small:,} with the same table update")]

@@ -25,6 +25,7 @@ class Variant:
     meta: dict = dataclasses.field(default_factory=dict)  # "scratch_bytes": memory XLA's analysis cannot see
     baseline: str | None = None  # name of the variant this one's ratio is taken against
     reps: int | None = None      # fewer repetitions for very slow variants
+    bytes: float = 0.0           # the least memory traffic one call must make (0: not stated)
 
 
 @dataclasses.dataclass
@@ -100,6 +101,8 @@ def run_group(group: Group, *, reps: int, log: Callable[[str], Any] = print) -> 
             "cpu_ratio_to_dense": med_cpu[v.name] / med_cpu[base] if base else None,
             "useful_gflop": v.flops / 1e9,
             "gflops_per_s": v.flops / med[v.name] / 1e9,
+            "useful_gbyte": v.bytes / 1e9,
+            "gbytes_per_s": v.bytes / med[v.name] / 1e9,
             "memory": _with_scratch(memory[v.name], v.meta.get("scratch_bytes")),
         }
         records.append(record)

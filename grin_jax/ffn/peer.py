@@ -76,6 +76,7 @@ EXPERT_ACTIVATIONS = {
 }
 QUERY_NORMS = ("none", "batchnorm")
 EXPERT_TYPES = ("singleton", "value")
+TABLE_UPDATES = ("dense", "sparse")
 
 
 def _is_int(value) -> bool:
@@ -109,6 +110,10 @@ class PEERConfig:
     bn_epsilon: added to the variance before the square root (> 0; torch and flax default 1e-5).
     chunk_tokens: the token chunk of the expert computation (None = all tokens at once): the gathered expert rows
       never exceed chunk_tokens * H * K * D per table.
+    table_update: 'dense': the expert tables are parameters like any other (a dense [N, D] gradient and AdamW
+      update each step) | 'sparse': the row-sparse update (grin_jax/train/sparse_rows.py): the step differentiates
+      the gathered rows instead of the tables and a lazy AdamW updates only the rows retrieved in the step, O(T*H*K*D)
+      instead of O(N*D); worth it when N is well above the T*H*K retrievals per step (docs/peer.md).
     """
 
     d_model: int
@@ -125,6 +130,7 @@ class PEERConfig:
     bn_momentum: float = 0.99
     bn_epsilon: float = 1e-5
     chunk_tokens: int | None = 1024
+    table_update: str = "dense"
 
     def __post_init__(self):
         def fail(name, accepted):
@@ -161,6 +167,8 @@ class PEERConfig:
             fail("bn_epsilon", "finite numbers > 0")
         if self.chunk_tokens is not None and (not _is_int(self.chunk_tokens) or self.chunk_tokens < 1):
             fail("chunk_tokens", "None (no chunking) or integers >= 1")
+        if self.table_update not in TABLE_UPDATES:
+            fail("table_update", list(TABLE_UPDATES))
 
     @property
     def num_keys(self) -> int:
@@ -248,40 +256,50 @@ def product_key_topk(q_half1: jax.Array, q_half2: jax.Array, keys1: jax.Array, k
 
 
 # ------------------------------------------------------------------------------------------------ experts
-def _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act):
+def _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act, sink_in=None, sink_out=None):
     """sum_{h, k} g * act(x . u_idx) v_idx for one chunk of tokens: [T, D] (w_in None: sum_{h, k} g * v_idx, a
-    product-key memory)."""
+    product-key memory). sink_in, sink_out [T, H, K, D] (the row-sparse update): added to the gathered rows, so
+    their gradients are the rows' gradients."""
     if w_in is None:
         a = g_THK
     else:
         u = jnp.take(w_in, idx_THK, axis=0)                  # [T, H, K, D]
+        if sink_in is not None:
+            u = u + sink_in
         a = act(jnp.einsum("td,thkd->thk", x_TD, u)) * g_THK
     v = jnp.take(w_out, idx_THK, axis=0)
+    if sink_out is not None:
+        v = v + sink_out
     return jnp.einsum("thk,thkd->td", a, v)
 
 
-def expert_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, act, chunk_tokens: int | None):
+def expert_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, act, chunk_tokens: int | None, sinks=None):
     """The experts' output [T, D] for flat expert ids idx [T, H, K] (rows of w_in, w_out [P, D]; w_in None: the
     values w_out alone, expert_type='value') and gates g.
     With chunk_tokens < T: lax.map over checkpointed chunks of chunk_tokens tokens (the last padded with gate 0),
-    so at most chunk_tokens * H * K rows per table are gathered at a time, in the forward and the backward."""
+    so at most chunk_tokens * H * K rows per table are gathered at a time, in the forward and the backward.
+    sinks: None, or (sink_in or None, sink_out) [T, H, K, D] zeros added to the gathered rows (the row-sparse
+    update: their gradients are the rows' gradients; pass the tables under stop_gradient)."""
+    sink_in, sink_out = (None, None) if sinks is None else sinks
     T = x_TD.shape[0]
     if chunk_tokens is None or T <= chunk_tokens:
-        return _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act)
+        return _experts_chunk(x_TD, idx_THK, g_THK, w_in, w_out, act, sink_in, sink_out)
     C = chunk_tokens
     chunks = -(-T // C)
     pad = chunks * C - T
 
     def split(a):
+        if a is None:
+            return None
         a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape(chunks, C, *a.shape[1:])
 
     @jax.checkpoint
     def body(xs):
-        x, idx, g = xs
-        return _experts_chunk(x, idx, g, w_in, w_out, act)
+        x, idx, g, s_in, s_out = xs
+        return _experts_chunk(x, idx, g, w_in, w_out, act, s_in, s_out)
 
-    y = jax.lax.map(body, (split(x_TD), split(idx_THK), split(g_THK)))
+    y = jax.lax.map(body, (split(x_TD), split(idx_THK), split(g_THK), split(sink_in), split(sink_out)))
     return y.reshape(chunks * C, -1)[:T]
 
 
@@ -457,29 +475,54 @@ class PEERFFN(nnx.Module):
             idx = idx + (jnp.arange(c.heads, dtype=jnp.int32) * c.num_experts)[:, None]
         return idx, gates
 
-    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None):
+    def tables(self) -> dict:
+        """{name: the expert table's value} (w_out, and w_in unless expert_type='value')."""
+        return {name: getattr(self, name)[...] for name in self.table_names()}
+
+    def table_names(self) -> tuple:
+        return ("w_in", "w_out") if self.config.expert_type == "singleton" else ("w_out",)
+
+    def row_sink_shapes(self, tokens: int) -> dict:
+        """The row-sparse update's sinks for `tokens` tokens: {table name: ShapeDtypeStruct [T, H, K, D]} with
+        table_update='sparse' (the rows each table gives the step), else {}."""
+        c = self.config
+        if c.table_update != "sparse":
+            return {}
+        shape = (tokens, c.heads, c.top_k, c.d_model)
+        return {name: jax.ShapeDtypeStruct(shape, self.dtype) for name in self.table_names()}
+
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None, row_sinks=None):
         """(y [B, S, D], aux {'losses': {}, 'metrics': {'usage', 'unevenness', 'head_overlap'},
         'sums': {'router_score_mass': [N] float32, or [H, N] with separate pools}}).
         token_mask_BS: non-zero for the real tokens (None: all), 0 for padding; the model passes the batch's loss
         mask (the train and eval steps). Only the real tokens count in the query BatchNorm's batch statistics
         (training), in the retrieval metrics and in the router score mass (expert_score_mass: summed over the
-        evaluation set by grin_jax.train.evaluate into the paper's usage and unevenness, eval_metrics)."""
+        evaluation set by grin_jax.train.evaluate into the paper's usage and unevenness, eval_metrics).
+        row_sinks: {table name: zeros [T, H, K, D]} (row_sink_shapes; the row-sparse update's train step): the tables
+        enter under stop_gradient and the sinks are added to their gathered rows, so the sinks' gradients are the
+        rows' gradients; aux['row_ids'] = {table name: ids [T, H, K]} into the table's rows."""
         del rng
         c = self.config
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         mask_T = None if token_mask_BS is None else token_mask_BS.reshape(B * S)
         idx, gates = self.route(x_TD, training=training, mask_T=mask_T)
-        w_in = None if self.w_in is None else self.w_in[...].astype(self.dtype).reshape(-1, D)
-        w_out = self.w_out[...].astype(self.dtype).reshape(-1, D)
-        y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), w_in, w_out,
-                              act=EXPERT_ACTIVATIONS[c.expert_activation], chunk_tokens=c.chunk_tokens)
+        tables = {name: t.astype(self.dtype).reshape(-1, D) for name, t in self.tables().items()}
+        sinks = None
+        if row_sinks:
+            tables = {name: jax.lax.stop_gradient(t) for name, t in tables.items()}
+            sinks = (row_sinks.get("w_in"), row_sinks["w_out"])
+        y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), tables.get("w_in"),
+                              tables["w_out"], act=EXPERT_ACTIVATIONS[c.expert_activation],
+                              chunk_tokens=c.chunk_tokens, sinks=sinks)
         P = c.num_pools * c.num_experts
         metrics = retrieval_metrics(idx, P, mask_T)
         mass = expert_score_mass(idx, gates, P, mask_T)
         mass = mass if c.shared_experts else mass.reshape(c.heads, c.num_experts)
-        return (y_TD.reshape(B, S, D).astype(x_BSD.dtype),
-                {"losses": {}, "metrics": metrics, "sums": {"router_score_mass": mass}})
+        aux = {"losses": {}, "metrics": metrics, "sums": {"router_score_mass": mass}}
+        if row_sinks:
+            aux["row_ids"] = {name: idx for name in row_sinks}
+        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), aux
 
     @staticmethod
     def eval_metrics(sums: dict) -> dict:

@@ -79,7 +79,7 @@ class DecoderLM(nnx.Module):
         return logits, aux
 
     def forward(self, tokens_BS, *, training=False, rng=None, positions_BS=None, segment_ids_BS=None, cache=None,
-                cache_index=None, token_mask_BS=None):
+                cache_index=None, token_mask_BS=None, row_sinks=None):
         """The full forward: (logits [B, S, V] float32, aux, new cache or None).
 
         positions_BS: RoPE positions (default 0..S-1, or from cache_index); segment_ids_BS: packed documents (a
@@ -89,6 +89,9 @@ class DecoderLM(nnx.Module):
         reaches the FFN kinds that take it (batch statistics, metrics and sums over the real tokens only); None =
         every token.
         In training mode the model's running statistics (nnx.BatchStat) are updated in place.
+        row_sinks: the row-sparse update's zeros {'layers.<i>.mlp.<table>': array} (row_sink_shapes,
+        grin_jax/train/sparse_rows.py): each reaches its layer's FFN kind, which adds it to the table's gathered
+        rows and reports the rows' ids; aux['row_ids'] = {same name: ids} then.
         """
         c = self.config
         if tokens_BS.ndim != 2:
@@ -102,12 +105,16 @@ class DecoderLM(nnx.Module):
         if cache is not None and len(cache) != c.num_layers:
             raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
         x_BSD = self.embed(tokens_BS)
-        layer_aux, new_cache = [], []
+        layer_aux, new_cache, row_ids = [], [], {}
         for i, block in enumerate(self.layers):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            prefix = f"layers.{i}.mlp."
+            sinks = {k[len(prefix):]: v for k, v in (row_sinks or {}).items() if k.startswith(prefix)}
             x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, training=training, rng=layer_rng,
                                           segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS,
-                                          cache=None if cache is None else cache[i], cache_index=cache_index)
+                                          cache=None if cache is None else cache[i], cache_index=cache_index,
+                                          row_sinks=sinks or None)
+            row_ids.update({prefix + name: ids for name, ids in aux_i.pop("row_ids", {}).items()})
             layer_aux.append(aux_i)
             new_cache.append(cache_i)
         h_BSD = self.final_norm(x_BSD)
@@ -117,7 +124,10 @@ class DecoderLM(nnx.Module):
             logits = self.embed.attend(h_BSD.astype(jnp.dtype(c.dtype)))
             if self.lm_head_bias is not None:
                 logits = logits + self.lm_head_bias[...].astype(logits.dtype)
-        return logits.astype(jnp.float32), combine_aux(layer_aux, c), (None if cache is None else new_cache)
+        aux = combine_aux(layer_aux, c)
+        if row_ids:
+            aux["row_ids"] = row_ids
+        return logits.astype(jnp.float32), aux, (None if cache is None else new_cache)
 
 
 def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
@@ -208,16 +218,29 @@ def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, posi
 
 
 def apply_train(graphdef, params, model_state, tokens_BS, *, rng=None, positions_BS=None, segment_ids_BS=None,
-                token_mask_BS=None):
+                token_mask_BS=None, row_sinks=None):
     """The training forward: (logits [B, S, V] float32, aux, the updated model_state). params: nnx.State of
     nnx.Param; model_state: the running statistics (split_variables; None or empty for a model without any). The
     running statistics come back updated from this batch's statistics over the tokens with a non-zero
-    token_mask_BS (None: all); differentiate with respect to params only."""
+    token_mask_BS (None: all); differentiate with respect to params only (and row_sinks: the row-sparse update,
+    Model.forward)."""
     model = _merge(graphdef, join_variables(params, model_state))
     logits, aux, _ = model.forward(tokens_BS, training=True, rng=rng, positions_BS=positions_BS,
-                                   segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS)
+                                   segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS, row_sinks=row_sinks)
     new_state = nnx.state(model, nnx.BatchStat) if model_state else model_state
     return logits, aux, new_state
+
+
+def row_sink_shapes(graphdef, params, tokens: int) -> dict:
+    """{'layers.<i>.mlp.<table>': ShapeDtypeStruct} of the row-sparse update's sinks for a batch of `tokens` tokens:
+    one per table of the FFN kinds that update theirs row-sparsely (their `row_sink_shapes(tokens)`, e.g. PEER with
+    table_update='sparse'); {} for every other model (grin_jax/train/sparse_rows.py)."""
+    model = _merge(graphdef, params)
+    shapes = {}
+    for i, block in enumerate(model.layers):
+        if hasattr(block.mlp, "row_sink_shapes"):
+            shapes.update({f"layers.{i}.mlp.{name}": s for name, s in block.mlp.row_sink_shapes(tokens).items()})
+    return shapes
 
 
 apply_jit = jax.jit(apply, static_argnames=("graphdef", "training"))

@@ -34,9 +34,12 @@ class DecoderBlock(nnx.Module):
         self.activation_dtype = activation_dtype
 
     def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, *, training: bool = False, rng=None,
-                 segment_ids_BS=None, cache: dict | None = None, cache_index=None, token_mask_BS=None):
+                 segment_ids_BS=None, cache: dict | None = None, cache_index=None, token_mask_BS=None,
+                 row_sinks: dict | None = None):
         """Returns (x [B, S, D] in activation dtype, the FFN's aux, new cache or None). token_mask_BS (non-zero =
-        a real token, 0 = padding) reaches only the FFN kinds that declare `takes_token_mask` (grin_jax.ffn)."""
+        a real token, 0 = padding) reaches only the FFN kinds that declare `takes_token_mask` (grin_jax.ffn);
+        row_sinks ({table name: zeros}, the row-sparse update's, grin_jax/train/sparse_rows.py) only the kinds
+        with row-sparse tables, when given."""
         act = self.activation_dtype
         attn_kw = {} if segment_ids_BS is None else {"segment_ids_BS": segment_ids_BS}
         attn_out, new_cache = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache, cache_index=cache_index,
@@ -44,5 +47,7 @@ class DecoderBlock(nnx.Module):
         h_BSD = x_BSD.astype(act) + attn_out.astype(act)
         ffn_kw = ({"token_mask_BS": token_mask_BS}
                   if token_mask_BS is not None and getattr(self.mlp, "takes_token_mask", False) else {})
+        if row_sinks:
+            ffn_kw["row_sinks"] = row_sinks
         ffn_out, aux = self.mlp(self.post_attn_norm(h_BSD), training=training, rng=rng, **ffn_kw)
         return h_BSD + ffn_out.astype(act), aux, new_cache

@@ -20,8 +20,11 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+ADAM_EPS = 1e-8
+
+
 def make_optimizer(*, learning_rate: float, warmup_steps: int, total_steps: int, weight_decay: float = 0.1,
-                   b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, clip_norm: float = 1.0,
+                   b1: float = 0.9, b2: float = 0.95, eps: float = ADAM_EPS, clip_norm: float = 1.0,
                    final_lr_fraction: float = 0.1):
     """AdamW + warm-up/cosine + clipping. Returns (optax transformation, schedule)."""
     schedule = learning_rate_schedule(learning_rate=learning_rate, warmup_steps=warmup_steps,

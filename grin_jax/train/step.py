@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from grin_jax import models as _models
 from grin_jax import sharding as _sharding
+from grin_jax.train import sparse_rows as _sparse_rows
 
 
 DOCUMENT_FEATURES = ("positions", "segment_ids")  # what document attention adds to the device batch
@@ -50,13 +52,15 @@ def _documents(batch) -> dict:
 
 
 def make_loss_fn(graphdef):
-    """(params, batch, rng, model_state=None) -> (cross-entropy + aux loss, (cross-entropy, aux, model_state)): the
-    training objective; model_state: the running statistics (state['model_state'], None for a model without),
-    returned updated from this batch's non-padding tokens (loss_mask)."""
+    """(params, batch, rng, model_state=None, row_sinks=None) -> (cross-entropy + aux loss, (cross-entropy, aux,
+    model_state)): the training objective; model_state: the running statistics (state['model_state'], None for a
+    model without), returned updated from this batch's non-padding tokens (loss_mask); row_sinks: the row-sparse
+    update's sinks (train/sparse_rows.py; aux['row_ids'] then holds their rows' ids)."""
 
-    def loss_fn(params, batch, rng, model_state=None):
+    def loss_fn(params, batch, rng, model_state=None, row_sinks=None):
         logits_BSV, aux, model_state = _models.apply_train(graphdef, params, model_state, batch["inputs"], rng=rng,
-                                                           token_mask_BS=batch["loss_mask"], **_documents(batch))
+                                                           token_mask_BS=batch["loss_mask"], row_sinks=row_sinks,
+                                                           **_documents(batch))
         ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
         return ce + aux["aux_loss"], (ce, aux, model_state)
 
@@ -65,7 +69,11 @@ def make_loss_fn(graphdef):
 
 def make_train_step(graphdef, tx):
     """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable. A state with
-    'model_state' (running statistics) gets it back updated by the step's forward; the optimizer never sees it."""
+    'model_state' (running statistics) gets it back updated by the step's forward; the optimizer never sees it.
+    tx: an optax transformation, or a sparse_rows.RowSparseAdamW for a model with row-sparse tables (PEER's
+    table_update='sparse'): the step then differentiates the tables' gathered rows instead of the tables."""
+    if isinstance(tx, _sparse_rows.RowSparseAdamW):
+        return _make_row_sparse_train_step(graphdef, tx)
     loss_fn = make_loss_fn(graphdef)
 
     def train_step(state, batch):
@@ -74,16 +82,54 @@ def make_train_step(graphdef, tx):
             state["params"], batch, rng, state.get("model_state"))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = jax.tree.map(lambda p, u: p + u, state["params"], updates)
-        metrics = {"loss": ce, "total_loss": total, "aux_loss": aux["aux_loss"], "grad_norm": global_norm(grads)}
-        losses, layer_metrics = aux["losses"], aux["metrics"]
-        metrics.update(losses)
-        metrics.update(layer_metrics)
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
-        if "model_state" in state:
-            new_state["model_state"] = model_state
-        return new_state, metrics
+        return (_next_state(state, params, opt_state, model_state),
+                _step_metrics(ce, total, aux, global_norm(grads)))
 
     return train_step
+
+
+def _make_row_sparse_train_step(graphdef, tx):
+    """The train step of a model with row-sparse tables (train/sparse_rows.py): zero sinks [T, H, K, D] added to the
+    tables' gathered rows are differentiated instead of the tables, and tx.apply updates only the rows retrieved."""
+    loss_fn = make_loss_fn(graphdef)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        B, S = batch["inputs"].shape
+        variables = _models.join_variables(state["params"], state.get("model_state"))
+        shapes = _models.row_sink_shapes(graphdef, variables, B * S)
+        if set(shapes) != set(tx.tables):
+            raise ValueError(f"the optimizer updates the tables {sorted(tx.tables)} row-sparsely but the model has "
+                             f"{sorted(shapes)}: build it from this model (trainer.make_optimizer)")
+        rest, tables = _sparse_rows.split_tables(state["params"], tx.tables)
+        sinks = {name: jnp.zeros(s.shape, s.dtype) for name, s in shapes.items()}
+
+        def objective(rest, sinks):
+            return loss_fn(nnx.merge_state(rest, tables), batch, rng, state.get("model_state"), row_sinks=sinks)
+
+        (total, (ce, aux, model_state)), (grads, sink_grads) = jax.value_and_grad(
+            objective, argnums=(0, 1), has_aux=True)(rest, sinks)
+        row_ids = aux.pop("row_ids")
+        row_grads = {name: (row_ids[name], sink_grads[name]) for name in sinks}
+        params, opt_state, grad_norm = tx.apply(state["params"], grads, row_grads, state["opt_state"], state["step"])
+        return _next_state(state, params, opt_state, model_state), _step_metrics(ce, total, aux, grad_norm)
+
+    return train_step
+
+
+def _step_metrics(ce, total, aux, grad_norm) -> dict:
+    """The train step's metrics (module docstring)."""
+    metrics = {"loss": ce, "total_loss": total, "aux_loss": aux["aux_loss"], "grad_norm": grad_norm}
+    metrics.update(aux["losses"])
+    metrics.update(aux["metrics"])
+    return metrics
+
+
+def _next_state(state, params, opt_state, model_state) -> dict:
+    new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": state["rng"]}
+    if "model_state" in state:
+        new_state["model_state"] = model_state
+    return new_state
 
 
 def make_eval_step(graphdef):

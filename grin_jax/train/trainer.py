@@ -76,6 +76,7 @@ from grin_jax.train import metrics as _metrics
 from grin_jax.train import optim as _optim
 from grin_jax.train import plots as _plots
 from grin_jax.train import provenance as _provenance
+from grin_jax.train import sparse_rows as _sparse_rows
 from grin_jax.train.step import (  # noqa: F401  (re-exported: grin_jax.bench, tests, notebooks use trainer.*)
     all_finite,
     batch_features,
@@ -147,12 +148,20 @@ def _check_host_memory(config, model_config, memory_bytes: int | None = None) ->
                              f"{memory / 2**30:.0f} GiB")
 
 
-def _make_optimizer(tc):
-    """(optax transformation, learning-rate schedule) of a `train` config section."""
-    return _optim.make_optimizer(
-        learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
-        weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, clip_norm=tc.clip_norm,
-        final_lr_fraction=tc.final_lr_fraction)
+def make_optimizer(tc, model):
+    """(optimizer, learning-rate schedule) of a `train` config section for `model` (a ModelConfig): optax AdamW +
+    warm-up/cosine + clipping (train/optim.py), or, when the model has row-sparse tables (PEER with
+    table_update='sparse'), a sparse_rows.RowSparseAdamW with the same settings."""
+    settings = dict(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps, total_steps=tc.steps,
+                    weight_decay=tc.weight_decay, b1=tc.b1, b2=tc.b2, final_lr_fraction=tc.final_lr_fraction)
+    graphdef, variables = _models.abstract_init(model)
+    tables = tuple(_models.row_sink_shapes(graphdef, variables, 1))
+    if not tables:
+        return _optim.make_optimizer(**settings, clip_norm=tc.clip_norm)
+    dense, schedule = _optim.make_optimizer(**settings, clip_norm=0.0)
+    return _sparse_rows.RowSparseAdamW(tables=tables, dense=dense, schedule=schedule, b1=tc.b1, b2=tc.b2,
+                                       eps=_optim.ADAM_EPS, weight_decay=tc.weight_decay,
+                                       clip_norm=tc.clip_norm), schedule
 
 
 # A checkpoint is healthy when the mean training loss of the steps since the previous checkpoint is at most this
@@ -309,7 +318,7 @@ def _setup(experiment: Experiment, workdir: str):
     wall_start = time.time()
     mesh = _sharding.make_mesh(_sharding.mesh_config_of(config))
     data_index, data_count = _sharding.data_process_layout(mesh, tc.batch_size)
-    tx, schedule = _make_optimizer(tc)
+    tx, schedule = make_optimizer(tc, experiment.model)
     train_iter, tokenizer = _data.make_dataset(config.data, batch_size=tc.batch_size // data_count, seed=tc.seed,
                                                process_index=data_index, process_count=data_count)
     if tokenizer.vocab_size > experiment.model.vocab_size:
@@ -713,7 +722,7 @@ def load_trained(workdir: str, step: int | None = None, *, with_step: bool = Fal
     with open(os.path.join(workdir, "config.json")) as f:
         config = _with_later_keys(ml_collections.ConfigDict(json.load(f)))
     experiment = resolve(config, check_mesh=False)  # restored onto one device, whatever mesh trained it
-    tx, _ = _make_optimizer(config.train)
+    tx, _ = make_optimizer(config.train, experiment.model)
     graphdef, abstract = abstract_state(experiment, tx)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
