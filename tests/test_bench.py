@@ -34,7 +34,7 @@ def test_quick_run_writes_parseable_json(tmp_path):
         assert r["median_s"] > 0 and r["reps"] >= 1
         if r["baseline"] is not None:
             assert r["ratio_to_dense"] > 0
-        if r["name"] != "peak_matmul":
+        if r["name"] != "peak_matmul" and not r["name"].startswith("peer_pytorch/"):  # eager torch: no XLA analysis
             assert r["memory"].get("peak_bytes", 0) > 0, r["name"]
     names = {r["name"] for r in records}
     backends = {r["backend"] for r in records}
@@ -50,6 +50,13 @@ def test_quick_run_writes_parseable_json(tmp_path):
             assert r["baseline"] == f"dense_ffn/{r['mode']}"
             assert r["shape"]["dense_width"] == r["shape"]["K"] * r["shape"]["F"]
     assert any("train-step" in s for s in payload["skipped"])  # not part of --quick
+    # PEER: the layer (dense tables and row-sparse backward), peer-pytorch, the bandwidth it is held against, and the
+    # train step at two N with both table updates, each against the smaller N with the same update
+    peer = {r["name"]: r for r in records if r["group"].startswith("PEER")}
+    assert {"peer/fwd+bwd", "peer_rows/fwd+bwd", "peer_pytorch/fwd+bwd", "stream_triad"} <= set(peer)
+    assert peer["stream_triad"]["gbytes_per_s"] > 0 and peer["peer_rows/fwd+bwd"]["gbytes_per_s"] > 0
+    assert peer["train_step/sparse/N=1024"]["baseline"] == "train_step/sparse/N=256"
+    assert peer["train_step/dense/N=1024"]["ratio_to_dense"] > 0
 
 
 def test_routing_inputs_have_the_documented_loads():

@@ -312,12 +312,60 @@ def stream_variant(n: int, key) -> Variant:
                    meta={"case": "stream_triad", "mode": "triad", "backend": "xla", "load": "-", "shape": {"n": n}})
 
 
+class _TorchCall:
+    """A PyTorch callable in the harness's shape (`fn.lower(*args).compile()` -> a callable): eager, no compilation,
+    no XLA memory analysis; CPU PyTorch is synchronous, so the call's return is its end."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def lower(self, *args):
+        return self
+
+    def compile(self, *args):
+        return lambda *args: self.fn(*args)
+
+
+def peer_pytorch_variants(config, T: int, mode: str, flops: float, baseline: str) -> list[Variant]:
+    """peer-pytorch's PEER (the tool a user would otherwise pick) with the same shapes and the paper's scoring
+    (softmax over the k scores: non_competing_scores=False), on the same number of tokens; forward, or forward +
+    backward (every parameter's and x's gradient). [] when peer-pytorch or torch is not installed."""
+    try:
+        import torch
+        import PEER_pytorch
+    except ImportError:
+        return []
+    torch.manual_seed(0)
+    D = config.d_model
+    layer = PEER_pytorch.PEER(D, heads=config.heads, num_experts=config.num_experts,
+                              num_experts_per_head=config.top_k, dim_key=config.d_key // 2,
+                              non_competing_scores=False, pre_rmsnorm=False)
+    x = torch.randn(1, T, D, requires_grad=(mode == FWD_BWD))
+    cot = torch.randn(1, T, D)
+
+    def call():
+        if mode == FWD:
+            with torch.no_grad():
+                layer(x)
+            return None
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        (layer(x) * cot).sum().backward()
+        return None
+
+    return [Variant(f"peer_pytorch/{mode}", _TorchCall(call), (), flops, baseline=baseline,
+                    meta={"case": "peer_pytorch", "mode": mode, "backend": f"torch {torch.__version__}", "load": "-",
+                          "shape": {"tokens": T, "d_model": D, "num_experts": config.num_experts,
+                                    "heads": config.heads, "top_k": config.top_k}})]
+
+
 def peer_groups(sizes: Sizes, key) -> list[Group]:
     """A PEER layer (ffn/peer.py, the paper's defaults: query BatchNorm, shared sub-keys and experts, softmax gates,
     GELU experts; h heads, top-k, N experts) against a GELU FFN of width 4 D on T tokens, forward and
-    forward+backward (gradients of every parameter and of x), one group per N; `peer_rows/fwd+bwd`: the backward of
-    the row-sparse update (peer.table_update='sparse': the gathered rows' gradients instead of the tables'; every
-    other parameter's and x's as before).
+    forward+backward (gradients of every parameter and of x), one group per N, next to peer-pytorch's PEER with the
+    same shapes (`peer_pytorch/*`: per-head sub-keys, no query BatchNorm, eager PyTorch); `peer_rows/fwd+bwd`: the
+    backward of the row-sparse update (peer.table_update='sparse': the gathered rows' gradients instead of the
+    tables'; every other parameter's and x's as before).
     Useful FLOPs per token: the baseline's 2·2·D·4D; PEER's queries 2·D·H·Q, product-key scores 2·H·2·n·Q/2 and
     top-k candidates 2·H·k², experts 2·2·H·k·D (forward; forward+backward 3x).
     Least bytes (the roofline's memory side; x, y and the small weights left out): PEER reads the M = T·H·k rows of
@@ -371,6 +419,7 @@ def peer_groups(sizes: Sizes, key) -> list[Group]:
             variants.append(Variant(f"peer/{mode}", with_mode(peer_fn, mode, (0, 1)), (params, x, cot),
                                     scale * flops, baseline=base, bytes=rows_bytes + table_bytes,
                                     meta={**meta, "mode": mode}))
+            variants += peer_pytorch_variants(config, T, mode, scale * flops, base)
         variants.append(Variant(f"peer_rows/{FWD_BWD}", with_mode(peer_rows_fn, FWD_BWD, (0, 1, 2)),
                                 (rest, x, sinks, tables, cot), 3 * flops, baseline=f"gelu_ffn_4d/{FWD_BWD}",
                                 bytes=2 * rows_bytes, meta={**meta, "mode": FWD_BWD, "table_update": "sparse"}))
