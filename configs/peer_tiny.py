@@ -31,5 +31,6 @@ def get_config(arg=None):
         bn_momentum=0.99,               # running = 0.99 * running + 0.01 * batch statistics
         bn_epsilon=1e-5,
         chunk_tokens=1024,              # gathered rows per table <= 1024 * 8 * 16 * d_model floats
+        table_update="dense",           # 'sparse': lazy AdamW on the retrieved rows only (worth it for N >> T*H*K)
     ))
     return config

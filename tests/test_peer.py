@@ -6,6 +6,7 @@ batch statistics and the momentum rule in training, running averages at eval, ru
 (not parameters, not optimised), through training, checkpoints and load_trained, and on a data-parallel mesh equal
 to one device."""
 
+import dataclasses
 import math
 import os
 
@@ -132,7 +133,8 @@ def test_parity_with_peer_pytorch(separate, non_competing):
 # ------------------------------------------------------------------------------------------------ chunking
 def test_chunked_equals_unchunked_and_bounds_the_gathered_rows():
     B, S, D, H, K, C = 2, 7, 16, 2, 3, 4
-    base = dict(d_model=D, num_experts=8 * 8, heads=H, top_k=K, d_key=8, shared_experts=False, query_norm="none")
+    base = dict(d_model=D, num_experts=8 * 8, heads=H, top_k=K, d_key=8, shared_experts=False, query_norm="none",
+                backend="xla")  # the take-then-einsum path (the kernel gathers no rows at all)
     modules = [peer.PEERFFN(peer.PEERConfig(**base, chunk_tokens=c), rngs=nnx.Rngs(3)) for c in (None, C)]
     x = jax.random.normal(jax.random.key(4), (B, S, D))
     cot = jax.random.normal(jax.random.key(5), (B, S, D))
@@ -360,6 +362,56 @@ def test_value_experts_are_a_product_key_memory():
     assert value == (singleton[0] // 2, singleton[1] // 2) == (64 * 16, 2 * 3 * 16)
 
 
+@pytest.mark.parametrize("activation,shared_experts,update", [
+    ("gelu", True, "dense"), ("relu", False, "dense"), ("silu", True, "sparse"), ("gelu", False, "sparse")])
+def test_kernel_equals_the_xla_path(activation, shared_experts, update):
+    """backend='kernel' (the C++ gather-and-contract) against backend='xla' (take-then-einsum): the output and every
+    gradient (parameters, input, and with the row-sparse update the sinks' row gradients) to 1e-5; in dense mode its
+    backward has no [T, H, K, D] array."""
+    base = dict(d_model=16, num_experts=8 * 8, heads=2, top_k=3, d_key=8, query_norm="none", chunk_tokens=5,
+                expert_activation=activation, shared_experts=shared_experts, table_update=update)
+    x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+    cot = jax.random.normal(jax.random.key(2), (2, 7, 16))
+    results = {}
+    for backend in ("xla", "kernel"):
+        module = peer.PEERFFN(peer.PEERConfig(**base, backend=backend), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(module)
+        sinks = ({n: jnp.zeros(s.shape, s.dtype) for n, s in module.row_sink_shapes(14).items()}
+                 if update == "sparse" else None)
+
+        def f(state, x, sinks):
+            y, _ = nnx.merge(graphdef, state)(x, row_sinks=sinks)
+            return jnp.sum(y * cot)
+
+        results[backend] = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(state, x, sinks)
+        if backend == "kernel" and update == "dense":
+            assert "f32[14,2,3,16]" not in str(jax.make_jaxpr(jax.grad(f))(state, x, sinks))
+    (v_xla, g_xla), (v_kernel, g_kernel) = results["xla"], results["kernel"]
+    assert abs(float(v_xla) - float(v_kernel)) < 1e-5
+    leaves = jax.tree_util.tree_leaves_with_path(g_xla)
+    assert len(leaves) == len(jax.tree.leaves(g_kernel)) >= 5
+    for (path, a), b in zip(leaves, jax.tree.leaves(g_kernel)):
+        scale = max(1.0, float(jnp.max(jnp.abs(a))))
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_kernel_backend_says_where_it_does_not_apply():
+    """'auto' runs the kernel on one CPU device in float32 and XLA otherwise (a multi-device mesh, bfloat16, value
+    experts); 'kernel' where it does not apply raises, naming the reason."""
+    from grin_jax import sharding
+    config = peer.PEERConfig(d_model=16, num_experts=8 * 8, heads=2, top_k=3, query_norm="none")
+    assert config.backend == "auto" and peer.kernel_unavailable(config, jnp.float32) is None
+    assert "bfloat16" in peer.kernel_unavailable(config, jnp.bfloat16)
+    value = peer.PEERConfig(d_model=16, num_experts=8 * 8, heads=2, top_k=3, expert_type="value")
+    assert "value" in peer.kernel_unavailable(value, jnp.float32)
+    with jax.set_mesh(sharding.make_mesh({"data": 2, "expert": 2, "model": 2})):
+        assert "mesh of 8 devices" in peer.kernel_unavailable(config, jnp.float32)
+    module = peer.PEERFFN(dataclasses.replace(value, backend="kernel"), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="peer.backend='kernel' cannot run this layer: expert_type='value'"):
+        module(jnp.ones((1, 4, 16)))
+
+
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("key,value,match", [
     ("num_experts", 200, "perfect squares"), ("num_experts", 0, "perfect squares"),
@@ -371,7 +423,7 @@ def test_value_experts_are_a_product_key_memory():
     ("bn_momentum", True, "finite"), ("bn_momentum", "0.9", "finite"), ("bn_epsilon", 0.0, "> 0"),
     ("bn_epsilon", -1e-5, "> 0"), ("bn_epsilon", float("inf"), "finite"),
     ("chunk_tokens", 0, "None"), ("chunk_tokens", 2.0, "None"), ("expert_type", "mlp", "singleton"),
-    ("num_experts", 4097 ** 2, "4096**2")])
+    ("num_experts", 4097 ** 2, "4096**2"), ("backend", "triton", "'auto', 'xla', 'kernel'")])
 def test_config_validation(key, value, match):
     with pytest.raises(ValueError, match=f"peer.{key}") as error:
         peer.PEERConfig(d_model=64, **{"num_experts": 16 ** 2, key: value})

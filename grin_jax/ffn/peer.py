@@ -43,7 +43,9 @@ Initialisation (the paper states none; peer-pytorch uses N(0, 1) tables, N(0, 0.
 Memory: the gathered rows u, v [T, H, K, D] are formed `chunk_tokens` tokens at a time inside `lax.map` over
 `jax.checkpoint`ed chunks, so the peak (forward and backward) is O(chunk_tokens * H * K * D) rather than
 O(T * H * K * D). The routing (scores [T, H, n], top-K) is computed for all tokens at once (O(T * H * n)).
-The tables' gradient is dense ([N, D], as the optimiser update): no row-sparse update yet (docs/peer.md).
+With table_update='dense' the tables' gradient is dense ([N, D], as the optimiser update); with 'sparse' the
+train step passes zero `row_sinks` [T, H, K, D] that are added to the gathered rows, differentiates those instead of
+the tables (which enter under stop_gradient) and updates only the retrieved rows (grin_jax/train/sparse_rows.py).
 
 Metrics, per PEER layer, over the real tokens only (token_mask_BS non-zero; the train and eval steps pass the loss
 mask, 0 exactly on padding): aux['metrics'] (retrieval_metrics: the batch's usage and unevenness of the retrieval
@@ -57,6 +59,7 @@ accumulated router score is non-zero) and unevenness (KL(z || uniform) of the ac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -77,6 +80,7 @@ EXPERT_ACTIVATIONS = {
 QUERY_NORMS = ("none", "batchnorm")
 EXPERT_TYPES = ("singleton", "value")
 TABLE_UPDATES = ("dense", "sparse")
+BACKENDS = ("auto", "xla", "kernel")
 
 
 def _is_int(value) -> bool:
@@ -114,6 +118,9 @@ class PEERConfig:
       update each step) | 'sparse': the row-sparse update (grin_jax/train/sparse_rows.py): the step differentiates
       the gathered rows instead of the tables and a lazy AdamW updates only the rows retrieved in the step, O(T*H*K*D)
       instead of O(N*D); worth it when N is well above the T*H*K retrievals per step (docs/peer.md).
+    backend: the experts' computation: 'auto' (the CPU kernel where it applies: CPU, float32, singleton experts,
+      one device; else 'xla') | 'xla' (take-then-einsum in token chunks) | 'kernel' (the C++ kernel; an error
+      where it does not apply).
     """
 
     d_model: int
@@ -131,6 +138,7 @@ class PEERConfig:
     bn_epsilon: float = 1e-5
     chunk_tokens: int | None = 1024
     table_update: str = "dense"
+    backend: str = "auto"
 
     def __post_init__(self):
         def fail(name, accepted):
@@ -169,6 +177,8 @@ class PEERConfig:
             fail("chunk_tokens", "None (no chunking) or integers >= 1")
         if self.table_update not in TABLE_UPDATES:
             fail("table_update", list(TABLE_UPDATES))
+        if self.backend not in BACKENDS:
+            fail("backend", list(BACKENDS))
 
     @property
     def num_keys(self) -> int:
@@ -301,6 +311,81 @@ def expert_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, act, chunk_tokens: int 
 
     y = jax.lax.map(body, (split(x_TD), split(idx_THK), split(g_THK), split(sink_in), split(sink_out)))
     return y.reshape(chunks * C, -1)[:T]
+
+
+# ------------------------------------------------------------------------------------------------ the CPU kernel
+PEER_KERNEL_ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2}  # as PeerActivation in moe/csrc/expert_mlp.cc
+
+
+def _kernel_fwd_call(x_TD, ids_TJ, g_TJ, w_in, w_out, code):
+    from grin_jax.moe import cpu_kernel
+    T, J = ids_TJ.shape
+    out = (jax.ShapeDtypeStruct(x_TD.shape, jnp.float32), jax.ShapeDtypeStruct((T, J), jnp.float32))
+    return jax.ffi.ffi_call(cpu_kernel.PEER_FWD_TARGET, out, vmap_method="sequential")(
+        x_TD, ids_TJ, g_TJ, w_in, w_out, activation=np.int64(code))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _kernel_mixture(x_TD, ids_TJ, g_TJ, w_in, w_out, sinks, code, rows):
+    del sinks  # zeros by construction (the row-sparse train step's): only their gradient is used
+    return _kernel_fwd_call(x_TD, ids_TJ, g_TJ, w_in, w_out, code)[0]
+
+
+def _kernel_mixture_fwd(x_TD, ids_TJ, g_TJ, w_in, w_out, sinks, code, rows):
+    y_TD, s_TJ = _kernel_fwd_call(x_TD, ids_TJ, g_TJ, w_in, w_out, code)
+    return y_TD, (x_TD, ids_TJ, g_TJ, w_in, w_out, s_TJ, sinks)
+
+
+def _kernel_mixture_bwd(code, rows, res, dy_TD):
+    from grin_jax.moe import cpu_kernel
+    x_TD, ids_TJ, g_TJ, w_in, w_out, s_TJ, sinks = res
+    T, J = ids_TJ.shape
+    table = (T * J, x_TD.shape[1]) if rows else w_in.shape
+    out = (jax.ShapeDtypeStruct(x_TD.shape, jnp.float32), jax.ShapeDtypeStruct((T, J), jnp.float32),
+           jax.ShapeDtypeStruct(table, jnp.float32), jax.ShapeDtypeStruct(table, jnp.float32))
+    dx, dg, d_in, d_out = jax.ffi.ffi_call(cpu_kernel.PEER_BWD_TARGET, out, vmap_method="sequential")(
+        x_TD, ids_TJ, g_TJ, w_in, w_out, s_TJ, dy_TD.astype(jnp.float32), activation=np.int64(code))
+    if rows:  # the tables enter under stop_gradient: their (unused) cotangent is dropped by the compiler
+        return (dx, None, dg, jnp.zeros_like(w_in), jnp.zeros_like(w_out),
+                (d_in.reshape(sinks[0].shape), d_out.reshape(sinks[1].shape)))
+    return dx, None, dg, d_in, d_out, None
+
+
+_kernel_mixture.defvjp(_kernel_mixture_fwd, _kernel_mixture_bwd)
+
+
+def kernel_mixture(x_TD, idx_THK, g_THK, w_in, w_out, *, activation: str, sinks=None):
+    """expert_mixture by the C++ kernel (moe/csrc/expert_mlp.cc, CPU, float32, singleton experts): the gathered
+    rows are never materialised; the backward writes the tables' dense gradients, or with `sinks` (the row-sparse
+    update's zeros [T, H, K, D]; tables under stop_gradient) the rows' gradients as the sinks' gradients.
+    Memory: the saved u . x [T, H*K]; dense table gradients [R, D] (rows mode: [T, H*K, D] each), nothing else of
+    size T * H * K * D."""
+    from grin_jax.moe import cpu_kernel
+    cpu_kernel.load()  # built and registered once per process (raises KernelUnavailable saying why)
+    T, H, K = idx_THK.shape
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    rows = sinks is not None
+    if rows and sinks[0] is None:
+        raise ValueError("kernel_mixture: singleton experts have two tables and two sinks")
+    return _kernel_mixture(f32(x_TD), idx_THK.reshape(T, H * K).astype(jnp.int32), f32(g_THK.reshape(T, H * K)),
+                           f32(w_in), f32(w_out), sinks, PEER_KERNEL_ACTIVATIONS[activation], rows)
+
+
+def kernel_unavailable(config: "PEERConfig", dtype) -> str | None:
+    """None when `backend='auto'` runs this layer on the CPU kernel, else the reason it does not: the platform, the
+    compute dtype, the expert type, a mesh of more than one device (the kernel is one device's; XLA partitions the
+    take-then-einsum) or the kernel not building here."""
+    from grin_jax.moe import cpu_kernel
+    if jax.default_backend() != "cpu":
+        return f"the platform is {jax.default_backend()}, the kernel is CPU-only"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the compute dtype is {jnp.dtype(dtype).name}, the kernel computes in float32"
+    if config.expert_type != "singleton":
+        return "expert_type='value' has no kernel"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        return f"a mesh of {mesh.size} devices"
+    return cpu_kernel.ensure_built()
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -482,6 +567,16 @@ class PEERFFN(nnx.Module):
     def table_names(self) -> tuple:
         return ("w_in", "w_out") if self.config.expert_type == "singleton" else ("w_out",)
 
+    def use_kernel(self) -> bool:
+        """Whether the experts run on the CPU kernel (config.backend; decided at trace time)."""
+        backend = self.config.backend
+        if backend == "xla":
+            return False
+        reason = kernel_unavailable(self.config, self.dtype)
+        if backend == "kernel" and reason is not None:
+            raise ValueError(f"peer.backend='kernel' cannot run this layer: {reason}; use backend='xla' or 'auto'")
+        return reason is None
+
     def row_sink_shapes(self, tokens: int) -> dict:
         """The row-sparse update's sinks for `tokens` tokens: {table name: ShapeDtypeStruct [T, H, K, D]} with
         table_update='sparse' (the rows each table gives the step), else {}."""
@@ -512,9 +607,13 @@ class PEERFFN(nnx.Module):
         if row_sinks:
             tables = {name: jax.lax.stop_gradient(t) for name, t in tables.items()}
             sinks = (row_sinks.get("w_in"), row_sinks["w_out"])
-        y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), tables.get("w_in"),
-                              tables["w_out"], act=EXPERT_ACTIVATIONS[c.expert_activation],
-                              chunk_tokens=c.chunk_tokens, sinks=sinks)
+        if self.use_kernel():
+            y_TD = kernel_mixture(x_TD, idx, gates, tables["w_in"], tables["w_out"],
+                                  activation=c.expert_activation, sinks=sinks).astype(self.dtype)
+        else:
+            y_TD = expert_mixture(x_TD.astype(self.dtype), idx, gates.astype(self.dtype), tables.get("w_in"),
+                                  tables["w_out"], act=EXPERT_ACTIVATIONS[c.expert_activation],
+                                  chunk_tokens=c.chunk_tokens, sinks=sinks)
         P = c.num_pools * c.num_experts
         metrics = retrieval_metrics(idx, P, mask_T)
         mass = expert_score_mass(idx, gates, P, mask_T)

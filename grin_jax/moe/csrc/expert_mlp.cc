@@ -421,6 +421,168 @@ ffi::Error ExpertMlpBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_in, ffi
   return ffi::Error::Success();
 }
 
+
+// ------------------------------------------------------------------------------------------------ PEER experts
+// The expert part of a PEER layer (grin_jax/ffn/peer.py): single-neuron experts gathered by id, fused with their
+// contraction (XLA's take-then-einsum materialises the gathered rows). Axes: T tokens, J = H*K retrieved experts
+// per token, R table rows, D model.
+//   forward   s[t, j] = u_r . x[t] (saved);  y[t] = sum_j g[t, j] act(s[t, j]) v_r,   r = ids[t, j]
+//   backward  a = dy[t] . v_r;  dg[t, j] = a act(s);  ds = a g act'(s);  dx[t] = sum_j ds u_r;
+//             rows mode:  du[t, j] = ds x[t],  dv[t, j] = g act(s) dy[t]   ([T, J, D]: the row-sparse update's)
+//             dense mode: dW_in[r] += ds x[t],  dW_out[r] += g act(s) dy[t]  ([R, D], threads own column ranges)
+// Threads: tokens split statically (forward, backward rows); in dense mode each thread adds into its own columns
+// of the table gradients, in (t, j) order: results are bitwise repeatable for a given thread count.
+enum PeerActivation : int64_t { kPeerGelu = 0, kPeerRelu = 1, kPeerSilu = 2 };
+
+template <typename Fn>
+void dispatch_peer_activation(int64_t activation, Fn fn) {
+  if (activation == kPeerRelu) {
+    fn(Relu{});
+  } else if (activation == kPeerSilu) {
+    fn(Silu{});
+  } else {
+    fn(Gelu{});
+  }
+}
+
+ffi::Error check_peer(ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::S32>& ids, ffi::Buffer<ffi::F32>& gates,
+                      ffi::Buffer<ffi::F32>& w_in, ffi::Buffer<ffi::F32>& w_out, int64_t* T, int64_t* J,
+                      int64_t* R, int64_t* D) {
+  if (x.dimensions().size() != 2 || ids.dimensions().size() != 2 || w_in.dimensions().size() != 2) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "PEER kernel: x [T, D], ids [T, J], tables [R, D]");
+  }
+  *T = x.dimensions()[0];
+  *D = x.dimensions()[1];
+  *J = ids.dimensions()[1];
+  *R = w_in.dimensions()[0];
+  if (ids.dimensions()[0] != *T || gates.element_count() != ids.element_count() ||
+      w_in.dimensions()[1] != *D || w_out.element_count() != w_in.element_count()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "PEER kernel: inconsistent shapes");
+  }
+  const int32_t* id = ids.typed_data();
+  for (int64_t m = 0; m < *T * *J; ++m) {
+    if (id[m] < 0 || id[m] >= *R) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "PEER kernel: an expert id is outside the table");
+    }
+  }
+  return ffi::Error::Success();
+}
+
+template <typename Act>
+void peer_forward(int64_t T, int64_t J, int64_t D, const float* x, const int32_t* ids, const float* g,
+                  const float* w_in, const float* w_out, float* y, float* s_out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * D;
+    float* yt = y + t * D;
+    std::fill(yt, yt + D, 0.0f);
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t m = t * J + j;
+      const float* u = w_in + static_cast<int64_t>(ids[m]) * D;
+      const float* v = w_out + static_cast<int64_t>(ids[m]) * D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += u[d] * xt[d];
+      s_out[m] = dot;
+      const float c = g[m] * Act::fn(dot);
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) yt[d] += c * v[d];
+    }
+  }
+}
+
+template <typename Act>
+void peer_backward(int64_t T, int64_t J, int64_t R, int64_t D, bool rows, const float* x, const int32_t* ids,
+                   const float* g, const float* w_in, const float* w_out, const float* s, const float* dy,
+                   float* dx, float* dg, float* d_in, float* d_out) {
+  std::vector<float> ds(rows ? 0 : T * J), c(rows ? 0 : T * J);
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xt = x + t * D;
+    const float* dyt = dy + t * D;
+    float* dxt = dx + t * D;
+    std::fill(dxt, dxt + D, 0.0f);
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t m = t * J + j;
+      const float* u = w_in + static_cast<int64_t>(ids[m]) * D;
+      const float* v = w_out + static_cast<int64_t>(ids[m]) * D;
+      float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t d = 0; d < D; ++d) a += dy[t * D + d] * v[d];
+      const float act = Act::fn(s[m]);
+      dg[m] = a * act;
+      const float dsm = a * g[m] * Act::grad(s[m]);
+      const float cm = g[m] * act;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) dxt[d] += dsm * u[d];
+      if (rows) {
+        float* du = d_in + m * D;
+        float* dv = d_out + m * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          du[d] = dsm * xt[d];
+          dv[d] = cm * dyt[d];
+        }
+      } else {
+        ds[m] = dsm;
+        c[m] = cm;
+      }
+    }
+  }
+  if (rows) return;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < R; ++r) {  // contiguous rows per thread
+    std::fill(d_in + r * D, d_in + (r + 1) * D, 0.0f);
+    std::fill(d_out + r * D, d_out + (r + 1) * D, 0.0f);
+  }
+#pragma omp parallel
+  {
+    const int threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t lo = D * me / threads, hi = D * (me + 1) / threads;
+    for (int64_t m = 0; m < T * J; ++m) {
+      const int64_t t = m / J;
+      float* di = d_in + static_cast<int64_t>(ids[m]) * D;
+      float* dov = d_out + static_cast<int64_t>(ids[m]) * D;
+      const float dsm = ds[m], cm = c[m];
+#pragma omp simd
+      for (int64_t d = lo; d < hi; ++d) {
+        di[d] += dsm * x[t * D + d];
+        dov[d] += cm * dy[t * D + d];
+      }
+    }
+  }
+}
+
+ffi::Error PeerFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates,
+                   ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> w_out, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> s_out, int64_t activation) {
+  int64_t T, J, R, D;
+  if (auto err = check_peer(x, ids, gates, w_in, w_out, &T, &J, &R, &D); err.failure()) return err;
+  dispatch_peer_activation(activation, [&](auto act) {
+    peer_forward<decltype(act)>(T, J, D, x.typed_data(), ids.typed_data(), gates.typed_data(), w_in.typed_data(),
+                                w_out.typed_data(), y->typed_data(), s_out->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error PeerBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> gates,
+                   ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> w_out, ffi::Buffer<ffi::F32> s,
+                   ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dg,
+                   ffi::ResultBuffer<ffi::F32> d_in, ffi::ResultBuffer<ffi::F32> d_out, int64_t activation) {
+  int64_t T, J, R, D;
+  if (auto err = check_peer(x, ids, gates, w_in, w_out, &T, &J, &R, &D); err.failure()) return err;
+  const bool rows = d_in->element_count() == static_cast<size_t>(T * J * D);
+  if (!rows && d_in->element_count() != static_cast<size_t>(R * D)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "PEER kernel: table gradients must be [T*J, D] or [R, D]");
+  }
+  dispatch_peer_activation(activation, [&](auto act) {
+    peer_backward<decltype(act)>(T, J, R, D, rows, x.typed_data(), ids.typed_data(), gates.typed_data(),
+                                 w_in.typed_data(), w_out.typed_data(), s.typed_data(), dy.typed_data(),
+                                 dx->typed_data(), dg->typed_data(), d_in->typed_data(), d_out->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinExpertMlpFwd, ExpertMlpFwd,
@@ -447,4 +609,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinExpertMlpBwd, ExpertMlpBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_in [E, D, Fi]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw_out [E, F, D]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dweights [T, K]
+                                  .Attr<int64_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinPeerFwd, PeerFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [T, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids [T, J]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates [T, J]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_in [R, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_out [R, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [T, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // s [T, J] (u . x, saved)
+                                  .Attr<int64_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinPeerBwd, PeerBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [T, D]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // ids [T, J]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates [T, J]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_in [R, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_out [R, D]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s [T, J]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [T, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx [T, D]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dg [T, J]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_in [T*J, D] (rows) or [R, D] (dense)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_out, as d_in
                                   .Attr<int64_t>("activation"));
