@@ -30,11 +30,13 @@ def brute_force(q1, q2, k1, k2, k):
 
 
 @pytest.mark.parametrize("n,k,half", [(4, 4, 3), (16, 5, 8), (64, 16, 16), (256, 16, 8)])
-def test_product_key_topk_equals_brute_force(n, k, half):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_product_key_topk_equals_brute_force(n, k, half, kernel):
     keys = jax.random.split(jax.random.key(n + k), 4)
     q1, q2 = (jax.random.normal(keys[i], (24, half)) for i in range(2))
     k1, k2 = (jax.random.normal(keys[2 + i], (n, half)) for i in range(2))
-    scores, idx = jax.jit(peer.product_key_topk, static_argnums=4)(q1, q2, k1, k2, k)
+    topk = jax.jit(peer.product_key_topk, static_argnums=4, static_argnames="kernel")
+    scores, idx = topk(q1, q2, k1, k2, k, kernel=kernel)
     ref_scores, ref_idx = brute_force(q1, q2, k1, k2, k)
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))
     np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_scores), rtol=1e-6, atol=1e-6)
@@ -45,7 +47,8 @@ def test_product_key_topk_equals_brute_force(n, k, half):
 
 
 @pytest.mark.parametrize("n,k", [(4, 4), (16, 8), (256, 16)])
-def test_product_key_topk_ties_in_lax_top_k_order(n, k):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_product_key_topk_ties_in_lax_top_k_order(n, k, kernel):
     """Small integers: exact float32 sums, many equal scores (also duplicated sub-keys and all-equal halves);
     the indices equal lax.top_k's over the full vector (equal scores: lower flat index first)."""
     rng = np.random.default_rng(n)
@@ -57,7 +60,7 @@ def test_product_key_topk_ties_in_lax_top_k_order(n, k):
     q1[:5] = 0.0                            # a half of all-equal scores
     q2[5:10] = 0.0
     q1[10:12] = q2[10:12] = 0.0             # every one of the N scores equal
-    scores, idx = peer.product_key_topk(q1, q2, k1, k2, k)
+    scores, idx = peer.product_key_topk(q1, q2, k1, k2, k, kernel=kernel)
     ref_scores, ref_idx = brute_force(jnp.asarray(q1), jnp.asarray(q2), jnp.asarray(k1), jnp.asarray(k2), k)
     assert np.sum(np.diff(np.asarray(ref_scores), axis=-1) == 0) > 40 * (k - 1) // 2   # ties are really there
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(ref_idx))

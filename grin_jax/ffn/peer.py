@@ -118,9 +118,9 @@ class PEERConfig:
       update each step) | 'sparse': the row-sparse update (grin_jax/train/sparse_rows.py): the step differentiates
       the gathered rows instead of the tables and a lazy AdamW updates only the rows retrieved in the step, O(T*H*K*D)
       instead of O(N*D); worth it when N is well above the T*H*K retrievals per step (docs/peer.md).
-    backend: the experts' computation: 'auto' (the CPU kernel where it applies: CPU, float32, singleton experts,
-      one device; else 'xla') | 'xla' (take-then-einsum in token chunks) | 'kernel' (the C++ kernel; an error
-      where it does not apply).
+    backend: the experts' computation and the product-key top-k: 'auto' (the CPU kernels where they apply: CPU,
+      float32, singleton experts, one device; else 'xla') | 'xla' (lax.top_k; take-then-einsum in token chunks) |
+      'kernel' (the C++ kernels; an error where they do not apply).
     """
 
     d_model: int
@@ -202,7 +202,8 @@ class PEERConfig:
 
 
 # ------------------------------------------------------------------------------------------------ product keys
-def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int, *,
+                          kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Exact top-k over the n^2 sums s1[i1] + s2[i2] (flat index i = i1 * n + i2) from the half scores
     s1, s2 [..., n]: (scores [..., k] descending, indices [..., k] int32).
 
@@ -213,6 +214,8 @@ def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Arr
     sums equal whose halves differ may swap two experts of equal float32 score (the scores returned are then still
     equal to the brute force's).
     Scores are differentiable (gathered from s1, s2 at the selected indices); the selection is not.
+    kernel=True: the selection by the C++ kernel (moe/csrc/expert_mlp.cc ProductKeyTopk: insertion into sorted
+    lists of k per row, the same order; CPU, float32), 5-10x faster than XLA's top_k on CPU.
     """
     n = s1.shape[-1]
     if s2.shape[-1] != n:
@@ -220,6 +223,10 @@ def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Arr
     if n * n > 2 ** 24:
         raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
                          "float32)")
+    if kernel:
+        indices = _kernel_topk(s1, s2, k)
+        scores = jnp.take_along_axis(s1, indices // n, axis=-1) + jnp.take_along_axis(s2, indices % n, axis=-1)
+        return scores, indices
     v1, i1 = jax.lax.top_k(jax.lax.stop_gradient(s1), k)
     v2, i2 = jax.lax.top_k(jax.lax.stop_gradient(s2), k)
     batch = v1.shape[:-1]
@@ -228,6 +235,18 @@ def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Arr
     indices = _top_k_by_score_then_index(sums, flat, k)
     scores = (jnp.take_along_axis(s1, indices // n, axis=-1) + jnp.take_along_axis(s2, indices % n, axis=-1))
     return scores, indices
+
+
+def _kernel_topk(s1: jax.Array, s2: jax.Array, k: int) -> jax.Array:
+    """The flat ids [..., k] of topk_from_half_scores by the C++ kernel (no gradient)."""
+    from grin_jax.moe import cpu_kernel
+    cpu_kernel.load()
+    batch, n = s1.shape[:-1], s1.shape[-1]
+    flat = lambda a: jax.lax.stop_gradient(a).astype(jnp.float32).reshape(-1, n)  # noqa: E731
+    out = jax.ShapeDtypeStruct((math.prod(batch), k), jnp.int32)
+    ids = jax.ffi.ffi_call(cpu_kernel.PEER_TOPK_TARGET, out, vmap_method="sequential")(flat(s1), flat(s2),
+                                                                                      k=np.int64(k))
+    return ids.reshape(*batch, k)
 
 
 def _top_k_by_score_then_index(values: jax.Array, ids: jax.Array, k: int) -> jax.Array:
@@ -256,13 +275,14 @@ def _top_k_by_score_then_index(values: jax.Array, ids: jax.Array, k: int) -> jax
 
 
 def product_key_topk(q_half1: jax.Array, q_half2: jax.Array, keys1: jax.Array, keys2: jax.Array,
-                     k: int) -> tuple[jax.Array, jax.Array]:
+                     k: int, *, kernel: bool = False) -> tuple[jax.Array, jax.Array]:
     """Top-k of the N = n^2 product keys for queries split in halves q_half1, q_half2 [..., Q/2] and sub-keys
     keys1, keys2 [n, Q/2]: (scores [..., k], indices [..., k] int32 with i = i1 * n + i2), equal to lax.top_k over
-    the N scores q_half1 . keys1[i1] + q_half2 . keys2[i2] (see topk_from_half_scores for the tie order)."""
+    the N scores q_half1 . keys1[i1] + q_half2 . keys2[i2] (see topk_from_half_scores for the tie order and
+    `kernel`)."""
     s1 = jnp.einsum("...q,nq->...n", q_half1, keys1, precision=jax.lax.Precision.HIGHEST)
     s2 = jnp.einsum("...q,nq->...n", q_half2, keys2, precision=jax.lax.Precision.HIGHEST)
-    return topk_from_half_scores(s1, s2, k)
+    return topk_from_half_scores(s1, s2, k, kernel=kernel)
 
 
 # ------------------------------------------------------------------------------------------------ experts
@@ -554,7 +574,7 @@ class PEERFFN(nnx.Module):
         else:
             s1 = jnp.einsum("thq,hnq->thn", q[..., :half], keys[:, 0], precision=hi)
             s2 = jnp.einsum("thq,hnq->thn", q[..., half:], keys[:, 1], precision=hi)
-        scores, idx = topk_from_half_scores(s1, s2, c.top_k)
+        scores, idx = topk_from_half_scores(s1, s2, c.top_k, kernel=self.use_kernel())
         gates = jax.nn.softmax(scores, axis=-1) if c.score_activation == "softmax" else jax.nn.relu(scores)
         if not c.shared_experts:
             idx = idx + (jnp.arange(c.heads, dtype=jnp.int32) * c.num_experts)[:, None]

@@ -583,6 +583,66 @@ ffi::Error PeerBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buff
   return ffi::Error::Success();
 }
 
+
+// Product-key top-k (grin_jax/ffn/peer.py topk_from_half_scores): per row of the half scores s1, s2 [P, n], the
+// top-k of each half, then the top-k of the k^2 sums s1[i1] + s2[i2] by (sum descending, flat index i1 * n + i2
+// ascending): lax.top_k's order over the full n^2 vector. Insertion into a sorted list of k (k <= n, small): no
+// sort of anything larger than k.
+struct Ranked {
+  float value;
+  int32_t id;
+};
+
+// Insert (value, id) into best[0..count) kept by (value desc, id asc), at most k entries.
+inline void insert_ranked(Ranked* best, int64_t* count, int64_t k, float value, int32_t id) {
+  int64_t pos = *count;
+  if (pos == k) {
+    const Ranked& worst = best[k - 1];
+    if (!(value > worst.value || (value == worst.value && id < worst.id))) return;
+    pos = k - 1;
+  } else {
+    ++*count;
+  }
+  while (pos > 0 && (value > best[pos - 1].value || (value == best[pos - 1].value && id < best[pos - 1].id))) {
+    best[pos] = best[pos - 1];
+    --pos;
+  }
+  best[pos] = Ranked{value, id};
+}
+
+ffi::Error ProductKeyTopk(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2, ffi::ResultBuffer<ffi::S32> out,
+                          int64_t k) {
+  const auto dims = s1.dimensions();
+  if (dims.size() != 2 || s2.dimensions().size() != 2 || s2.dimensions()[0] != dims[0] ||
+      s2.dimensions()[1] != dims[1] || k < 1 || k > dims[1]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "product-key top-k: s1, s2 [P, n] and 1 <= k <= n");
+  }
+  const int64_t P = dims[0], n = dims[1];
+  const float* a = s1.typed_data();
+  const float* b = s2.typed_data();
+  int32_t* ids = out->typed_data();
+#pragma omp parallel
+  {
+    std::vector<Ranked> h1(k), h2(k), best(k);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      int64_t c1 = 0, c2 = 0, cb = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        insert_ranked(h1.data(), &c1, k, a[p * n + i], static_cast<int32_t>(i));
+        insert_ranked(h2.data(), &c2, k, b[p * n + i], static_cast<int32_t>(i));
+      }
+      for (int64_t x = 0; x < k; ++x) {
+        for (int64_t y = 0; y < k; ++y) {
+          insert_ranked(best.data(), &cb, k, h1[x].value + h2[y].value,
+                        static_cast<int32_t>(h1[x].id * n + h2[y].id));
+        }
+      }
+      for (int64_t j = 0; j < k; ++j) ids[p * k + j] = best[j].id;
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinExpertMlpFwd, ExpertMlpFwd,
@@ -636,3 +696,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinPeerBwd, PeerBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_in [T*J, D] (rows) or [R, D] (dense)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_out, as d_in
                                   .Attr<int64_t>("activation"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinProductKeyTopk, ProductKeyTopk,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s1 [P, n]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s2 [P, n]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // flat ids [P, k]
+                                  .Attr<int64_t>("k"));
