@@ -66,6 +66,8 @@ def holds(diffs) -> str:
     d = np.asarray(diffs, float)
     if d.size == 0:
         return "not run"
+    if d.size == 1:
+        return "one seed only: no verdict"
     if np.all(d > 0):
         return "holds (every seed)"
     if np.all(d < 0):
