@@ -98,7 +98,8 @@ def default_distributed_config() -> ml_collections.ConfigDict:
     jax.distributed.initialize), 'no' (never). Timeouts (seconds): initialization_timeout, how long processes wait
     for each other at start-up; heartbeat_timeout, after how long without a heartbeat a dead or frozen peer fails
     every process (JAX's coordination service); shutdown_timeout, how long a process that ends waits for the
-    others at exit (a failed peer otherwise holds the rest for JAX's default of 5 minutes)."""
+    others at exit (a failed peer otherwise holds the rest for JAX's default of 5 minutes; trainer.train first
+    waits for every process at a collective, so a slow process 0 writing its summary does not hit it)."""
     c = ml_collections.ConfigDict()
     c.enabled = "auto"
     c.coordinator_address = ""

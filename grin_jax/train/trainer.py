@@ -670,7 +670,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     locked while the run goes on (train/lock.py)."""
     experiment = resolve(config)
     with _lock.workdir_lock(workdir, enabled=jax.process_index() == 0):
-        return _train(experiment, workdir)
+        summary = _train(experiment, workdir)
+    if jax.process_count() > 1:
+        # Process 0 ends later (it writes the summary and the plots): the others wait for it here, where a dead peer
+        # is caught by the heartbeat, not at JAX's exit barrier, whose distributed.shutdown_timeout would fail a
+        # run whose process 0 is merely slow (a loaded machine).
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("grin_jax: run ended")
+    return summary
 
 
 def _train(experiment: Experiment, workdir: str) -> dict:
