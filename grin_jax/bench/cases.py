@@ -428,11 +428,35 @@ def peer_groups(sizes: Sizes, key) -> list[Group]:
     return groups
 
 
+class _DonatedStep:
+    """A train step timed as the trainer runs it: jitted with the state donated (updated in place: the row-sparse
+    update's scatters touch only the retrieved rows) and carried from call to call. In the harness's shape:
+    `lower(batch).compile()` -> a callable of the batch, with XLA's memory analysis."""
+
+    def __init__(self, step, state):
+        self.jitted, self.state, self.compiled = jax.jit(step, donate_argnums=(0,)), state, None
+
+    def lower(self, batch):
+        self.compiled = self.jitted.lower(self.state, batch).compile()
+        return self
+
+    def compile(self, *args):
+        return self
+
+    def memory_analysis(self):
+        return self.compiled.memory_analysis()
+
+    def __call__(self, batch):
+        self.state, metrics = self.compiled(self.state, batch)
+        return metrics
+
+
 def peer_train_step_groups(sizes: Sizes, key) -> list[Group]:
     """One optimizer step (forward, backward, AdamW; trainer.make_train_step) of a one-block LM whose FFN is a PEER
     layer (d_model D, h heads, top-k, T = batch x seq tokens), at the smallest and the largest N of
     `sizes.peer_experts`, with the dense table update and the row-sparse one (peer.table_update). Each variant's
-    ratio is to the smallest N with the same update: the issue's 'train step at N = 1024^2 <= 2x that at 128^2'."""
+    ratio is to the smallest N with the same update: the issue's 'train step at N = 1024^2 <= 2x that at 128^2'.
+    The state is donated and carried over, as in the trainer (_DonatedStep)."""
     from grin_jax import presets
     from grin_jax.train import trainer
 
@@ -452,7 +476,7 @@ def peer_train_step_groups(sizes: Sizes, key) -> list[Group]:
             tx, _ = trainer.make_optimizer(config.train, experiment.model)
             graphdef, state = trainer.init_state(experiment, tx)
             name = f"train_step/{update}/N={n_experts}"
-            variants.append(Variant(name, jax.jit(trainer.make_train_step(graphdef, tx)), (state, batch), 0.0,
+            variants.append(Variant(name, _DonatedStep(trainer.make_train_step(graphdef, tx), state), (batch,), 0.0,
                                     baseline=None if n_experts == small else f"train_step/{update}/N={small}",
                                     meta={"case": "peer_train_step", "mode": "train_step", "backend": "peer",
                                           "load": "-", "table_update": update,
