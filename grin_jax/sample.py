@@ -2,6 +2,7 @@
 
     python -m grin_jax.sample --workdir=workdirs/grin_tiny [--prompt='def '] [--max_new_tokens=200]
         [--temperature=0.8] [--top_p=0.95] [--seed=0] [--num_samples=1] [--step=N]
+        [--mlp_sparsity=dense|top_k:K|threshold:EPS] [--attention_sparsity=...]   (DS-MoE: grin_jax/sparsity.py)
 
 User errors print one line (set GRIN_JAX_DEBUG=1 for the traceback; grin_jax.cli).
 """
@@ -16,12 +17,19 @@ import numpy as np
 
 
 def sample_text(workdir: str, *, prompt: str = "", max_new_tokens: int = 200, temperature: float = 0.8,
-                top_p: float = 0.95, seed: int = 0, num_samples: int = 1, step: int | None = None) -> str:
-    """Generate `num_samples` continuations of `prompt` (a new document: the prompt follows an EOS)."""
-    from grin_jax import models
+                top_p: float = 0.95, seed: int = 0, num_samples: int = 1, step: int | None = None,
+                mlp_sparsity: str = "dense", attention_sparsity: str = "dense") -> str:
+    """Generate `num_samples` continuations of `prompt` (a new document: the prompt follows an EOS).
+    mlp_sparsity, attention_sparsity: a DS-MoE model's inference settings for its ds_moe FFN layers and its
+    attention experts (grin_jax.sparsity.with_sparsity: 'dense', 'top_k:K', 'threshold:EPS')."""
+    from grin_jax import models, sparsity
     from grin_jax.train.trainer import load_trained
 
-    _, graphdef, params, tokenizer = load_trained(workdir, step)
+    config, graphdef, params, tokenizer = load_trained(workdir, step)
+    if (mlp_sparsity, attention_sparsity) != ("dense", "dense"):
+        model_config = sparsity.with_sparsity(models.model_config_from(config.model), mlp=mlp_sparsity,
+                                              attention=attention_sparsity)
+        graphdef, _ = models.abstract_init(model_config)
     prompt_ids = np.concatenate([[tokenizer.eos_id], tokenizer.encode(prompt)]).astype(np.int32)
     prompt_BP = np.tile(prompt_ids[None], (num_samples, 1))
     tokens = models.generate(graphdef, params, prompt_BP, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -49,6 +57,10 @@ def _main(argv=None) -> int:
     flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
     flags.DEFINE_integer("num_samples", 1, "samples to print", flag_values=fv)
     flags.DEFINE_integer("step", None, "the checkpoint step to load (default: the latest)", flag_values=fv)
+    flags.DEFINE_string("mlp_sparsity", "dense", "DS-MoE FFN layers: dense | top_k:K | threshold:EPS",
+                        flag_values=fv)
+    flags.DEFINE_string("attention_sparsity", "dense", "DS-MoE attention experts: dense | top_k:K | threshold:EPS",
+                        flag_values=fv)
     fv(argv if argv is not None else sys.argv)
     if not fv.workdir:
         print("usage: python -m grin_jax.sample --workdir=DIR [--prompt=TEXT] [--step=N]", file=sys.stderr)
@@ -59,7 +71,8 @@ def _main(argv=None) -> int:
         return 2
     logging.set_verbosity(logging.WARNING)
     print(sample_text(fv.workdir, prompt=fv.prompt, max_new_tokens=fv.max_new_tokens, temperature=fv.temperature,
-                      top_p=fv.top_p, seed=fv.seed, num_samples=fv.num_samples, step=fv.step))
+                      top_p=fv.top_p, seed=fv.seed, num_samples=fv.num_samples, step=fv.step,
+                      mlp_sparsity=fv.mlp_sparsity, attention_sparsity=fv.attention_sparsity))
     return 0
 
 
@@ -73,6 +86,15 @@ def _check_arguments(fv) -> str | None:
     for name, ok, accepted in checks:
         if not ok:
             return f"--{name}={getattr(fv, name)!r} is invalid: accepted values are {accepted}"
+    from grin_jax.sparsity import parse_setting
+    for name in ("mlp_sparsity", "attention_sparsity"):
+        try:
+            mode, _ = parse_setting(getattr(fv, name), what=f"--{name}")
+        except ValueError as error:
+            return str(error)
+        if mode == "threshold_top_k":
+            return (f"--{name}={getattr(fv, name)!r} is invalid here: threshold-top-K needs K measured on data; "
+                    "run python -m grin_jax.sparsity (its grid reports the K) and pass top_k:K")
     return None
 
 

@@ -1,6 +1,7 @@
 """DS-MoE (grin_jax.ffn.ds_moe): the MI loss at its known points, the dense-training layer against the explicit sum
 over experts (values and gradients), the sparse inference modes against per-token numpy references, config
-validation, and a model with layout='ds_moe' trained for two steps."""
+validation, and a model with layout='ds_moe' trained for two steps. Padding (the token mask) counts in neither the
+MI loss nor the metrics; on a data=4 mesh of fake CPU devices (conftest.py) the MI loss is over the global batch."""
 
 import math
 
@@ -67,6 +68,25 @@ def test_mi_loss_dead_expert_is_finite():
     assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
 
 
+def test_mi_loss_mask_equals_the_real_tokens_alone():
+    """With a mask: the loss of the rows whose mask is > 0 alone; padded rows get exactly zero gradient; an all-ones
+    mask is no mask; every token masked gives 0 with a finite (zero) gradient."""
+    T = 10
+    s = jax.nn.softmax(jax.random.normal(jax.random.key(3), (T, N)) * 3, axis=-1)
+    mask = jnp.asarray([1, 1, 0, 1, 1, 1, 0, 0, 1, 1], jnp.float32)
+    real = np.asarray(mask) > 0
+    value, grad = jax.value_and_grad(mutual_information_loss)(s, mask)
+    np.testing.assert_allclose(float(value), float(mutual_information_loss(s[real])), rtol=1e-6, atol=1e-7)
+    grad_real = jax.grad(mutual_information_loss)(s[real])
+    np.testing.assert_allclose(np.asarray(grad)[real], np.asarray(grad_real), rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(grad)[~real] == 0.0)
+    assert abs(float(value) - float(mutual_information_loss(s))) > 1e-3  # the padding would have counted
+    np.testing.assert_allclose(float(mutual_information_loss(s, jnp.ones((T,)))), float(mutual_information_loss(s)),
+                               rtol=1e-6)
+    value, grad = jax.value_and_grad(mutual_information_loss)(s, jnp.zeros((T,)))
+    assert float(value) == 0.0 and np.all(np.asarray(grad) == 0.0)
+
+
 # ------------------------------------------------------------------------------------------------ dense training
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
 def test_dense_training_equals_explicit_sum(activation):
@@ -103,6 +123,83 @@ def test_dense_layer_aux():
     np.testing.assert_allclose(float(jnp.sum(m["expert_load"])), 1.0, rtol=1e-6)
     assert -math.log(N) <= float(aux["losses"]["mutual_information"]) <= 0.0
     assert layer.config.loss_weights == {"mutual_information": 5e-4}
+
+
+def padded_inputs():
+    """(x [2, 8, D], mask [2, 8]): row 0 padded after 5 tokens, row 1 after 6 (padding at the ends, as packing)."""
+    x = inputs(B=2, S=8, seed=4)
+    mask = jnp.asarray([[1] * 5 + [0] * 3, [1] * 6 + [0] * 2], jnp.float32)
+    return x, mask
+
+
+@pytest.mark.parametrize("inference", ["dense", "threshold"])
+def test_padding_counts_in_neither_the_mi_loss_nor_the_metrics(inference):
+    """The layer with a token mask gives the MI loss, the gradient of a training objective (MI loss + a masked
+    output term, as the model's masked cross-entropy) w.r.t. the layer's parameters (router and experts), and the
+    metrics of the same layer on the real tokens alone (the padded tokens dropped: the [1, 11] sequence of the real
+    ones; the layer is per token), in training and in sparse inference (values and metrics); other values on the
+    padded tokens change nothing (nor any real token's output); without the mask the numbers differ."""
+    layer = make_layer(inference=inference, inference_threshold=1.0, inference_top_k=2, backend="tiled")
+    graphdef, params = nnx.split(layer, nnx.Param)
+    x, mask = padded_inputs()
+    real = np.asarray(mask) > 0
+    x_real = x[real][None]  # [1, 11, D]
+    cot = jax.random.normal(jax.random.key(8), x.shape)
+    cot_real = cot[real][None]
+
+    def run(params, x, mask, training=True):
+        return nnx.merge(graphdef, params)(x, training=training, token_mask_BS=mask)
+
+    def objective(params, x, mask, cot):
+        y, aux = run(params, x, mask)
+        out = jnp.sum(y * cot) if mask is None else jnp.sum(y * cot * mask[..., None])
+        return aux["losses"]["mutual_information"] + 0.1 * out, aux["losses"]["mutual_information"]
+
+    (value, mi), grads = jax.value_and_grad(objective, has_aux=True)(params, x, mask, cot)
+    (value_real, mi_real), grads_real = jax.value_and_grad(objective, has_aux=True)(params, x_real, None, cot_real)
+    np.testing.assert_allclose(float(mi), float(mi_real), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(value), float(value_real), rtol=1e-6, atol=1e-6)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_real)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    for name in ("router", "w_up"):
+        assert float(jnp.max(jnp.abs(grads[name][...]))) > 1e-3, name
+    mi_grad = jax.grad(lambda p: objective(p, x, mask, cot)[1])(params)["router"][...]
+    mi_grad_real = jax.grad(lambda p: objective(p, x_real, None, cot_real)[1])(params)["router"][...]
+    np.testing.assert_allclose(np.asarray(mi_grad), np.asarray(mi_grad_real), rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(mi_grad))) > 1e-3  # the MI loss's own gradient reaches the router
+
+    # Other values on the padded tokens: nothing changes.
+    x_other = jnp.where(mask[..., None] > 0, x, 5.0 * jax.random.normal(jax.random.key(9), x.shape))
+    (value_o, _), grads_o = jax.value_and_grad(objective, has_aux=True)(params, x_other, mask, cot)
+    assert float(value_o) == pytest.approx(float(value), rel=1e-6, abs=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_o), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # Without the mask the padded tokens count: the test can tell.
+    assert abs(float(objective(params, x_other, None, cot)[1]) - float(mi)) > 1e-3
+
+    for training in (True, False):  # the outputs on the real tokens and the metrics (training; sparse inference)
+        y, aux = run(params, x, mask, training)
+        y_real, aux_real = run(params, x_real, None, training)
+        y_o, aux_o = run(params, x_other, mask, training)
+        np.testing.assert_allclose(np.asarray(y)[real], np.asarray(y_real)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(y_o)[real], np.asarray(y)[real], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(float(aux["losses"]["mutual_information"]),
+                                   float(aux_real["losses"]["mutual_information"]), rtol=1e-6, atol=1e-7)
+        assert set(aux["metrics"]) == set(aux_real["metrics"])
+        for key, v in aux["metrics"].items():
+            np.testing.assert_allclose(np.asarray(v), np.asarray(aux_real["metrics"][key]), rtol=1e-5, atol=1e-7,
+                                       err_msg=key)
+            np.testing.assert_allclose(np.asarray(aux_o["metrics"][key]), np.asarray(v), rtol=1e-5, atol=1e-7,
+                                       err_msg=key)
+        _, aux_all = run(params, x_other, None, training)
+        load, load_all = aux["metrics"]["expert_load"], aux_all["metrics"]["expert_load"]
+        assert not np.allclose(np.asarray(load_all), np.asarray(load), atol=1e-3)
+    if inference == "threshold":
+        assert 0 < float(aux["metrics"]["active_fraction"]) < 1  # the last loop pass: sparse inference
+    _, aux_none = run(params, x, jnp.zeros_like(mask))  # every token masked: zeros, finite
+    assert float(aux_none["losses"]["mutual_information"]) == 0.0
+    assert all(np.all(np.asarray(v) == 0) for k, v in aux_none["metrics"].items() if k != "active_fraction")
 
 
 # ------------------------------------------------------------------------------------------------ sparse inference
@@ -230,3 +327,89 @@ def test_sparsity_chosen_at_apply_time_on_one_checkpoint():
     np.testing.assert_allclose(all_k, dense, rtol=1e-4, atol=1e-4)
     assert not np.allclose(one_k, dense, atol=1e-3)
     np.testing.assert_allclose(aux["metrics"]["ds_moe/active_fraction"], [1 / N, 1 / N])
+
+
+# ------------------------------------------------------------------------------------------------ a data=4 mesh
+def test_mi_loss_on_a_data_parallel_mesh_is_over_the_global_batch():
+    """A model with layout='ds_moe' through the trainer's pieces (resolve, init_state, the train step's loss
+    function; state_shardings and batch_sharding on a data=4 mesh of fake CPU devices, 2 rows per device, padding in
+    rows of three shards) equals one device: the MI loss (aux 'ds_moe/mutual_information') and its gradient w.r.t.
+    every parameter (the routers and experts included) to 1e-6, the training loss and its gradient, and the compiled
+    train step's metrics. The shards see different tokens (shard k's rows are drawn from their own quarter of the
+    vocabulary), so the per-shard version (each shard's own usage p, then the mean over the shards, as a shard_map
+    without a collective would compute) differs from the global one by far more than the tolerance: an
+    implementation taking p per shard fails this test."""
+    from grin_jax import sharding
+    from grin_jax.train import step as step_module
+    from grin_jax.train import trainer
+    config = presets.tiny("smoke", name="ds_moe")
+    config.model.layout = "ds_moe"
+    config.model.ds_moe = dict(num_experts=4, d_hidden=32, mi_coef=0.01)
+    experiment = trainer.resolve(config, check_mesh=False)
+    tx, _ = trainer.make_optimizer(config.train, experiment.model)
+    graphdef, state = trainer.init_state(experiment, tx)
+    B, S, shards = 8, 16, 4
+    rng = np.random.default_rng(0)
+    quarter = experiment.model.vocab_size // shards
+    inputs_BS = np.concatenate([rng.integers(k * quarter, (k + 1) * quarter, (B // shards, S))
+                                for k in range(shards)]).astype(np.int32)
+    mask = np.ones((B, S), np.float32)
+    mask[1, S - 5:] = 0.0
+    mask[4, S // 2:] = 0.0
+    mask[7, S - 1:] = 0.0
+    batch = {"inputs": inputs_BS, "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": mask}
+    loss_fn = step_module.make_loss_fn(graphdef)
+    key = jax.random.fold_in(state["rng"], state["step"])
+
+    def mi_loss(params, batch):
+        return loss_fn(params, batch, key)[1][1]["losses"]["ds_moe/mutual_information"]
+
+    def numbers(params, batch):
+        (total, (_, aux, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        mi, mi_grads = jax.value_and_grad(mi_loss)(params, batch)
+        return total, grads, mi, mi_grads, aux["metrics"]
+
+    ref = jax.jit(numbers)(state["params"], batch)
+    config.mesh.data, config.mesh.expert, config.mesh.model = shards, 1, 1
+    mesh = sharding.make_mesh(config.mesh)
+    shardings = trainer.state_shardings(experiment, tx, mesh)
+    placed = jax.device_put(state, shardings)
+    sharded = jax.device_put(batch, sharding.batch_sharding(mesh))
+    assert sharded["inputs"].sharding.shard_shape((B, S)) == (B // shards, S)
+    with jax.set_mesh(mesh):
+        got = jax.jit(numbers)(placed["params"], sharded)
+
+    mi_grads = models.flatten_params(ref[3])
+    for name in ("layers.0.mlp.router", "layers.1.mlp.router", "layers.0.mlp.w_up", "layers.0.mlp.w_down"):
+        assert np.max(np.abs(np.asarray(mi_grads[name]))) > 1e-4, name  # layer 0's experts: via layer 1's router
+    assert abs(float(got[2]) - float(ref[2])) < 1e-6
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref[3]), jax.tree.leaves(got[3])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert abs(float(got[0]) - float(ref[0])) < 1e-5
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref[1]), jax.tree.leaves(got[1])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+    # The per-shard version differs: each shard's rows alone on one device, averaged over the shards.
+    rows = B // shards
+    per_shard = [jax.jit(jax.value_and_grad(mi_loss))(state["params"], {k: v[i * rows:(i + 1) * rows]
+                                                                        for k, v in batch.items()})
+                 for i in range(shards)]
+    local_mi = np.mean([float(v) for v, _ in per_shard])
+    local_router = np.mean([np.asarray(models.flatten_params(g)["layers.0.mlp.router"]) for _, g in per_shard],
+                           axis=0)
+    assert abs(local_mi - float(ref[2])) > 1e-2, (local_mi, float(ref[2]))
+    assert np.max(np.abs(local_router - np.asarray(mi_grads["layers.0.mlp.router"]))) > 1e-3
+
+    # The compiled train step on the mesh (it donates `placed`: last) reports the same losses and usage.
+    step = trainer.compile_train_step(graphdef, tx, placed, shardings, mesh, sharded,
+                                      compiler_options={"xla_backend_optimization_level": 0})
+    _, metrics = step(placed, sharded)
+    assert abs(float(metrics["total_loss"]) - float(ref[0])) < 1e-5
+    assert abs(float(metrics["ds_moe/mutual_information"]) - float(ref[2])) < 1e-6
+    for name in ("ds_moe/expert_load", "ds_moe/router_entropy", "ds_moe/threshold_active"):
+        np.testing.assert_allclose(np.asarray(metrics[name]), np.asarray(ref[4][name]), rtol=0, atol=1e-6,
+                                   err_msg=name)
+        np.testing.assert_allclose(np.asarray(got[4][name]), np.asarray(ref[4][name]), rtol=0, atol=1e-6,
+                                   err_msg=name)

@@ -163,7 +163,8 @@ def test_every_committed_sweep_expands_into_valid_trials(path):
         trials = sweep_lib.expand_trials(sweep)
         assert trials
         for trial in trials:
-            config = _load(os.path.join(REPO, trial.get("base_config") or sweep.base_config)).get_config()
+            base, _, variant = (trial.get("base_config") or sweep.base_config).partition(":")
+            config = _load(os.path.join(REPO, base)).get_config(variant or None)
             for key, value in trial.items():
                 if key == "base_config" or value is None:
                     continue

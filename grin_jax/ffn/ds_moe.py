@@ -17,7 +17,9 @@ Axes: B batch, S sequence, T = B*S tokens, D model, N experts, F expert hidden (
                     fraction of tokens for which it was not. inference_top_k = num_experts makes it exact always.
         only the K selected experts per token are computed, through grin_jax.moe.dispatch.moe_ffn (`backend`).
     aux loss:   'mutual_information' L_MI = -H(mean_t S_t) + mean_t H(S_t) (moe.losses.mutual_information_loss),
-                weighted by mi_coef. In [-log N, 0].
+                weighted by mi_coef. In [-log N, 0]. The means are over the real tokens (token_mask_BS, the
+                batch's loss mask: takes_token_mask) of the whole batch: under jit on a data-sharded batch, the
+                global batch.
 
 Parameters (the `moe` kind's layout, so dispatch takes them as they are):
     router [D, N] ('embed', 'experts'); w_gate, w_up [N, D, F] ('experts', 'embed', 'mlp'); w_down [N, F, D]
@@ -31,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from grin_jax import sections as _sections
@@ -142,29 +145,76 @@ def sparse_selection(scores_TN: jax.Array, *, mode: str, top_k: int, threshold: 
 
 
 def routing_metrics(scores_TN: jax.Array, weights_TK: jax.Array | None, *, threshold: float,
-                    slots: int) -> dict:
-    """active_fraction: mean over tokens of (experts with nonzero weight) / N (1 in the dense mode);
+                    slots: int, mask_T: jax.Array | None = None) -> dict:
+    """Means over the real tokens (mask_T [T] > 0; every token when mask_T is None; 0 when every token is masked,
+    but for the dense mode's constant active_fraction), no gradient:
+    active_fraction: the mean of (experts with nonzero weight) / N (1 in the dense mode, weights_TK None);
     router_entropy: mean_t H(S_t); expert_load [N]: mean_t S_t (the p of H(e), the soft load: every expert runs on
     every token in training; named expert_load so the trainer logs it per layer and plots it, as the moe kind's);
-    threshold_active: mean over tokens of the count of experts with N * S_i > inference_threshold (what
-    threshold-top-K would use as K, in every mode); threshold_overflow: the fraction of tokens with more such experts
-    than the `slots` of the sparse modes (the tokens on which 'threshold' is not exact)."""
+    threshold_active: the mean count of experts with N * S_i > inference_threshold (what threshold-top-K would use
+    as K, in every mode); threshold_overflow: the fraction of tokens with more such experts than the `slots` of the
+    sparse modes (the tokens on which 'threshold' is not exact)."""
     s = jax.lax.stop_gradient(scores_TN.astype(jnp.float32))
-    num_experts = s.shape[-1]
+    num_tokens, num_experts = s.shape
+    if mask_T is None:
+        w_T = jnp.ones((num_tokens,), jnp.float32)
+    else:
+        w_T = (mask_T.reshape(num_tokens) > 0).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(w_T), 1.0)
+
+    def mean(x_T):  # over the real tokens, along the first axis (elementwise: no matmul precision)
+        return jnp.sum(w_T.reshape((num_tokens,) + (1,) * (x_T.ndim - 1)) * x_T, axis=0) / count
+
     entropy = -jnp.sum(s * jnp.log(jnp.clip(s, 1e-30, 1.0)), axis=-1)
     passing = jnp.sum((num_experts * s > threshold).astype(jnp.float32), axis=-1)
     if weights_TK is None:
         active = jnp.float32(1.0)
     else:
-        active = jnp.mean(jnp.sum((weights_TK != 0).astype(jnp.float32), axis=-1)) / num_experts
-    return {"active_fraction": active, "router_entropy": jnp.mean(entropy), "expert_load": jnp.mean(s, axis=0),
-            "threshold_active": jnp.mean(passing), "threshold_overflow": jnp.mean((passing > slots).astype(jnp.float32))}
+        active = mean(jnp.sum((weights_TK != 0).astype(jnp.float32), axis=-1)) / num_experts
+    return {"active_fraction": active, "router_entropy": mean(entropy), "expert_load": mean(s),
+            "threshold_active": mean(passing), "threshold_overflow": mean((passing > slots).astype(jnp.float32))}
+
+
+def routing_sums(scores_TN: jax.Array, weights_TK: jax.Array | None, *, threshold: float,
+                 mask_T: jax.Array | None = None) -> dict:
+    """Per-batch totals over the real tokens that evaluation adds up over the evaluation set (aux['sums'],
+    grin_jax.ffn): 'tokens', 'active_experts' (the experts with a nonzero weight, N per token in the dense mode),
+    'threshold_experts' (the experts with N * S_i > threshold), 'score_mass' [N] (sum of S_t)."""
+    s = jax.lax.stop_gradient(scores_TN.astype(jnp.float32))
+    num_tokens, num_experts = s.shape
+    w_T = jnp.ones((num_tokens,), jnp.float32) if mask_T is None else (mask_T.reshape(num_tokens) > 0).astype(
+        jnp.float32)
+    if weights_TK is None:
+        active_T = jnp.full((num_tokens,), float(num_experts), jnp.float32)
+    else:
+        active_T = jnp.sum((weights_TK != 0).astype(jnp.float32), axis=-1)
+    passing_T = jnp.sum((num_experts * s > threshold).astype(jnp.float32), axis=-1)
+    return {"tokens": jnp.sum(w_T), "active_experts": jnp.sum(w_T * active_T),
+            "threshold_experts": jnp.sum(w_T * passing_T), "score_mass": jnp.sum(w_T[:, None] * s, axis=0)}
+
+
+def eval_metrics_from_sums(sums: dict) -> dict:
+    """The evaluation metrics of a section's layers from routing_sums added up over the evaluation set (each
+    [L, ...], stacked over the section's L layers): 'active_fraction' and 'threshold_active' (mean over the
+    layers) and their '_per_layer' lists (layer order; None where no real token was evaluated)."""
+    tokens = np.asarray(sums["tokens"], np.float64)
+    num_experts = np.asarray(sums["score_mass"]).shape[-1]
+    out = {}
+    for name, key, scale in (("active_fraction", "active_experts", num_experts),
+                             ("threshold_active", "threshold_experts", 1)):
+        values = [float(v / (t * scale)) if t > 0 else None
+                  for v, t in zip(np.asarray(sums[key], np.float64), tokens)]
+        known = [v for v in values if v is not None]
+        out[name] = float(np.mean(known)) if known else None
+        out[f"{name}_per_layer"] = values
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the kind
 @register_ffn("ds_moe")
 class DSMoEFFN(nnx.Module):
     Config = DSMoEConfig
+    takes_token_mask = True  # __call__ accepts token_mask_BS: the MI loss and the metrics skip padding
 
     def __init__(self, config: DSMoEConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
                  param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -192,13 +242,18 @@ class DSMoEFFN(nnx.Module):
                          precision=jax.lax.Precision.HIGHEST)
         return jax.nn.softmax(logits, axis=-1)
 
-    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None):
         """(y [B, S, D], aux {'losses': {'mutual_information'}, 'metrics': {'active_fraction', 'router_entropy',
-        'expert_load' [N], 'threshold_active', 'threshold_overflow'}})."""
+        'expert_load' [N], 'threshold_active', 'threshold_overflow'}}).
+        token_mask_BS [B, S]: non-zero (> 0) for the real tokens, 0 for padding (None: every token is real); the
+        model passes the batch's loss mask (the train and eval steps). Only the real tokens count in the MI loss
+        (value and gradient) and in the metrics; y is computed for every token (per token, so padding changes no
+        real token's output)."""
         del rng
         c = self.config
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D).astype(self.dtype)
+        mask_T = None if token_mask_BS is None else token_mask_BS.reshape(B * S)
         s_TN = self.scores(x_TD)
         if training or c.inference == "dense":
             y_TD = dense_mixture(self.expert_params(), x_TD, s_TN, activation=c.activation)
@@ -208,9 +263,13 @@ class DSMoEFFN(nnx.Module):
                                             threshold=c.inference_threshold)
             y_TD, _ = _dispatch.moe_ffn(self.expert_params(), x_TD, ids, weights.astype(self.dtype),
                                         activation=c.activation, backend=c.backend)
-        metrics = routing_metrics(s_TN, weights, threshold=c.inference_threshold, slots=c.inference_top_k)
-        losses = {"mutual_information": _losses.mutual_information_loss(s_TN)}
-        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), {"losses": losses, "metrics": metrics}
+        metrics = routing_metrics(s_TN, weights, threshold=c.inference_threshold, slots=c.inference_top_k,
+                                  mask_T=mask_T)
+        losses = {"mutual_information": _losses.mutual_information_loss(s_TN, mask_T)}
+        sums = routing_sums(s_TN, weights, threshold=c.inference_threshold, mask_T=mask_T)
+        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), {"losses": losses, "metrics": metrics, "sums": sums}
+
+    eval_metrics = staticmethod(eval_metrics_from_sums)
 
     @staticmethod
     def param_counts(config: DSMoEConfig) -> dict:

@@ -21,6 +21,7 @@ import math
 from typing import Any, Mapping
 
 from grin_jax import ffn as _ffn
+from grin_jax.nn.moa import MoAConfig
 
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,7 +35,9 @@ class ModelConfig:
     Sizes: vocab_size, d_model, num_layers, num_heads (query heads), num_kv_heads (GQA; must divide num_heads),
       head_dim (None = d_model // num_heads), max_seq_len (context; RoPE positions and KV caches up to it).
     Attention: rope_theta; sliding_window (None = full causal; W = each query sees W keys including itself,
-      transformers 5.x semantics); attention_bias (q/k/v/o projections with bias).
+      transformers 5.x semantics); attention_bias (q/k/v/o projections with bias); moa (None = grouped-query
+      attention in every layer; a mapping, the `model.moa` section = DS-MoE's mixture of attention heads in every
+      layer, nn/moa.py MoAConfig).
     Norm: 'layernorm' (weight + bias, GRIN/PhiMoE) or 'rmsnorm' (Mixtral); norm_eps.
     FFN: layout (above) and `sections`, a tuple of (section name, kind config) pairs (built by from_dict from the
       mapping-valued keys; construct directly with `ModelConfig.make(..., moe={...})`).
@@ -56,6 +59,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     sliding_window: int | None = None
     attention_bias: bool = False
+    moa: Any = None
     layout: Any = "moe"
     sections: tuple = ()
     tie_embeddings: bool = False
@@ -101,6 +105,12 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 fail(name, "finite numbers > 0")
+        if self.moa is not None and not isinstance(self.moa, MoAConfig):
+            if not isinstance(self.moa, Mapping) and not hasattr(self.moa, "to_dict"):
+                fail("moa", "None or a mapping of MoAConfig keys")
+            values = dict(self.moa.to_dict() if hasattr(self.moa, "to_dict") else self.moa)
+            object.__setattr__(self, "moa", MoAConfig.from_section(values, num_heads=self.num_heads,
+                                                                   num_kv_heads=self.num_kv_heads))
         object.__setattr__(self, "sections", self._resolve_sections(self.sections))
         object.__setattr__(self, "layout", self._resolve_layout(self.layout))
 
@@ -180,6 +190,8 @@ class ModelConfig:
     def to_dict(self) -> dict:
         """Flat mapping: backbone fields, 'layout' (its shortest repeating pattern) and one dict per section."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "sections"}
+        if self.moa is not None:
+            values["moa"] = self.moa.to_section()
         period = next(p for p in range(1, len(self.layout) + 1)
                       if len(self.layout) % p == 0 and self.layout == self.layout[:p] * (len(self.layout) // p))
         values["layout"] = ",".join(self.layout[:period])  # the shortest pattern
@@ -198,7 +210,9 @@ class ModelConfig:
         fields = {f.name for f in dataclasses.fields(cls)} - {"sections"}
         backbone, sections = {}, {}
         for key, value in dict(values).items():
-            if isinstance(value, Mapping) or hasattr(value, "to_dict"):
+            if key == "moa":
+                backbone[key] = value
+            elif isinstance(value, Mapping) or hasattr(value, "to_dict"):
                 sections[key] = value
             elif key in fields:
                 backbone[key] = value

@@ -59,7 +59,8 @@ class DecoderLM(nnx.Module):
             layers.append(DecoderBlock(
                 d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
                 norm=c.norm, norm_eps=c.norm_eps, rope_theta=c.rope_theta, sliding_window=c.sliding_window,
-                attention_bias=c.attention_bias, ffn_kind=kind, ffn_config=ffn_config, param_dtype=pdt, dtype=dt,
+                attention_bias=c.attention_bias, ffn_kind=kind, ffn_config=ffn_config, moa=c.moa, param_dtype=pdt,
+                dtype=dt,
                 activation_dtype=adt, rngs=rngs))
         self.layers = nnx.List(layers)
         self.final_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps, param_dtype=pdt, dtype=dt)
@@ -131,17 +132,21 @@ class DecoderLM(nnx.Module):
 
 
 def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
-    """The layers' FFN aux -> {'aux_loss': sum over sections and losses of weight * mean over the section's layers,
+    """The layers' FFN aux (and, with model.moa, the attention experts' aux under 'attention', reported as the
+    section 'moa') -> {'aux_loss': sum over sections and losses of weight * mean over the section's layers,
     'losses': {'<section>/<loss>': mean over the section's layers (unweighted)},
     'metrics': {'<section>/<metric>': stacked over the section's layers, in layer order},
     'sums': {'<section>/<name>': the kinds' aux['sums'] (when they have some), stacked likewise}}."""
     losses, metrics, sums = {}, {}, {}
     aux_loss = jnp.float32(0.0)
-    for name, section in config.sections:
-        layers = config.layers_of(name)
-        if not layers:
+    ffn_aux = [{k: v for k, v in aux.items() if k != "attention"} for aux in layer_aux]
+    groups = [(name, section, [ffn_aux[i] for i in config.layers_of(name)]) for name, section in config.sections]
+    if config.moa is not None:  # the attention experts of every layer (nn/moa.py): reported as the section 'moa'
+        groups.append(("moa", config.moa, [aux["attention"] for aux in layer_aux]))
+    for name, section, section_aux in groups:
+        if not section_aux:
             continue
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[layer_aux[i] for i in layers])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *section_aux)
         weights = section.loss_weights
         for loss_name, values in stacked["losses"].items():
             mean = jnp.mean(values.astype(jnp.float32))

@@ -47,12 +47,30 @@ def router_z_loss(logits_TE: jax.Array, axis_name=None) -> jax.Array:
     return value if axis_name is None else jax.lax.pmean(value, axis_name)
 
 
-def mutual_information_loss(probs_TE: jax.Array) -> jax.Array:
-    """DS-MoE: L_MI = -H(e) + mean_x H(e|x), H(e) of the batch-mean router distribution."""
+def mutual_information_loss(probs_TE: jax.Array, mask_T: jax.Array | None = None) -> jax.Array:
+    """DS-MoE: L_MI = -H(e) + mean_x H(e|x), H(e) the entropy of the batch-mean router distribution p.
+
+    probs_TE [T, E]: the router probabilities of the T tokens (rows sum to 1; cast to float32).
+    mask_T [T] (optional): non-zero (> 0) for the tokens that count, 0 for padding; None = every token. With weights
+      m_t = 1 where the mask is > 0, else 0:  p = sum_t m_t S_t / max(sum_t m_t, 1) and
+      mean_x H(e|x) = sum_t m_t H(S_t) / max(sum_t m_t, 1), so padded tokens change neither the value nor the
+      gradient (every token masked: 0). The means are over all T tokens given: under jax.jit on sharded arrays they
+      are over the global batch.
+    Returns a float32 scalar in [-log E, 0]. The log's argument is clipped at 1e-30: a probability of exactly 0
+    (a dead expert, one-hot rows) gives a finite value and gradient.
+    """
     probs_TE = probs_TE.astype(jnp.float32)
+
     def entropy(p):
         return -jnp.sum(p * jnp.log(jnp.clip(p, 1e-30, 1.0)), axis=-1)
-    return -entropy(jnp.mean(probs_TE, axis=0)) + jnp.mean(entropy(probs_TE))
+
+    if mask_T is None:
+        return -entropy(jnp.mean(probs_TE, axis=0)) + jnp.mean(entropy(probs_TE))
+    num_tokens = probs_TE.shape[0]
+    w_T = (mask_T.reshape(num_tokens) > 0).astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(w_T), 1.0)
+    usage_E = jnp.sum(w_T[:, None] * probs_TE, axis=0) / count
+    return -entropy(usage_E) + jnp.sum(w_T * entropy(probs_TE)) / count
 
 
 def routing_metrics(expert_ids_TK: jax.Array, probs_TE: jax.Array, axis_name=None) -> dict:

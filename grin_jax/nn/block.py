@@ -1,4 +1,6 @@
 """Pre-LN decoder block: x + Attn(Norm(x)), then h + FFN(Norm(h)) with the FFN kind of the layer (grin_jax.ffn).
+Attn is grouped-query attention (nn/attention.py), or with a `moa` config DS-MoE's mixture of attention heads
+(nn/moa.py), whose router aux the block returns as the FFN aux's 'attention' entry.
 
 Axes: B batch, S sequence, D model.
 """
@@ -12,6 +14,7 @@ from flax import nnx
 from grin_jax import ffn as _ffn
 from grin_jax.nn.attention import Attention
 from grin_jax.nn.layers import make_norm
+from grin_jax.nn.moa import MixtureOfAttention
 
 
 class DecoderBlock(nnx.Module):
@@ -21,13 +24,16 @@ class DecoderBlock(nnx.Module):
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, norm: str,
                  norm_eps: float, rope_theta: float, sliding_window: int | None, attention_bias: bool,
-                 ffn_kind: str, ffn_config, param_dtype=jnp.float32, dtype=jnp.float32,
+                 ffn_kind: str, ffn_config, moa=None, param_dtype=jnp.float32, dtype=jnp.float32,
                  activation_dtype=jnp.float32, rngs: nnx.Rngs):
         norm_kw = dict(eps=norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.input_norm = make_norm(norm, d_model, **norm_kw)
-        self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, rope_theta=rope_theta,
-                              sliding_window=sliding_window, use_bias=attention_bias, param_dtype=param_dtype,
-                              dtype=dtype, rngs=rngs)
+        attn_kw = dict(rope_theta=rope_theta, sliding_window=sliding_window, use_bias=attention_bias,
+                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        if moa is None:
+            self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, **attn_kw)
+        else:
+            self.attn = MixtureOfAttention(d_model, moa, head_dim, **attn_kw)
         self.post_attn_norm = make_norm(norm, d_model, **norm_kw)
         self.mlp = _ffn.get_ffn(ffn_kind)(ffn_config, norm=norm, norm_eps=norm_eps, param_dtype=param_dtype,
                                           dtype=dtype, rngs=rngs)
@@ -42,12 +48,20 @@ class DecoderBlock(nnx.Module):
         with row-sparse tables, when given."""
         act = self.activation_dtype
         attn_kw = {} if segment_ids_BS is None else {"segment_ids_BS": segment_ids_BS}
-        attn_out, new_cache = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache, cache_index=cache_index,
-                                        **attn_kw)
+        attn_aux = None
+        if isinstance(self.attn, MixtureOfAttention):
+            attn_out, new_cache, attn_aux = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache,
+                                                      cache_index=cache_index, training=training,
+                                                      token_mask_BS=token_mask_BS, **attn_kw)
+        else:
+            attn_out, new_cache = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache,
+                                            cache_index=cache_index, **attn_kw)
         h_BSD = x_BSD.astype(act) + attn_out.astype(act)
         ffn_kw = ({"token_mask_BS": token_mask_BS}
                   if token_mask_BS is not None and getattr(self.mlp, "takes_token_mask", False) else {})
         if row_sinks:
             ffn_kw["row_sinks"] = row_sinks
         ffn_out, aux = self.mlp(self.post_attn_norm(h_BSD), training=training, rng=rng, **ffn_kw)
+        if attn_aux is not None:
+            aux = {**aux, "attention": attn_aux}
         return h_BSD + ffn_out.astype(act), aux, new_cache

@@ -56,7 +56,8 @@ def evaluate(eval_step, params, config, tokenizer, *, max_batches, mesh=None, da
 
 def section_metrics(model_config, sums: dict) -> dict:
     """{'<section>/<metric>': value} from the evaluation sums {'<section>/<name>': [L, ...]}: each FFN section with
-    sums asks its kind (`Kind.eval_metrics(sums of the section)`, grin_jax.ffn). model_config: the experiment's
+    sums asks its kind (`Kind.eval_metrics(sums of the section)`, grin_jax.ffn); the attention experts ('moa')
+    are summarised as the ds_moe kind's. model_config: the experiment's
     model section (or a ModelConfig)."""
     if not sums:
         return {}
@@ -65,11 +66,14 @@ def section_metrics(model_config, sums: dict) -> dict:
 
     model = model_config if isinstance(model_config, _models.ModelConfig) else _models.model_config_from(model_config)
     out = {}
-    for name, _ in model.sections:
+    for name, _ in model.sections + ((("moa", model.moa),) if model.moa is not None else ()):
         own = {key.split("/", 1)[1]: value for key, value in sums.items() if key.split("/", 1)[0] == name}
         if not own:
             continue
-        kind = model.kind_of(name)
+        if name == "moa":  # the attention experts (nn/moa.py): the ds_moe kind's sums and metrics
+            kind = "ds_moe"
+        else:
+            kind = model.kind_of(name)
         summarise = getattr(_ffn.get_ffn(kind), "eval_metrics", None)
         if summarise is None:
             raise ValueError(f"FFN section {name!r} (kind {kind!r}) returns sums {sorted(own)} but its kind has no "
