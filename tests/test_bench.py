@@ -57,6 +57,20 @@ def test_quick_run_writes_parseable_json(tmp_path):
     assert peer["stream_triad"]["gbytes_per_s"] > 0 and peer["peer_rows/fwd+bwd"]["gbytes_per_s"] > 0
     assert peer["train_step/sparse/N=1024"]["baseline"] == "train_step/sparse/N=256"
     assert peer["train_step/dense/N=1024"]["ratio_to_dense"] > 0
+    # DS-MoE: the layer's top-K rows (and the reference FFNs) against its dense mode, the LM's likewise; speed-ups
+    q = cases.QUICK
+    ds = {r["name"]: r for r in records if r["group"].startswith("DS-MoE")}
+    layer = {"ds_moe/dense", f"ds_moe/top-{q.ds_top_k}/tiled", f"swiglu_ffn/width={4 * q.ds_d_model}"}
+    lm = {"ds_moe_lm/dense", f"ds_moe_lm/top-{q.ds_model_top_k}+attn-top-1", "ds_moe_lm/top-1+attn-top-1"}
+    assert layer | lm | {f"ds_moe/top-{k}" for k in q.ds_top_ks} <= set(ds)
+    for r in ds.values():
+        if r["name"] not in ("peak_matmul", "ds_moe/dense", "ds_moe_lm/dense"):
+            assert r["baseline"] == ("ds_moe_lm/dense" if r["case"] == "ds_moe_lm" else "ds_moe/dense"), r["name"]
+    assert ds[f"ds_moe/top-{q.ds_top_k}"]["shape"]["K"] == q.ds_top_k
+    assert f"speed-up ds_moe/dense / ds_moe/top-{q.ds_top_k}: " in proc.stdout
+    assert f"speed-up ds_moe_lm/dense / ds_moe_lm/top-{q.ds_model_top_k}+attn-top-1: " in proc.stdout
+    threshold = [r for r in ds.values() if r["name"].startswith("ds_moe/threshold~")]
+    assert len(threshold) == 1 and 0 < threshold[0]["mean_active"] < q.ds_experts
 
 
 def test_routing_inputs_have_the_documented_loads():
@@ -78,6 +92,26 @@ def test_granularity_shapes_keep_active_and_total_parameters():
     assert cases.granular_shape(cases.FULL, 1).useful_flops("fwd+bwd") == 3 * 6 * 8192 * 2048 * 512
 
 
+def test_ds_moe_shapes_and_model_overrides():
+    full = cases.FULL
+    assert 4 * full.ds_d_model // full.ds_experts == 64 and full.ds_top_k in full.ds_top_ks
+    assert 0.25 <= full.ds_model_top_k / full.ds_experts <= 0.35  # ~30 % of the experts active
+    assert all(b * s == full.ds_tokens for b, s in full.ds_model_shapes)
+    dense = cases.ds_moe_model_config(cases.QUICK, 64)
+    assert dense.section("ds_moe").inference == "dense" and dense.max_seq_len == 64
+    assert dense.section("ds_moe").d_hidden == 4 * cases.QUICK.ds_d_model // cases.QUICK.ds_experts
+    # overrides merge into the ModelConfig.make keywords (a section's keys one by one); the sparsity comes last
+    sparse = cases.ds_moe_model_config(cases.QUICK, 64, top_k=3,
+                                       model_overrides={"num_layers": 4, "ds_moe": {"mi_coef": 0.0,
+                                                                                    "inference": "dense"}})
+    section = sparse.section("ds_moe")
+    assert sparse.num_layers == 4 and section.mi_coef == 0.0 and section.num_experts == cases.QUICK.ds_experts
+    assert (section.inference, section.inference_top_k) == ("top_k", 3)
+    assert sparse.moa.inference == "dense"  # the attention experts: dense unless attention_top_k is given
+    both = cases.ds_moe_model_config(cases.QUICK, 64, top_k=3, attention_top_k=1)
+    assert (both.moa.inference, both.moa.inference_top_k) == ("top_k", 1)
+
+
 def test_format_table_handles_baselines_and_missing_memory():
     records = [
         {"group": "g", "name": "peak_matmul", "reps": 1, "median_s": 0.1, "ratio_to_dense": None,
@@ -89,3 +123,6 @@ def test_format_table_handles_baselines_and_missing_memory():
     ]
     table = format_table(records)
     assert "## g" in table and "1.10" in table and "50" in table and "1.90" in table
+    assert "speed-up" not in table
+    records[1].update(report_speedup=True, baseline="dense", ratio_to_dense=0.25, cpu_ratio_to_dense=0.5)
+    assert "speed-up dense / moe/tiled/skewed/fwd: 4.00x (cpu 2.00x)" in format_table(records)

@@ -237,6 +237,28 @@ def test_kernel_forward_without_gradient_and_under_vmap(needs_kernel):
                                np.asarray(jax.vmap(run("dense"))(*stacked)), **TOL)
 
 
+def test_zero_weight_slots_are_skipped_without_gradient_and_kept_with_it(needs_kernel):
+    """A forward with no gradient leaves out the slots of weight exactly 0 (DS-MoE's threshold inference): y equals
+    the dense reference, also when such a slot's expert output is not finite (0 * inf would be NaN), and under
+    jax.grad every slot is computed (the weight gradient of a zero-weight slot is its expert's output, not 0)."""
+    params = experts.init_expert_params(jax.random.key(6), num_experts=E, d_model=D, d_hidden=F)
+    x, ids, w, cot = make_inputs(6, tokens=300)
+    w = w.at[::3, 1].set(0.0).at[:40].set(0.0)  # some slots, and every slot of 40 tokens
+    run = lambda backend: jax.jit(lambda x, ids, w: dispatch.moe_ffn(params, x, ids, w, backend=backend)[0])
+    np.testing.assert_allclose(np.asarray(run("kernel")(x, ids, w)), np.asarray(run("dense")(x, ids, w)), **TOL)
+    assert np.all(np.asarray(run("kernel")(x, ids, w))[:40] == 0)
+    # An expert whose output is inf: skipped where its weight is 0, so no NaN reaches y.
+    ids_inf = ids.at[:, 0].set(2)
+    w_inf = jnp.where(ids_inf == 2, 0.0, w)  # every slot of expert 2 has weight 0
+    broken = {**params, "w_down": params["w_down"].at[2].set(jnp.inf)}
+    y = jax.jit(lambda: dispatch.moe_ffn(broken, x, ids_inf, w_inf, backend="kernel")[0])()
+    assert np.all(np.isfinite(np.asarray(y)))
+    grads, _ = value_and_grads("kernel", "swiglu")(params, x, w, ids, cot)
+    grads_ref, _ = value_and_grads("dense", "swiglu")(params, x, w, ids, cot)
+    assert_close(grads[2], grads_ref[2], "weights grad")
+    assert np.abs(np.asarray(grads[2])[:40]).max() > 0  # zero-weight slots still have a weight gradient
+
+
 def test_empty_batch(needs_kernel):
     params = experts.init_expert_params(jax.random.key(6), num_experts=E, d_model=D, d_hidden=F)
     x, ids, w = jnp.zeros((0, D)), jnp.zeros((0, K), jnp.int32), jnp.zeros((0, K))

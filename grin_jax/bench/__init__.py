@@ -14,6 +14,10 @@ Groups (cases.py has the exact shapes):
   backends ...     every dispatch backend ('dense' reference, 'ragged_dot', 'kernel', 'tiled', 'capacity', 'auto') at a
                    reduced T (the dense reference and XLA:CPU's ragged_dot compute E/K x and E x the FLOPs).
   routers ...      SparseMixer-v2 vs top-k softmax (`routing.route`), forward and forward+backward.
+  PEER ...         the PEER layer and a PEER LM's train step (docs/peer.md#speed).
+  DS-MoE layer     DS-MoE's FFN at inference: top-K of 32 experts and a threshold against its dense mode
+                   (docs/ds_moe.md#speed); `--only DS-MoE`.
+  DS-MoE LM ...    a whole DS-MoE LM's eval forward (MLP and attention experts) at ~30 % active against its dense mode.
   train step       grin_tiny vs dense_tiny, one whole optimizer step (when the trainer and configs/ load).
 
 Records (`--json`): group, name, case, mode, backend, load, shape, reps, median_s, min_s, median_cpu_s,

@@ -31,7 +31,7 @@ def format_table(records: list[dict]) -> str:
     head = (f"{'variant':40s} {'reps':>4s} {'median ms':>10s} {'x dense':>8s} {'cpu x':>6s} {'util':>5s} "
             f"{'GFLOP/s':>8s} {'%peak':>6s} {'GB/s':>6s} {'temp MiB':>9s} {'peak MiB':>9s}")
     lines, group = [], None
-    for r in records:
+    for i, r in enumerate(records):
         if r["group"] != group:
             group = r["group"]
             note = next((n for g, n in _NOTES.items() if g == group and n), "")
@@ -47,7 +47,16 @@ def format_table(records: list[dict]) -> str:
         lines.append(f"{r['name']:40s} {r['reps']:4d} {1e3 * r['median_s']:10.1f} {ratio:>8s} {cpu_ratio:>6s} "
                      f"{util:>5s} {gflops:>8s} {pct:>6s} {bandwidth:>6s} {_fmt_bytes(mem.get('temp_bytes')):>9s} "
                      f"{_fmt_bytes(mem.get('peak_bytes')):>9s}")
+        if i + 1 == len(records) or records[i + 1]["group"] != group:
+            lines += _speedup_lines([s for s in records if s["group"] == group])
     return "\n".join(lines)
+
+
+def _speedup_lines(records: list[dict]) -> list[str]:
+    """'speed-up' lines (1 / x dense, wall and CPU time) of a group's records marked 'report_speedup'."""
+    marked = [r for r in records if r.get("report_speedup") and r["ratio_to_dense"]]
+    return [f"speed-up {r['baseline']} / {r['name']}: {1 / r['ratio_to_dense']:.2f}x"
+            + (f" (cpu {1 / r['cpu_ratio_to_dense']:.2f}x)" if r["cpu_ratio_to_dense"] else "") for r in marked]
 
 
 _NOTES: dict[str, str] = {}
@@ -80,7 +89,9 @@ def _main(argv=None) -> int:
     load_start = os.getloadavg()
 
     groups = (cases.granularity_groups(sizes, key) + cases.backend_groups(sizes, key, slow_reps=slow_reps)
-              + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key) + cases.peer_train_step_groups(sizes, key))
+              + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key)
+              + cases.peer_train_step_groups(sizes, key) + cases.ds_moe_layer_groups(sizes, key)
+              + cases.ds_moe_model_groups(sizes, key))
     train_groups, skipped = cases.train_step_group(sizes, key)
     groups += train_groups
     if args.only:

@@ -54,13 +54,27 @@ class Sizes:
     peer_top_k: int = 8
     peer_experts: tuple = (128 ** 2, 1024 ** 2)
     stream_n: int = 2 ** 25       # stream_triad: 3 x 128 MiB moved
+    ds_tokens: int = 8192         # DS-MoE (ffn/ds_moe.py) at inference: the layer, top-K of N against every expert
+    ds_d_model: int = 512
+    ds_experts: int = 32          # d_hidden = 4 D / N: the experts parameter-matched to a dense FFN of width 4 D
+    ds_top_ks: tuple = (8, 4, 1)  # top-K rows of the layer group; ds_top_k is the issue's (>= 4x the dense mode)
+    ds_top_k: int = 4
+    ds_model_layers: int = 4      # and a whole DS-MoE LM's eval forward (logits), top-K ~30 % against the dense mode
+    ds_model_heads: int = 8
+    ds_model_vocab: int = 4096
+    ds_model_shapes: tuple = ((8, 1024), (32, 256))  # (batch, seq), one group each: T = 8192 tokens
+    ds_model_top_k: int = 10      # 10 / 32 = 31 % of the experts (issue: >= 1.5x the dense mode)
+    ds_model_kv_heads: int = 2    # the LM's attention: DS-MoE's mixture of attention heads (nn/moa.py) over 2 KV heads
+    ds_model_attention_experts: int = 4   # 4 experts of 2 query heads; the sparse rows run top-1 (25 %)
 
 
 FULL = Sizes()
 QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(), backend_tokens=((1, 64),),
               router_shapes=((8, 2),), loads=("skewed",), ablation=False, auto_variant=False, peak_n=256,
               train_step=False, train_variant="smoke", peer_tokens=256, peer_d_model=32,
-              peer_experts=(16 ** 2, 32 ** 2), stream_n=2 ** 16)
+              peer_experts=(16 ** 2, 32 ** 2), stream_n=2 ** 16, ds_tokens=256, ds_d_model=64, ds_experts=8,
+              ds_top_ks=(2, 1), ds_top_k=2, ds_model_layers=2, ds_model_heads=4, ds_model_vocab=256,
+              ds_model_shapes=((2, 64),), ds_model_top_k=3, ds_model_kv_heads=2, ds_model_attention_experts=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,3 +498,196 @@ def peer_train_step_groups(sizes: Sizes, key) -> list[Group]:
                                                     "heads": H, "top_k": K}}))
     return [Group(f"PEER train step N={small:,} vs {large:,} h={H} k={K} d={D} T={T}", variants,
                   note=f"x dense here: time / that at N={small:,} with the same table update")]
+
+
+# ------------------------------------------------------------------------------------------------ DS-MoE
+def _ffn_params(key, d_model: int, width: int, gated: bool) -> dict:
+    """A dense FFN's weights: SwiGLU (w_gate, w_up, w_down) when gated, else GELU (w_in, w_out)."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    w_in = jax.random.normal(k1, (d_model, width), jnp.float32) / d_model ** 0.5
+    w_out = jax.random.normal(k2, (width, d_model), jnp.float32) / width ** 0.5
+    if not gated:
+        return {"w_in": w_in, "w_out": w_out}
+    return {"w_gate": jax.random.normal(k3, (d_model, width), jnp.float32) / d_model ** 0.5, "w_up": w_in,
+            "w_down": w_out}
+
+
+def ds_moe_layer_groups(sizes: Sizes, key) -> list[Group]:
+    """The DS-MoE layer (ffn/ds_moe.py, SwiGLU experts of width F = 4 D / N) at inference: forward, jitted,
+    training=False, on T tokens; the same parameters with inference='dense' (every expert, ffn.ds_moe.dense_mixture:
+    one matmul pair of width N F; the baseline) and inference='top_k' for each K of `sizes.ds_top_ks` (only K experts
+    per token, dispatch backend 'auto': the C++ kernel on CPU; at K = sizes.ds_top_k also the pure-XLA 'tiled').
+    References on the same tokens: a SwiGLU FFN of width N F (= 4 D: the dense mode's parameters and FLOPs, without
+    router), a GELU FFN of width 4 D, and a SwiGLU FFN of width K F (the top-K layer's active expert FLOPs: what the
+    sparse path would cost at dense-matmul efficiency). Issue target: the dense mode >= 4x the time of top-4.
+    FLOPs per token: router 2 D N, experts 2·3·D·F per active expert (N for the dense mode, K for top-K)."""
+    from flax import nnx
+
+    from grin_jax.ffn import ds_moe
+
+    T, D, N = sizes.ds_tokens, sizes.ds_d_model, sizes.ds_experts
+    k_x, k_f = jax.random.split(jax.random.fold_in(key, 600))
+    x = jax.random.normal(k_x, (1, T, D), jnp.float32)
+
+    def layer(**inference):
+        config = ds_moe.DSMoEConfig(d_model=D, num_experts=N, backend=inference.pop("backend", "auto"), **inference)
+        return ds_moe.DSMoEFFN(config, rngs=nnx.Rngs(0))  # same seed: the same parameters in every mode
+
+    dense_layer = layer()
+    F = dense_layer.config.d_hidden
+    graphdef_dense, params = nnx.split(dense_layer)
+    scores = dense_layer.scores(x[0])
+    shape = {"T": T, "D": D, "E": N, "F": F, "total_width": N * F}
+    router_flops = 2.0 * T * D * N
+
+    def expert_flops(k):
+        return 2.0 * T * D * F * 3 * k
+
+    def forward(graphdef):
+        return jax.jit(lambda params, x_BSD: nnx.merge(graphdef, params)(x_BSD, training=False)[0])
+
+    base = "ds_moe/dense"
+    variants = [peak_variant(sizes.peak_n, key),
+                Variant(base, forward(graphdef_dense), (params, x), router_flops + expert_flops(N),
+                        meta={"case": "ds_moe_layer", "mode": FWD, "backend": "dense_mixture", "load": "-",
+                              "inference": "dense", "shape": {**shape, "K": N}})]
+    rows = [(k, "auto") for k in sizes.ds_top_ks] + [(sizes.ds_top_k, "tiled")]
+    for k, backend in rows:
+        graphdef, _ = nnx.split(layer(inference="top_k", inference_top_k=k, backend=backend))
+        resolved = dispatch.resolve_backend(backend, activation="swiglu", dtype=jnp.float32)
+        meta = {"case": "ds_moe_layer", "mode": FWD, "backend": backend, "resolves_to": resolved, "load": "router",
+                "inference": "top_k", "shape": {**shape, "K": k}, "report_speedup": True,
+                **load_stats(jax.lax.top_k(scores, k)[1])}
+        if resolved == "kernel":
+            meta["scratch_bytes"] = cpu_kernel.scratch_bytes(T, k, D, F)
+        name = f"ds_moe/top-{k}" + ("" if backend == "auto" else f"/{backend}")
+        variants.append(Variant(name, forward(graphdef), (params, x), router_flops + expert_flops(k), meta=meta,
+                                baseline=base))
+    # The threshold mode with N slots (exact on every token): eps chosen so that ~ds_top_k experts pass on average;
+    # the kernel skips the zero-weight slots at inference, so its time should follow the active count, not N.
+    eps = float(N * jnp.quantile(scores, 1.0 - sizes.ds_top_k / N))
+    graphdef, _ = nnx.split(layer(inference="threshold", inference_top_k=N, inference_threshold=eps))
+    passing = float(jnp.mean(jnp.sum(N * scores > eps, axis=-1)))
+    variants.append(Variant(f"ds_moe/threshold~{passing:.1f}", forward(graphdef), (params, x),
+                            router_flops + expert_flops(passing), baseline=base,
+                            meta={"case": "ds_moe_layer", "mode": FWD, "backend": "auto", "load": "router",
+                                  "inference": "threshold", "threshold": eps, "mean_active": passing,
+                                  "shape": {**shape, "K": N}, "report_speedup": True}))
+    for label, width, gated in ((f"swiglu_ffn/width={N * F}", N * F, True), (f"gelu_ffn/width={4 * D}", 4 * D, False),
+                                (f"swiglu_ffn/width={sizes.ds_top_k * F}", sizes.ds_top_k * F, True)):
+        ffn = _ffn_params(jax.random.fold_in(k_f, width + gated), D, width, gated)
+        fn = dense_ffn if gated else gelu_ffn
+        variants.append(Variant(label, jax.jit(lambda p, x_BSD, fn=fn: fn(p, x_BSD[0])), (ffn, x),
+                                2.0 * T * D * width * (3 if gated else 2), baseline=base,
+                                meta={"case": "dense_ffn", "mode": FWD, "backend": "dense_ffn", "load": "-",
+                                      "activation": "swiglu" if gated else "gelu",
+                                      "shape": {"T": T, "D": D, "width": width}}))
+    return [Group(f"DS-MoE layer E={N} F={F} top-{'/'.join(map(str, sizes.ds_top_ks))} d={D} T={T}", variants,
+                  note=f"inference forward; x dense: time / the dense mode (all {N} experts); "
+                       f"target: top-{sizes.ds_top_k} >= 4x faster")]
+
+
+def _merged(values: dict, overrides) -> dict:
+    """values updated by overrides; a mapping-valued override of a mapping-valued key (an FFN or attention section)
+    updates that section's keys, as ModelConfig.replace does."""
+    out = dict(values)
+    for key, value in (overrides or {}).items():
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def ds_moe_model_config(sizes: Sizes, seq: int, *, top_k: int | None = None, attention_top_k: int | None = None,
+                        model_overrides: dict | None = None):
+    """The benchmark's DS-MoE LM (every layer ds_moe, N = sizes.ds_experts SwiGLU experts of width 4 D / N, and a
+    mixture of attention heads of sizes.ds_model_attention_experts experts over sizes.ds_model_kv_heads shared KV
+    heads) for sequences of `seq` tokens; top_k / attention_top_k None: inference='dense' for the MLP / attention
+    experts, else inference='top_k' with that K.
+    model_overrides: merged into the ModelConfig.make keywords (a mapping value updates that section's keys; e.g.
+    an attention-experts section); the ds_moe inference setting is applied after them."""
+    from grin_jax import models
+
+    D, H = sizes.ds_d_model, sizes.ds_model_heads
+    values = {"vocab_size": sizes.ds_model_vocab, "d_model": D, "num_layers": sizes.ds_model_layers, "num_heads": H,
+              "num_kv_heads": sizes.ds_model_kv_heads, "max_seq_len": seq, "layout": "ds_moe",
+              "ds_moe": {"num_experts": sizes.ds_experts}, "moa": {"num_experts": sizes.ds_model_attention_experts}}
+    values = _merged(values, model_overrides)
+
+    def inference(k):
+        return {"inference": "dense"} if k is None else {"inference": "top_k", "inference_top_k": k}
+
+    values = _merged(values, {"ds_moe": inference(top_k)})
+    if values.get("moa") is not None:
+        values = _merged(values, {"moa": inference(attention_top_k)})
+    return models.ModelConfig.make(**values)
+
+
+def _lm_forward_flops(config, batch: int, seq: int, top_k: int, attention_top_k: int | None = None) -> float:
+    """FLOPs of the LM's forward as computed: per layer q/k/v/o projections, scores and values over the full S x S
+    (the einsum attention masks, it does not skip; with attention experts, the q/o projections and the scores of
+    attention_top_k of the E experts' heads, plus the router 2 D E), router and top_k SwiGLU experts; the LM head."""
+    T, D, hd = batch * seq, config.d_model, config.resolved_head_dim
+    H, G = config.num_heads, config.num_kv_heads
+    ffn = config.section("ds_moe")
+    share, router = 1.0, 0
+    if config.moa is not None:
+        share = (config.moa.num_experts if attention_top_k is None else attention_top_k) / config.moa.num_experts
+        router = 2 * T * D * config.moa.num_experts
+    attention = 2 * T * D * hd * 2 * G + share * (2 * T * D * hd * 2 * H + 2 * 2 * T * seq * H * hd) + router
+    experts = 2 * T * D * ffn.num_experts + 2 * T * D * ffn.d_hidden * 3 * top_k
+    return float(config.num_layers * (attention + experts) + 2 * T * D * config.vocab_size)
+
+
+def ds_moe_model_groups(sizes: Sizes, key, *, model_overrides: dict | None = None,
+                        sparse_overrides: dict | None = None) -> list[Group]:
+    """A whole DS-MoE LM's eval forward (jitted, training=False, logits [B, S, V]; ds_moe_model_config) on B x S
+    synthetic tokens, one group per (B, S) of `sizes.ds_model_shapes`: the same parameters with inference='dense'
+    for the MLP and the attention experts (the baseline), then MLP top-K at K = sizes.ds_model_top_k (~30 % of the
+    experts; issue target: the dense mode >= 1.5x its time) and MLP top-1, both with the attention experts at top-1
+    (25 % of the query heads; the K/V heads, shared, always run). The shorter sequence shows attention's share of
+    the time smaller.
+    model_overrides: merged into every variant's ModelConfig.make keywords; sparse_overrides: merged on top of them
+    into the sparse variants' only (e.g. the sparsity of another kind of experts)."""
+    from grin_jax import models
+
+    groups = []
+    for batch, seq in sizes.ds_model_shapes:
+        dense_config = ds_moe_model_config(sizes, seq, model_overrides=model_overrides)
+        graphdef, params = models.init(dense_config, rng=0)
+        tokens = jax.random.randint(jax.random.fold_in(key, 700 + seq), (batch, seq), 0, dense_config.vocab_size)
+        N = sizes.ds_experts
+        shape = {"batch": batch, "seq": seq, "tokens": batch * seq, "d_model": dense_config.d_model,
+                 "layers": dense_config.num_layers, "heads": dense_config.num_heads,
+                 "vocab": dense_config.vocab_size, "E": N, "F": dense_config.section("ds_moe").d_hidden}
+        base = "ds_moe_lm/dense"
+        variants = [peak_variant(sizes.peak_n, key)]
+        attention_k = 1 if dense_config.moa is not None else None  # the sparse rows' attention: top-1 of E
+        for k in (None, sizes.ds_model_top_k, 1):
+            if k is None:
+                config = dense_config
+            else:
+                config = ds_moe_model_config(sizes, seq, top_k=k, attention_top_k=attention_k,
+                                             model_overrides=_merged(model_overrides or {}, sparse_overrides))
+            graphdef, _ = models.abstract_init(config)
+            fn = jax.jit(lambda params, tokens_BS, graphdef=graphdef: models.apply(graphdef, params, tokens_BS)[0])
+            active = N if k is None else k
+            attention_active = None if (k is None or config.moa is None) else config.moa.inference_top_k
+            meta = {"case": "ds_moe_lm", "mode": FWD, "backend": config.section("ds_moe").backend,
+                    "load": "router", "inference": "dense" if k is None else "top_k",
+                    "shape": {**shape, "K": active, "active_fraction": active / N,
+                              "attention_experts": None if config.moa is None else config.moa.num_experts,
+                              "attention_K": attention_active}}
+            if k is not None:
+                meta["report_speedup"] = True
+            variants.append(Variant(base if k is None else f"ds_moe_lm/top-{k}" + (
+                                        "" if attention_active is None else f"+attn-top-{attention_active}"),
+                                    fn, (params, tokens),
+                                    _lm_forward_flops(config, batch, seq, active, attention_active), meta=meta,
+                                    baseline=None if k is None else base))
+        groups.append(Group(f"DS-MoE LM L={dense_config.num_layers} d={dense_config.d_model} E={N} "
+                            f"top-{sizes.ds_model_top_k} B={batch} S={seq} V={dense_config.vocab_size}", variants,
+                            note=f"eval forward, logits; x dense: time / the dense mode; "
+                                 f"target: top-{sizes.ds_model_top_k} >= 1.5x faster"))
+    return groups

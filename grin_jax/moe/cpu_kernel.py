@@ -8,7 +8,10 @@ differentiable in x, the expert weights and the combine weights (a `jax.custom_v
 The kernel (csrc/expert_mlp.cc) counting-sorts the token-slots by expert and runs every expert's matmuls as one
 OpenBLAS sgemm over its rows (no padding, no tiles), with OpenMP loops for the gathers, the activation and the
 combine. Memory: the forward saves the pre-activations [M, Fi] (as the dense FFN saves [T, Fi]); scratch is
-2 M D + M F floats forward and 3 M D + M F + M Fi backward.
+2 M D + M F floats forward and 3 M D + M F + M Fi backward. A forward with no gradient to come (inference) leaves
+out the token-slots of weight exactly 0, whose term is 0 (DS-MoE's threshold mode zeroes the slots under its
+threshold, so its compute falls with the active fraction); under jax.grad every slot is computed, since the
+combine weights' gradient needs each slot's expert output.
 
 What it supports (`supports(activation, dtype)`: None, else the reason): the activations of `ACTIVATION_CODES`
 (swiglu, geglu, gelu, relu; an activation added to `experts.ACTIVATIONS` has no C++ code until one is written) and

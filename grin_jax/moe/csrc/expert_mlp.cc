@@ -84,7 +84,10 @@ struct Layout {
   std::vector<int64_t> offset;
 };
 
-ffi::Error make_layout(const int32_t* ids, const Shapes& s, Layout* layout) {
+// skip_zero: the slots' weights, when slots of weight exactly 0 are to be left out (a forward with no gradient to
+// come: such a slot adds 0 * Expert(x) = 0 to y, so its rows need not be computed; DS-MoE's threshold inference
+// zeroes the slots under its threshold). Null: every slot gets a row (training: the weight gradient needs them).
+ffi::Error make_layout(const int32_t* ids, const Shapes& s, Layout* layout, const float* skip_zero = nullptr) {
   layout->offset.assign(s.experts + 1, 0);
   for (int64_t m = 0; m < s.slots; ++m) {
     const int32_t e = ids[m];
@@ -93,12 +96,16 @@ ffi::Error make_layout(const int32_t* ids, const Shapes& s, Layout* layout) {
                         "expert_ids[" + std::to_string(m) + "] = " + std::to_string(e) +
                             " is out of range: accepted values are 0.." + std::to_string(s.experts - 1));
     }
+    if (skip_zero && skip_zero[m] == 0.0f) continue;
     ++layout->offset[e + 1];
   }
   for (int64_t e = 0; e < s.experts; ++e) layout->offset[e + 1] += layout->offset[e];
   std::vector<int64_t> next(layout->offset.begin(), layout->offset.end() - 1);
-  layout->slot_of_row.resize(s.slots);
-  for (int64_t m = 0; m < s.slots; ++m) layout->slot_of_row[next[ids[m]]++] = static_cast<int32_t>(m);
+  layout->slot_of_row.resize(layout->offset.back());
+  for (int64_t m = 0; m < s.slots; ++m) {
+    if (skip_zero && skip_zero[m] == 0.0f) continue;
+    layout->slot_of_row[next[ids[m]]++] = static_cast<int32_t>(m);
+  }
   return ffi::Error::Success();
 }
 
@@ -390,10 +397,14 @@ ffi::Error ExpertMlpFwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w_in, ffi
                         ffi::ResultBuffer<ffi::F32> pre_out, int64_t activation) {
   Shapes s;
   if (auto err = check_shapes(x, w_in, w_out, ids, weights, activation, &s); err.failure()) return err;
-  Layout layout;
-  if (auto err = make_layout(ids.typed_data(), s, &layout); err.failure()) return err;
-  // pre_out is [M, Fi] (saved for the backward) or [0, Fi] (no gradient needed: chunk scratch instead).
+  // pre_out is [M, Fi] (saved for the backward) or [0, Fi] (no gradient needed: chunk scratch instead, and the
+  // slots of weight 0 are skipped).
   float* saved_pre = pre_out->element_count() ? pre_out->typed_data() : nullptr;
+  Layout layout;
+  if (auto err = make_layout(ids.typed_data(), s, &layout, saved_pre ? nullptr : weights.typed_data());
+      err.failure()) {
+    return err;
+  }
   dispatch_activation(activation, [&](auto act) {
     forward<decltype(act)>(s, layout, x.typed_data(), w_in.typed_data(), w_out.typed_data(), weights.typed_data(),
                            y->typed_data(), saved_pre);
