@@ -219,3 +219,48 @@ def test_model_aux_reports_the_moa_section():
 def test_config_validation(values, key):
     with pytest.raises(ValueError, match=key):
         MoAConfig.from_section(values, num_heads=H, num_kv_heads=G)
+
+
+def test_ds_moe_model_with_attention_experts_on_a_mesh_equals_one_device():
+    """configs/ds_moe_tiny.py:smoke (MLP and attention experts) through the train step's loss function on a
+    data=2 x model=4 mesh of fake CPU devices (the attention experts' axis sharded over 'model') equals one device:
+    the loss, the MoA MI loss and every gradient to 1e-5."""
+    import importlib.util
+    import os
+
+    from grin_jax import sharding
+    from grin_jax.train import step as step_module
+    from grin_jax.train import trainer
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ds_moe_tiny.py")
+    spec = importlib.util.spec_from_file_location("ds_moe_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("smoke")
+    config.model.moa.mi_coef = 0.1
+    experiment = trainer.resolve(config, check_mesh=False)
+    tx, _ = trainer.make_optimizer(config.train, experiment.model)
+    graphdef, state = trainer.init_state(experiment, tx)
+    rng = np.random.default_rng(0)
+    B, S = 4, 16
+    batch = {"inputs": rng.integers(0, 256, (B, S)).astype(np.int32),
+             "targets": rng.integers(0, 256, (B, S)).astype(np.int32), "loss_mask": np.ones((B, S), np.float32)}
+    loss_fn = step_module.make_loss_fn(graphdef)
+    key = jax.random.fold_in(state["rng"], state["step"])
+
+    def numbers(params, batch):
+        (total, (_, aux, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        return total, aux["losses"]["moa/mutual_information"], grads
+
+    ref = jax.jit(numbers)(state["params"], batch)
+    config.mesh.data, config.mesh.expert, config.mesh.model = 2, 1, 4
+    mesh = sharding.make_mesh(config.mesh)
+    shardings = trainer.state_shardings(experiment, tx, mesh)
+    placed = jax.device_put(state["params"], shardings["params"])
+    q_kernel = placed["layers"][0]["attn"]["q"]["kernel"]
+    assert q_kernel.sharding.shard_shape(q_kernel.shape)[1] == 1  # 4 attention experts over 4 model shards
+    with jax.set_mesh(mesh):
+        got = jax.jit(numbers)(placed, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    assert abs(float(got[0]) - float(ref[0])) < 1e-5 and abs(float(got[1]) - float(ref[1])) < 1e-6
+    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(ref[2]), jax.tree.leaves(got[2])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5, err_msg=jax.tree_util.keystr(p))

@@ -132,3 +132,19 @@ seed = 0
     assert any(line.startswith("with BN") and "1.06" in line for line in rows)
     for name in ("batchnorm", "none"):
         assert os.path.exists(tmp_path / "peer" / name / "summary.json")
+
+
+def test_ds_moe(tmp_path):
+    notebook = run_notebook("ds_moe.ipynb", f"""
+variant = "smoke"
+steps = 4
+alphas = (0.0, 0.1)
+eval_batches = 1
+thresholds = (1.0,)
+workdir = {str(tmp_path / 'ds_moe')!r}
+""", tmp_path)
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "alpha=0.1: MLP" in text and "experts over the threshold" in text
+    assert os.path.exists(tmp_path / "ds_moe" / "alpha_0.1" / "summary.json")
