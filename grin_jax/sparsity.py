@@ -225,6 +225,17 @@ def markdown_table(grid: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def label_axes(axes, dense_marker: str, ylabel: str) -> None:
+    """Titles, labels and limits of a (MLP, attention) pair of loss-against-active-fraction panels."""
+    for ax, layer_type in zip(axes, LAYER_TYPES):
+        name = "MLP" if layer_type == "mlp" else "attention"
+        ax.set_xlabel(f"active fraction of the {name} experts (other layer type dense)")
+        ax.set_xlim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{name} layers ({dense_marker})")
+    axes[0].set_ylabel(ylabel)
+
+
 def plot_grid(grids: list[dict], path: str, labels: list[str] | None = None) -> None:
     """Validation loss against active fraction, one panel per layer type (the other dense), a line per mode
     (top-K, threshold, threshold-top-K) and per grid, the dense mode as a dashed line."""
@@ -249,13 +260,7 @@ def plot_grid(grids: list[dict], path: str, labels: list[str] | None = None) -> 
                     ax.plot([r[f"{layer_type}_active_fraction"] for r in rows], [r["loss"] for r in rows], style,
                             color=f"C{g}", alpha=0.5 + 0.5 * (mode == "top_k"), ms=4,
                             label=f"{label} {mode}".strip())
-    for ax, layer_type in zip(axes, LAYER_TYPES):
-        ax.set_xlabel(f"active fraction of the {'MLP' if layer_type == 'mlp' else 'attention'} experts "
-                      "(other layer type dense)")
-        ax.set_xlim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{'MLP' if layer_type == 'mlp' else 'attention'} layers (dashed: dense mode)")
-    axes[0].set_ylabel("validation loss (nats/token)")
+    label_axes(axes, "dashed: dense mode", "validation loss (nats/token)")
     handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
     if handles:
         axes[0].legend(fontsize=7)

@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from grin_jax import sparsity
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DENSE, MOE = "dense", "MoE top-2"
 TOLERANCE = 0.02  # nats: "about as good as the dense mode" for the sparsest-setting question
@@ -277,12 +279,7 @@ def plot(runs, path):
             values = [run["rows"][("dense", "dense")]["loss"] for run in runs.get(other, {}).values() if run["rows"]]
             if values:
                 ax.axhline(np.mean(values), color="k", ls=style, lw=1, label=f"{other} baseline")
-        ax.set_xlabel(f"active fraction of the {'MLP' if layer_type == 'mlp' else 'attention'} experts "
-                      "(other layer type dense)")
-        ax.set_xlim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{'MLP' if layer_type == 'mlp' else 'attention'} layers (★ dense mode)")
-    axes[0].set_ylabel("validation loss (nats/token), seed mean")
+    sparsity.label_axes(axes, "★ dense mode", "validation loss (nats/token), seed mean")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
