@@ -68,10 +68,13 @@ class DenseFFN(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
         del training, rng
-        x = x_BSD.astype(self.dtype)
+        # [B, S, D] -> [T, D] first: XLA:CPU runs the backward of a 3-D x 2-D matmul (weight gradient contracting
+        # two axes) ~2x slower than that of the 2-D one.
+        x = x_BSD.reshape(-1, x_BSD.shape[-1]).astype(self.dtype)
         up = x @ self.w_up[...].astype(self.dtype)
         h = self.act.fn(x @ self.w_gate[...].astype(self.dtype)) * up if self.act.gated else self.act.fn(up)
-        return h @ self.w_down[...].astype(self.dtype), {"losses": {}, "metrics": {}}
+        y = h @ self.w_down[...].astype(self.dtype)
+        return y.reshape(x_BSD.shape[:-1] + y.shape[-1:]), {"losses": {}, "metrics": {}}
 
     @staticmethod
     def param_counts(config: DenseConfig) -> dict:

@@ -87,7 +87,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        x_TD = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: XLA:CPU's backward of the 3-D form is slower
+        logits = jnp.einsum("td,vd->tv", x_TD, self.embedding[...].astype(self.dtype))
+        return logits.reshape(x.shape[:-1] + logits.shape[-1:])
 
 
 class LayerNorm(nnx.Module):
