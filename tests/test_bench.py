@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from grin_jax.bench import cases
 from grin_jax.bench.__main__ import format_table
@@ -126,3 +127,33 @@ def test_format_table_handles_baselines_and_missing_memory():
     assert "speed-up" not in table
     records[1].update(report_speedup=True, baseline="dense", ratio_to_dense=0.25, cpu_ratio_to_dense=0.5)
     assert "speed-up dense / moe/tiled/skewed/fwd: 4.00x (cpu 2.00x)" in format_table(records)
+
+
+def test_phimoe_peer_has_our_shape_and_steps():
+    """The train-step group's PyTorch peer: transformers' PhimoeForCausalLM built from grin_tiny:smoke's model config
+    has exactly our parameter count, and one call runs a whole AdamW step (the parameters move)."""
+    import importlib.util
+    import os
+
+    pytest.importorskip("transformers")
+    import torch
+
+    from grin_jax import params
+    from grin_jax.train import trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("grin_tiny", os.path.join(root, "configs", "grin_tiny.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model_config = trainer.resolve(module.get_config("smoke"), check_mesh=False).model
+    tokens = jax.random.randint(jax.random.key(0), (2, 9), 0, model_config.vocab_size)
+    variants, missing = cases.phimoe_train_step_variant(model_config, tokens, 1e-3)
+    assert missing is None and len(variants) == 1
+    variant = variants[0]
+    assert variant.baseline == "train_step/grin_tiny" and variant.meta["shape"]["tokens"] == 16
+    step = variant.fn.lower().compile()
+    torch_model = variant.fn.fn.model
+    assert sum(p.numel() for p in torch_model.parameters()) == params.count_params(model_config)["total"]
+    before = [p.detach().clone() for p in torch_model.parameters()]
+    step()
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, torch_model.parameters()))

@@ -48,6 +48,7 @@ class Sizes:
     peak_n: int = 4096
     train_step: bool = True
     train_variant: str = ""       # configs/grin_tiny.py variant for the train-step case
+    train_seq_len: int = 256      # the train-step case's sequence length (issue 13's shape: 16 x 256 tokens)
     peer_tokens: int = 4096       # the PEER layer against a GELU FFN of width 4 D (issue: h=4, k=8, d=128)
     peer_d_model: int = 128
     peer_heads: int = 4
@@ -271,9 +272,14 @@ def router_groups(sizes: Sizes, key) -> list[Group]:
 
 
 def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
-    """grin_tiny vs dense_tiny: one whole optimizer step (forward, backward, AdamW) on a synthetic batch.
+    """grin_tiny vs dense_tiny: one whole optimizer step (forward, backward, AdamW) on a synthetic batch of
+    train.batch_size x sizes.train_seq_len tokens; and transformers' PhimoeForCausalLM (the tool a user would
+    otherwise pick: eager PyTorch, AdamW) with the same shape and the same batch (hf_config_from_model_config of
+    grin_tiny), when torch and transformers are installed (the test extra). The PhiMoE row's 'x dense' is its time
+    over grin_tiny's: above 1, grin-jax's step is faster.
 
-    Returns ([group], None) or ([], reason) when the trainer or the configs cannot be loaded here."""
+    Returns ([group], None) or ([], reason) when the trainer or the configs cannot be loaded here; a missing
+    PyTorch peer is reported in the group's note."""
     if not sizes.train_step:
         return [], "train-step case (grin_tiny vs dense_tiny) skipped: not part of --quick (pass --train-step)"
     try:
@@ -288,6 +294,8 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             config = module.get_config(sizes.train_variant)
+            if not sizes.train_variant:
+                config.data.seq_len = sizes.train_seq_len
             experiment = trainer.resolve(config, check_mesh=False)
             tc = config.train
             tx, _ = optim.make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
@@ -299,17 +307,56 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
             batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                      "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
             step = jax.jit(trainer.make_train_step(graphdef, tx))
+            shape = {"batch": batch_size, "seq_len": seq_len, "tokens": batch_size * seq_len}
             variants.append(Variant(f"train_step/{name}", step, (state, batch), 0.0,
                                     baseline=None if name == "dense_tiny" else "train_step/dense_tiny",
                                     meta={"case": "train_step", "mode": "train_step", "load": "router",
                                           "backend": getattr(config.model, "moe_backend", "-") if name == "grin_tiny"
-                                          else "dense_ffn",
-                                          "shape": {"batch": batch_size, "seq_len": seq_len,
-                                                    "tokens": batch_size * seq_len}}))
-        return [Group(f"train step grin_tiny vs dense_tiny{' (smoke)' if sizes.train_variant else ''}",
-                      variants, note="whole optimizer step, synthetic tokens")], None
+                                          else "dense_ffn", "shape": shape}))
+        peer, missing = phimoe_train_step_variant(experiment.model, tokens, tc.learning_rate)
+        variants += peer
+        note = "whole optimizer step, synthetic tokens"
+        note += ("; transformers_phimoe x dense = its time / grin_tiny's (> 1: grin-jax faster)" if peer
+                 else f"; PhiMoE peer skipped: {missing}")
+        return [Group(f"train step grin_tiny vs dense_tiny vs transformers PhiMoE B={shape['batch']} "
+                      f"S={shape['seq_len']}{' (smoke)' if sizes.train_variant else ''}", variants, note=note)], None
     except Exception as error:  # noqa: BLE001 - reported, not hidden
         return [], f"train-step case skipped: {type(error).__name__}: {error}"
+
+
+def phimoe_train_step_variant(model_config, tokens, learning_rate: float) -> tuple[list[Variant], str | None]:
+    """transformers' PhimoeForCausalLM built from `model_config` (convert.hf.hf_config_from_model_config: the same
+    shapes, router and jitter), one AdamW step (loss, backward, step, zero_grad) on the same tokens, torch threads =
+    the machine's cores. ([variant], None), or ([], why) without torch / transformers (the test extra)."""
+    try:
+        import os
+
+        import numpy as np
+        import torch
+        import transformers
+
+        from grin_jax.convert import hf
+    except ImportError as error:
+        return [], f"{error} (pip install -e '.[test]')"
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**hf.hf_config_from_model_config(model_config)))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    ids = torch.from_numpy(np.asarray(tokens[:, :-1], np.int64))
+
+    def call():
+        model(input_ids=ids, labels=ids).loss.backward()  # labels shifted inside: the same next-token targets
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    call.model = model  # for inspection (tests)
+    batch, seq = ids.shape
+    return [Variant("train_step/transformers_phimoe", _TorchCall(call), (), 0.0, baseline="train_step/grin_tiny",
+                    meta={"case": "train_step_peer", "mode": "train_step", "load": "router",
+                          "backend": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                                     f"{torch.get_num_threads()} threads",
+                          "shape": {"batch": batch, "seq_len": seq, "tokens": batch * seq}})], None
 
 
 # ------------------------------------------------------------------------------------------------ PEER
