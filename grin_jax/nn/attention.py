@@ -71,16 +71,25 @@ def attention_mask(q_idx_BS: jax.Array, k_idx_BL: jax.Array, sliding_window: int
 
 
 def dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, *, dtype=jnp.float32):
-    """Grouped-query attention; scores and softmax in float32. Returns [B, S, H, K] in `dtype`."""
+    """Grouped-query attention; scores and softmax in float32. Returns [B, S, H, K] in `dtype`.
+
+    The matmuls run in a KV-head-major layout, queries [B, G, R*S, K] against keys [B, G, L, K]: XLA:CPU runs
+    their forward and backward ~1.4x faster than the same einsums on [B, S, G, R, K] (one transpose of q, k, v
+    and of the output instead)."""
     batch, seq, num_heads, head_dim = q_BSHK.shape
-    num_kv = k_BLGK.shape[2]
-    q_BSGRK = q_BSHK.reshape(batch, seq, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("bsgrk,blgk->bgrsl", q_BSGRK.astype(dtype), k_BLGK.astype(dtype),
-                        preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    num_kv, keys = k_BLGK.shape[2], k_BLGK.shape[1]
+    per_kv = num_heads // num_kv
+    q_BGMK = (q_BSHK.astype(dtype).reshape(batch, seq, num_kv, per_kv, head_dim)
+              .transpose(0, 2, 3, 1, 4).reshape(batch, num_kv, per_kv * seq, head_dim))
+    k_BGLK = k_BLGK.astype(dtype).transpose(0, 2, 1, 3)
+    v_BGLK = v_BLGK.astype(dtype).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bgmk,bglk->bgml", q_BGMK, k_BGLK, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    scores = scores.reshape(batch, num_kv, per_kv, seq, keys)
     scores = jnp.where(mask_BSL[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out_BSGRK = jnp.einsum("bgrsl,blgk->bsgrk", probs, v_BLGK.astype(dtype))
-    return out_BSGRK.reshape(batch, seq, num_heads, head_dim)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch, num_kv, per_kv * seq, keys)
+    out_BGMK = jnp.einsum("bgml,bglk->bgmk", probs, v_BGLK)
+    return (out_BGMK.reshape(batch, num_kv, per_kv, seq, head_dim).transpose(0, 3, 1, 2, 4)
+            .reshape(batch, seq, num_heads, head_dim))
 
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:
