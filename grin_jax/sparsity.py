@@ -25,7 +25,6 @@ import csv
 import os
 import sys
 
-MODES = ("dense", "top_k", "threshold", "threshold_top_k")
 DEFAULT_THRESHOLDS = (0.5, 1.0, 2.0, 4.0)
 LAYER_TYPES = ("mlp", "attention")
 

@@ -42,9 +42,6 @@ from grin_jax.moe import losses as _losses
 from grin_jax.nn.attention import apply_rope, attention_mask, dot_product_attention, rope_cos_sin
 from grin_jax.nn.layers import Dense, normal_init, param
 
-INFERENCE_MODES = ("dense", "top_k", "threshold")
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -73,6 +70,8 @@ class MoAConfig:
     inference_threshold: float = 1.0
 
     def __post_init__(self):
+        from grin_jax.ffn.ds_moe import INFERENCE_MODES  # the ds_moe kind's modes (lazy: ffn imports nn)
+
         def fail(name, accepted):
             raise ValueError(f"moa.{name}={getattr(self, name)!r} is invalid: accepted values are {accepted}")
 
