@@ -4,7 +4,7 @@ alpha in {0, 0.01, 0.1} (the same alpha for the MLP and the attention experts), 
 (`:dense`) and the sparse-trained top-2 MoE with equal total parameters (`:moe`), 2 seeds.
 
     python -m grin_jax.sweep --config=configs/sweeps/ds_moe.py --sweep_dir=experiments/ds_moe/runs
-    python experiments/ds_moe/evaluate.py experiments/ds_moe/runs      # the sparsity grid of every checkpoint
+    python experiments/ds_moe/evaluate.py experiments/ds_moe/runs --max_batches 16   # every checkpoint's sparsity grid
     python experiments/ds_moe/analyze.py > experiments/ds_moe/tables.md
 
 Every run: 400 steps of 16 x 128 byte tokens (0.8M tokens), validation on the whole split at the end. The seed
