@@ -1,27 +1,36 @@
 """Meshes, logical axis rules, shardings of the train state and the batch, multi-process set-up.
 
-The mesh has three axes, ('data', 'expert', 'model'), built from the config section `mesh`:
+The mesh has four axes, ('data', 'fsdp', 'expert', 'model'), built from the config section `mesh`:
 
-    config.mesh.data = -1     # data parallelism (-1: whatever the other two leave of the devices)
+    config.mesh.data = -1     # data parallelism (-1: whatever the other axes leave of the devices)
+    config.mesh.fsdp = 1      # fully sharded data parallelism: tokens sharded over it, and the parameters and
+                              # optimizer state sharded along their model dimension D (gathered per layer)
     config.mesh.expert = 1    # expert parallelism: experts E sharded; tokens are sharded over it too
     config.mesh.model = 1     # tensor parallelism: heads, expert/FFN width F, vocabulary sharded
 
 Every parameter carries logical axis names (nn/ sets them in `nnx.Param(..., out_sharding=names)`);
 `LOGICAL_AXIS_RULES` maps each name to mesh axes:
 
-    batch    -> ('data', 'expert')   tokens are sharded over both (GShard / MaxText: the expert axis is a
-                                     data axis for everything outside the MoE layer)
+    batch    -> ('data', 'fsdp', 'expert')   tokens are sharded over all three (GShard / MaxText: the expert
+                                     axis is a data axis for everything outside the MoE layer)
     vocab    -> 'model'              (when the vocabulary size is divisible by it; else replicated)
     heads    -> 'model'              (must divide: checked by `validate`)
     kv_heads -> 'model'              (when divisible; GQA with fewer KV heads than model shards replicates K, V)
     mlp      -> 'model'              (expert width and dense FFN width; must divide)
     experts  -> 'expert'             (must divide)
     peer_experts -> 'expert'         (rows of PEER's expert tables; when divisible)
-    embed, kv, length -> None        (replicated)
+    embed    -> 'fsdp'               (the model dimension D of every weight, the optimizer state alike)
+    kv, length -> None               (replicated)
 
 A dimension whose size is not divisible by its mesh axes is left replicated (vocab 259 of the byte tokenizer,
 2 KV heads on 8 model shards); the dimensions where that would silently waste the parallelism (heads,
-experts, expert width, batch) are rejected by `validate` before anything compiles.
+experts, expert width, d_model over fsdp, batch) are rejected by `validate` before anything compiles.
+
+FSDP (ZeRO-3): with mesh.fsdp > 1 every parameter with an 'embed' dimension, and the optimizer state that mirrors
+it, is stored 1/fsdp per device; the batch is split over the fsdp axis too. Nothing in the model names the axis:
+under jit, XLA's partitioner all-gathers each weight where a layer uses it (the MoE layer's shard_map takes its
+expert weights whole along D, so they are gathered at its boundary) and reduce-scatters the gradients. With
+scanned layers (model.scan_layers) that gather happens inside the loop, one layer group at a time.
 
 Axis types: the mesh uses **Auto** axes (classic `jax.jit` sharding propagation), not the Explicit axes that
 `jax.make_mesh` defaults to. The train / eval steps are jitted with explicit in/out shardings for the state and
@@ -58,15 +67,15 @@ from jax.sharding import PartitionSpec as P
 
 from grin_jax.moe import parallel as _parallel
 
-MESH_AXES = ("data", "expert", "model")
-BATCH_AXES = ("data", "expert")
+MESH_AXES = ("data", "fsdp", "expert", "model")
+BATCH_AXES = _parallel.BATCH_AXIS_NAMES  # ('data', 'fsdp', 'expert'): the axes the tokens are sharded over
 
 # Logical axis name -> mesh axis (str), axes (tuple) or None (replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("vocab", "model"),
-    ("embed", None),
+    ("embed", "fsdp"),
     ("heads", "model"),
     ("kv_heads", "model"),
     ("kv", None),
@@ -78,10 +87,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 # ------------------------------------------------------------------------------------------------ config
 def default_mesh_config() -> ml_collections.ConfigDict:
-    """The `mesh` config section: sizes of the ('data', 'expert', 'model') axes; one of them may be -1 (the rest
-    of the devices). Default: pure data parallelism over all devices."""
+    """The `mesh` config section: sizes of the ('data', 'fsdp', 'expert', 'model') axes; one of them may be -1
+    (the rest of the devices). Default: pure data parallelism over all devices."""
     c = ml_collections.ConfigDict()
     c.data = -1
+    c.fsdp = 1
     c.expert = 1
     c.model = 1
     return c
@@ -144,23 +154,25 @@ def distributed_config_of(config) -> ml_collections.ConfigDict:
     return c
 
 
-def resolve_mesh_shape(mesh_config, num_devices: int, *, process_count: int = 1) -> tuple[int, int, int]:
-    """(data, expert, model) sizes; raises ValueError naming `mesh.<axis>` and its value.
+def resolve_mesh_shape(mesh_config, num_devices: int, *, process_count: int = 1) -> tuple[int, ...]:
+    """The mesh sizes in MESH_AXES order, (data, fsdp, expert, model); raises ValueError naming `mesh.<axis>` and
+    its value.
 
     At most one axis may be -1 (filled with the rest of the devices). A mesh with fewer devices than there are
     is allowed in a single process (it uses the first ones, e.g. `mesh.data=1` for a one-device smoke run on a
-    host with 8 devices); in a multi-process run it must use every device."""
+    host with 8 devices); in a multi-process run it must use every device. An axis the section does not name
+    has size 1."""
     sizes = {}
     for axis in MESH_AXES:
-        value = mesh_config[axis]
+        value = mesh_config.get(axis, 1)
         if not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1):
             raise ValueError(f"mesh.{axis}={value!r} is invalid: accepted values are integers >= 1, or -1 for "
                              "the rest of the devices")
         sizes[axis] = value
     fill = [a for a in MESH_AXES if sizes[a] == -1]
     if len(fill) > 1:
-        raise ValueError(f"mesh.{fill[1]}=-1 is invalid: only one of mesh.data / mesh.expert / mesh.model may be -1 "
-                         f"(got {', '.join(f'mesh.{a}=-1' for a in fill)})")
+        raise ValueError(f"mesh.{fill[1]}=-1 is invalid: only one of {' / '.join(f'mesh.{a}' for a in MESH_AXES)} "
+                         f"may be -1 (got {', '.join(f'mesh.{a}=-1' for a in fill)})")
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if fill:
         axis = fill[0]
@@ -177,18 +189,20 @@ def resolve_mesh_shape(mesh_config, num_devices: int, *, process_count: int = 1)
     if process_count > 1 and total != num_devices:
         raise ValueError(f"the mesh {shape} = {total} devices does not match the {num_devices} devices of the "
                          f"{process_count} processes: a multi-process mesh must use every device")
-    return sizes["data"], sizes["expert"], sizes["model"]
+    return tuple(sizes[a] for a in MESH_AXES)
 
 
 def make_mesh(mesh_config=None, *, devices=None) -> jax.sharding.Mesh:
-    """The ('data', 'expert', 'model') mesh with Auto axes (module docstring) from a `mesh` config section."""
+    """The ('data', 'fsdp', 'expert', 'model') mesh with Auto axes (module docstring) from a `mesh` config section
+    (a mapping; missing axes have size 1). devices: default jax.devices(); AbstractMesh planning passes fakes."""
     mesh_config = default_mesh_config() if mesh_config is None else mesh_config
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_config, len(devices), process_count=jax.process_count())
     used = math.prod(shape)
     if used < len(devices):
-        print(f"mesh (data, expert, model) = {shape} uses {used} of the {len(devices)} devices", file=sys.stderr)
-    return _parallel.make_mesh(*shape, axis_types="auto", devices=devices[:used])
+        print(f"mesh {MESH_AXES} = {shape} uses {used} of the {len(devices)} devices", file=sys.stderr)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices[:used])
 
 
 def mesh_sizes(mesh) -> dict:
@@ -197,47 +211,56 @@ def mesh_sizes(mesh) -> dict:
 
 def validate(config, *, num_devices: int | None = None, process_count: int | None = None,
              platform: str | None = None) -> tuple[int, int, int]:
-    """Check the mesh against the model and the batch before anything compiles; returns (data, expert, model).
+    """Check the mesh against the model and the batch before anything compiles; returns the mesh sizes
+    {'data', 'fsdp', 'expert', 'model'}.
 
     Raises ValueError naming the key and the value: mesh sizes (see resolve_mesh_shape), model.num_heads vs
-    mesh.model, each FFN section against the mesh (its kind's `check_mesh`: e.g. moe.num_experts vs mesh.expert),
-    train.batch_size vs the data shards (mesh.data x mesh.expert) and the processes."""
+    mesh.model, model.d_model vs mesh.fsdp, each FFN section against the mesh (its kind's `check_mesh`: e.g.
+    moe.num_experts vs mesh.expert), train.batch_size vs the data shards (mesh.data x mesh.fsdp x mesh.expert)
+    and the processes."""
     from grin_jax.models.config import model_config_from  # models imports nn imports moe; keep this module light
 
     num_devices = jax.device_count() if num_devices is None else num_devices
     process_count = jax.process_count() if process_count is None else process_count
     platform = jax.default_backend() if platform is None else platform
-    data, expert, model = resolve_mesh_shape(mesh_config_of(config), num_devices, process_count=process_count)
+    sizes = dict(zip(MESH_AXES, resolve_mesh_shape(mesh_config_of(config), num_devices,
+                                                    process_count=process_count)))
+    model = sizes["model"]
     m = model_config_from(config.model)
-    shards = data * expert
+    shards = math.prod(sizes[a] for a in BATCH_AXES)
+    if m.d_model % sizes["fsdp"]:
+        raise ValueError(f"model.d_model={m.d_model} is not divisible by mesh.fsdp={sizes['fsdp']}: the parameters "
+                         f"are sharded along d_model over the fsdp axis; accepted values of mesh.fsdp divide "
+                         f"{m.d_model}")
     if m.num_heads % model:
         raise ValueError(f"model.num_heads={m.num_heads} is not divisible by mesh.model={model}: attention heads are "
                          f"sharded over the model axis; accepted values of mesh.model divide {m.num_heads}")
     from grin_jax import ffn as _ffn
     for name in dict.fromkeys(m.layout):
-        _ffn.get_ffn(m.kind_of(name)).check_mesh(m.section(name), {"data": data, "expert": expert, "model": model,
-                                                                         "platform": platform})
+        _ffn.get_ffn(m.kind_of(name)).check_mesh(m.section(name), {**sizes, "platform": platform})
     batch_size = config.train.batch_size
     if batch_size % shards:
+        layout = " x ".join(f"mesh.{a}={sizes[a]}" for a in BATCH_AXES)
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {shards} data shards "
-                         f"(mesh.data={data} x mesh.expert={expert}): accepted values are multiples of {shards}")
+                         f"({layout}): accepted values are multiples of {shards}")
     if batch_size % process_count:
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {process_count} processes: "
                          f"train.batch_size is global; accepted values are multiples of {process_count}")
-    return data, expert, model
+    return sizes
 
 
 # ------------------------------------------------------------------------------------------------ rules
 def logical_to_spec(names, shape, mesh, rules=LOGICAL_AXIS_RULES) -> P:
     """PartitionSpec of an array with logical axis `names` and `shape` on `mesh`. A dimension not divisible by
-    its mesh axes, or whose mesh axis an earlier dimension already uses, stays replicated."""
+    its mesh axes, or whose mesh axis an earlier dimension already uses, stays replicated; axes of size 1 are left
+    out of the spec (P('expert', 'model') rather than P('expert', 'model', 'fsdp') when mesh.fsdp = 1)."""
     table = dict(rules)
     sizes = mesh_sizes(mesh)
     used, spec = set(), []
     for name, dim in zip(names, shape):
         target = table.get(name) if name is not None else None
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        axes = tuple(a for a in axes if a in sizes)
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1)  # an axis of size 1 shards nothing: left out
         if not axes or used & set(axes) or dim % math.prod(sizes[a] for a in axes):
             spec.append(None)
             continue
@@ -289,7 +312,7 @@ def replicated(mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh) -> NamedSharding:
-    """[B, ...] arrays: B over ('data', 'expert'), the rest replicated."""
+    """[B, ...] arrays: B over the data axes ('data', 'fsdp', 'expert'), the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
 
 

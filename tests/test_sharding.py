@@ -1,8 +1,8 @@
 """grin_jax.sharding and the sharded trainer on 8 fake CPU devices (conftest.py).
 
 The GRIN model (SparseMixer-v2 with input jitter, training=True, the same rng) trained with the trainer's own
-pieces (init_state, compile_train_step) on meshes (data, expert, model) = (8,1,1), (2,4,1), (2,2,2), (1,1,8) gives
-the single-device numbers: the loss, the gradient, the MoE metrics and three AdamW steps. Parameter shardings
+pieces (init_state, compile_train_step) on meshes (data, fsdp, expert, model) = (8,1,1,1), (2,1,4,1), (2,1,2,2),
+(1,1,1,8), (1,8,1,1), (1,2,2,2) gives the single-device numbers: the loss, the gradient, the MoE metrics and three AdamW steps. Parameter shardings
 against a golden table; a checkpoint moves between meshes; impossible layouts fail before compiling.
 
 Compile time dominates: one train-step compile per mesh (plus one sharded init), on a one-layer smoke model,
@@ -32,10 +32,12 @@ B, S = 8, 16
 STEPS = 3
 TOL = 1e-5
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
-MESHES = {"data": (8, 1, 1), "expert_x_data": (2, 4, 1), "model_x_expert_x_data": (2, 2, 2), "model": (1, 1, 8)}
+MESHES = {"data": (8, 1, 1, 1), "expert_x_data": (2, 1, 4, 1), "model_x_expert_x_data": (2, 1, 2, 2),
+          "model": (1, 1, 1, 8), "fsdp": (1, 8, 1, 1), "fsdp_x_expert_x_model": (1, 2, 2, 2)}
+ONE = (1, 1, 1, 1)
 
 
-def small_config(mesh=(1, 1, 1), **model):
+def small_config(mesh=(1, 1, 1, 1), **model):
     """grin_tiny:smoke with one layer and 8 heads (divisible by every model axis here), B x S = 8 x 16."""
     c = grin_tiny.get_config("smoke")
     c.model.num_layers = 1
@@ -48,7 +50,7 @@ def small_config(mesh=(1, 1, 1), **model):
     c.data.seq_len = S
     c.train.batch_size = B
     c.train.clip_norm = 0.0  # plain AdamW: after step 1 its first moment is (1 - b1) * gradient (read back below)
-    c.mesh.data, c.mesh.expert, c.mesh.model = mesh
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.model = mesh
     return c
 
 
@@ -140,12 +142,12 @@ def test_sharded_training_equals_one_device():
     """Every mesh: the gradient (every parameter, router included), the loss and the MoE metrics of the first step,
     then three AdamW steps, equal one device. One test on purpose: under pytest-xdist (CI runs -n 2) a shared
     fixture would be recomputed by each worker."""
-    reference = run((1, 1, 1))
+    reference = run(ONE)
     assert reference["metrics"][0]["moe/router_grad_fraction"] > 0.05  # the router gradient is really tested
     assert reference["losses"][-1] < reference["losses"][0]
     for name, shape in MESHES.items():
-        # (2, 2, 2) creates its state with the sharded (jitted) initialiser; the others start from a copy.
-        result = run(shape, init_state=None if shape == (2, 2, 2) else reference["initial"])
+        # (2, 1, 2, 2) creates its state with the sharded (jitted) initialiser; the others start from a copy.
+        result = run(shape, init_state=None if shape == (2, 1, 2, 2) else reference["initial"])
         print(f"{name} {shape}: max |d grad| {max_abs_diff(result['grads'], reference['grads']):.2e}, "
               f"max |d loss| {max_abs_diff(result['losses'], reference['losses']):.2e}")
         assert max_abs_diff(result["grads"], reference["grads"]) < TOL, name
@@ -156,7 +158,15 @@ def test_sharded_training_equals_one_device():
         # The state stays laid out as the shardings say.
         for array, expected in zip(jax.tree.leaves(result["state"]), jax.tree.leaves(result["shardings"])):
             assert array.sharding.is_equivalent_to(expected, array.ndim), name
-        if shape == (2, 2, 2):
+        if shape == (1, 2, 2, 2):  # FSDP: every weight is split along D as well
+            w = result["state"]["params"]["layers"][0]["mlp"]["w_gate"]
+            assert w.sharding.spec == P("expert", "fsdp", "model")
+            assert w.addressable_shards[0].data.shape == (4, 32, 32)  # [E/2, D/2, F/2] of [8, 64, 64]
+            mu = [s for s in jax.tree.leaves(result["state"]["opt_state"],
+                                             is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+                  if isinstance(s, optax.ScaleByAdamState)][0].mu
+            assert mu["layers"][0]["mlp"]["w_gate"].addressable_shards[0].data.shape == (4, 32, 32)
+        if shape == (2, 1, 2, 2):
             # The jitted, sharded initialiser gives the eager one's values (to rounding: XLA fuses the
             # initialisers' scaling differently under jit), and no device holds a whole expert weight.
             assert max_abs_diff(result["initial"], reference["initial"]) < 1e-7
@@ -186,17 +196,17 @@ def forward(mesh_shape, params, **model):
 def test_alltoall_strategy_and_local_balance_match_one_device():
     """moe.parallel='alltoall' with capacity_factor = E / K (no drops) and per-data-shard balance
     (load_balance_groups = 8 data shards of the (2, 4, 1) mesh) equal one device with 8 balance groups."""
-    params = jax.device_get(random_state((1, 1, 1))[3]["params"])
+    params = jax.device_get(random_state(ONE)[3]["params"])
     options = dict(load_balance_groups=8, capacity_factor=4.0)
-    _, expected = forward((1, 1, 1), params, **options)
-    text, result = forward((2, 4, 1), params, parallel="alltoall", **options)
+    _, expected = forward(ONE, params, **options)
+    text, result = forward((2, 1, 4, 1), params, parallel="alltoall", **options)
     assert "all_to_all" in text  # the strategy reached the layer
     assert max_abs_diff(result, expected) < TOL
 
 
 GOLDEN = {
-    # (data, expert, model) = (2, 2, 2), vocab 264 (divisible): the rules as written.
-    (2, 2, 2): {
+    # (data, fsdp, expert, model) = (2, 1, 2, 2), vocab 264 (divisible): the rules as written.
+    (2, 1, 2, 2): {
         "embed.embedding": P("model"),                        # ('vocab', 'embed')
         "final_norm.bias": P(), "final_norm.scale": P(),
         "layers.0.input_norm.scale": P(), "layers.0.post_attn_norm.bias": P(),
@@ -213,25 +223,38 @@ GOLDEN = {
         "lm_head.kernel": P(None, "model"),                  # ('embed', 'vocab')
         "lm_head.bias": P("model"),
     },
-    # (1, 1, 8), vocab 259: what does not divide stays replicated (vocab 259, 2 KV heads on 8 shards).
-    (1, 1, 8): {
+    # (1, 1, 1, 8), vocab 259: what does not divide stays replicated (vocab 259, 2 KV heads on 8 shards).
+    (1, 1, 1, 8): {
         "embed.embedding": P(),
         "layers.0.attn.q.kernel": P(None, "model"),
         "layers.0.attn.k.kernel": P(),
         "layers.0.attn.k.bias": P(),
         "layers.0.attn.o.kernel": P("model"),
-        "layers.0.mlp.router": P(None, "expert"),
-        "layers.0.mlp.w_up": P("expert", None, "model"),
-        "layers.0.mlp.w_down": P("expert", "model"),
+        "layers.0.mlp.router": P(),                          # mesh.expert = 1: nothing to shard
+        "layers.0.mlp.w_up": P(None, None, "model"),
+        "layers.0.mlp.w_down": P(None, "model"),
         "lm_head.kernel": P(),
         "lm_head.bias": P(),
+    },
+    # (1, 2, 2, 2), vocab 264: FSDP splits every 'embed' dimension (D = 64) in two, norms and biases included.
+    (1, 2, 2, 2): {
+        "embed.embedding": P("model", "fsdp"),
+        "final_norm.scale": P("fsdp"),
+        "layers.0.attn.q.kernel": P("fsdp", "model"),
+        "layers.0.attn.o.kernel": P("model", None, "fsdp"),
+        "layers.0.attn.o.bias": P("fsdp"),
+        "layers.0.mlp.router": P("fsdp", "expert"),
+        "layers.0.mlp.w_gate": P("expert", "fsdp", "model"),
+        "layers.0.mlp.w_down": P("expert", "model", "fsdp"),
+        "lm_head.kernel": P("fsdp", "model"),
+        "lm_head.bias": P("model"),
     },
 }
 
 
 @pytest.mark.parametrize("mesh_shape", list(GOLDEN))
 def test_parameter_shardings_golden_table(mesh_shape):
-    config = small_config(mesh_shape, vocab_size=264 if mesh_shape == (2, 2, 2) else 259)
+    config = small_config(mesh_shape, vocab_size=259 if mesh_shape == (1, 1, 1, 8) else 264)
     experiment = trainer.resolve(config)
     mesh = sharding.make_mesh(config.mesh)
     tx = optimizer(config)
@@ -246,43 +269,50 @@ def test_parameter_shardings_golden_table(mesh_shape):
             if isinstance(s, optax.ScaleByAdamState)][0]
     assert models.flatten_params(adam.mu) == flat and models.flatten_params(adam.nu) == flat
     assert adam.count == P() and specs["step"] == P() and specs["rng"] == P()
-    assert sharding.batch_sharding(mesh).spec == P(("data", "expert"))
+    assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"))
 
 
 def test_checkpoint_restores_onto_another_mesh(tmp_path):
-    """Saved from (8, 1, 1), restored onto (2, 2, 2) through an abstract target carrying the new shardings."""
-    experiment, tx, _, state = random_state((8, 1, 1))
-    target_mesh = sharding.make_mesh(small_config((2, 2, 2)).mesh)
+    """Saved from the FSDP mesh (1, 8, 1, 1), restored onto (2, 1, 2, 2) through an abstract target carrying the new
+    shardings."""
+    experiment, tx, _, state = random_state((1, 8, 1, 1))
+    target_mesh = sharding.make_mesh(small_config((2, 1, 2, 2)).mesh)
     target_shardings = trainer.state_shardings(experiment, tx, target_mesh)
     checkpointer = _checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-    checkpointer.save(STEPS, state, {"note": "from (8, 1, 1)"})
+    checkpointer.save(STEPS, state, {"note": "from (1, 8, 1, 1)"})
     checkpointer.wait()
     _, abstract = trainer.abstract_state(experiment, tx)
     restored, meta = checkpointer.restore(STEPS, sharding.abstract_with_shardings(abstract, target_shardings))
     checkpointer.close()
-    assert meta == {"note": "from (8, 1, 1)"}
+    assert meta == {"note": "from (1, 8, 1, 1)"}
     assert max_abs_diff(restored, jax.device_get(state)) == 0.0
     for array, expected in zip(jax.tree.leaves(restored), jax.tree.leaves(target_shardings)):
         assert array.sharding == expected
     before = state["params"]["layers"][0]["mlp"]["w_gate"].sharding
     after = restored["params"]["layers"][0]["mlp"]["w_gate"].sharding
-    assert before.mesh.axis_sizes == (8, 1, 1) and after.mesh.axis_sizes == (2, 2, 2)
+    assert before.spec == P(None, "fsdp")
+    assert state["params"]["layers"][0]["mlp"]["w_gate"].addressable_shards[0].data.shape == (8, 8, 64)
+    assert before.mesh.axis_sizes == (1, 8, 1, 1) and after.mesh.axis_sizes == (2, 1, 2, 2)
     assert after.spec == P("expert", None, "model")
     assert restored["params"]["layers"][0]["mlp"]["w_gate"].addressable_shards[0].data.shape == (4, 64, 32)
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(mesh=(16, 1, 1)), r"mesh.data=16 x mesh.expert=1 x mesh.model=1 = 16 devices is larger than the 8"),
-    (dict(mesh=(-1, 3, 1)), r"mesh.data=-1 cannot be filled: mesh.expert=3 x mesh.model=1 = 3 does not divide"),
-    (dict(mesh=(-1, -1, 1)), r"mesh.expert=-1 is invalid: only one of"),
-    (dict(mesh=(0, 1, 1)), r"mesh.data=0 is invalid"),
-    (dict(mesh=(1, 4, 2), model=dict(num_experts=6)), r"moe.num_experts=6 is not divisible by the expert axis 'expert' of size 4"),
-    (dict(mesh=(1, 1, 8), model=dict(num_heads=4, head_dim=16)),
+    (dict(mesh=(16, 1, 1, 1)), r"mesh.data=16 x mesh.fsdp=1 x mesh.expert=1 x mesh.model=1 = 16 devices is larger than the 8"),
+    (dict(mesh=(-1, 1, 3, 1)), r"mesh.data=-1 cannot be filled: mesh.fsdp=1 x mesh.expert=3 x mesh.model=1 = 3 does not divide"),
+    (dict(mesh=(-1, 1, -1, 1)), r"mesh.expert=-1 is invalid: only one of"),
+    (dict(mesh=(0, 1, 1, 1)), r"mesh.data=0 is invalid"),
+    (dict(mesh=(1, 1, 4, 2), model=dict(num_experts=6)), r"moe.num_experts=6 is not divisible by the expert axis 'expert' of size 4"),
+    (dict(mesh=(1, 1, 1, 8), model=dict(num_heads=4, head_dim=16)),
      r"model.num_heads=4 is not divisible by mesh.model=8"),
-    (dict(mesh=(1, 1, 8), model=dict(d_hidden=20)), r"moe.d_hidden=20 is not divisible by the model axis 'model' of size 8"),
-    (dict(mesh=(8, 1, 1), train=dict(batch_size=4)), r"train.batch_size=4 is not divisible by the 8 data shards"),
-    (dict(mesh=(8, 1, 1), model=dict(load_balance_groups=2)), r"moe.load_balance_groups=2 is not supported"),
-    (dict(mesh=(2, 4, 1), model=dict(parallel="ragged_alltoall")),
+    (dict(mesh=(1, 1, 1, 8), model=dict(d_hidden=20)), r"moe.d_hidden=20 is not divisible by the model axis 'model' of size 8"),
+    (dict(mesh=(8, 1, 1, 1), train=dict(batch_size=4)), r"train.batch_size=4 is not divisible by the 8 data shards"),
+    (dict(mesh=(8, 1, 1, 1), model=dict(load_balance_groups=2)), r"moe.load_balance_groups=2 is not supported"),
+    (dict(mesh=(1, 8, 1, 1), model=dict(load_balance_groups=2)), r"moe.load_balance_groups=2 is not supported"),
+    (dict(mesh=(1, 8, 1, 1), model=dict(d_model=60)), r"model.d_model=60 is not divisible by mesh.fsdp=8"),
+    (dict(mesh=(1, 8, 1, 1), train=dict(batch_size=4)), r"train.batch_size=4 is not divisible by the 8 data shards "
+                                                        r"\(mesh.data=1 x mesh.fsdp=8 x mesh.expert=1\)"),
+    (dict(mesh=(2, 1, 4, 1), model=dict(parallel="ragged_alltoall")),
      r"moe.parallel='ragged_alltoall' is invalid on CPU"),
 ])
 def test_impossible_layouts_fail_before_compiling(changes, message):
@@ -298,8 +328,10 @@ def test_mesh_config_errors_name_the_key():
         sharding.mesh_config_of({"mesh": {"tensor": 2}})
     with pytest.raises(ValueError, match=r"must use every device"):
         sharding.resolve_mesh_shape(sharding.mesh_config_of({"mesh": {"data": 2}}), 8, process_count=2)
-    assert sharding.resolve_mesh_shape(sharding.default_mesh_config(), 8) == (8, 1, 1)
-    assert sharding.resolve_mesh_shape(sharding.mesh_config_of({"mesh": {"model": 2, "expert": 2}}), 8) == (2, 2, 2)
+    assert sharding.resolve_mesh_shape(sharding.default_mesh_config(), 8) == (8, 1, 1, 1)
+    assert sharding.resolve_mesh_shape(sharding.mesh_config_of({"mesh": {"model": 2, "expert": 2}}), 8) == (2, 1, 2, 2)
+    assert sharding.resolve_mesh_shape(sharding.mesh_config_of({"mesh": {"fsdp": -1, "data": 2}}), 8) == (2, 4, 1, 1)
+    assert sharding.resolve_mesh_shape({"model": 2}, 8) == (1, 1, 1, 2)  # a bare mapping: missing axes are 1
 
 
 def test_data_process_layout_single_process():

@@ -29,7 +29,7 @@ A kind is an `nnx.Module` class registered under a name (`register_ffn`) with th
                                     what params.py and the FLOP accounting ask for (components: 'dense_ffn',
                                     'experts', 'router', 'norms', or a kind's own).
     Kind.check_mesh(config, sizes)  raise ValueError naming the key when the kind cannot be laid out on a mesh of
-                                    these axis sizes {'data': n, 'expert': n, 'model': n} (and 'platform': 'cpu' | 'gpu' | ...).
+                                    these axis sizes {'data': n, 'fsdp': n, 'expert': n, 'model': n} (and 'platform': 'cpu' | 'gpu' | ...).
 
 The model config names a section per kind (`model.moe`, `model.dense`, ...) and a per-layer `layout` of section
 names; a section's kind is its `kind` key, else its own name. See docs/architecture.md#ffn-kinds and

@@ -6,8 +6,8 @@ Parameters (moe.init_moe_params): router [D, E] ('embed', 'experts'); w_gate, w_
 ('experts', 'embed', 'mlp'); w_down [E, F, D] ('experts', 'mlp', 'embed'); output_norm (optional).
 
 On a mesh in context (`jax.set_mesh`, as the trainer traces its steps) with more than one device the layer runs
-inside one shard_map over it; the mesh must have the axes ('data', 'expert', 'model') (grin_jax.sharding), or the
-call raises naming the axes it found.
+inside one shard_map over it; the mesh must have the axes ('data', 'expert', 'model') (grin_jax.sharding's mesh
+adds 'fsdp', a data axis for the tokens), or the call raises naming the axes it found.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ class MoEFFN(nnx.Module):
             if rng_needed:
                 raise ValueError(f"moe: training with router={self.config.router!r} / input_jitter="
                                  f"{self.config.input_jitter} needs an rng")
+        mesh = context_mesh()
+        data_axes = None if mesh is None else tuple(a for a in _parallel.BATCH_AXIS_NAMES if a in mesh.axis_names)
         y_BSD, aux = moe_layer(self.moe_params(), x_BSD.astype(self.dtype), config=self.config, training=training,
-                               rng=rng, mesh=context_mesh())
+                               rng=rng, mesh=mesh, data_axes=data_axes)
         if self.output_norm is not None:
             y_BSD = self.output_norm(y_BSD)
         return y_BSD, aux
@@ -87,7 +89,7 @@ class MoEFFN(nnx.Module):
     @staticmethod
     def check_mesh(config: MoEConfig, sizes: dict) -> None:
         expert, model = sizes.get("expert", 1), sizes.get("model", 1)
-        shards = sizes.get("data", 1) * expert
+        shards = math.prod(sizes.get(a, 1) for a in _parallel.BATCH_AXIS_NAMES)
         _parallel.check_sizes(config, num_data=shards, num_expert=expert, num_model=model)
         if shards * model > 1 and config.parallel == "ragged_alltoall" and sizes.get("platform") == "cpu":
             raise ValueError("moe.parallel='ragged_alltoall' is invalid on CPU (lax.ragged_all_to_all is not "

@@ -99,6 +99,9 @@ from grin_jax.moe import gmm as _gmm
 STRATEGIES = ("allgather", "alltoall", "ragged_alltoall")
 LOAD_BALANCE_MODES = ("global", "local")
 DEFAULT_AXIS_NAMES = ("data", "expert", "model")
+# The axes tokens are sharded over on the trainer's ('data', 'fsdp', 'expert', 'model') mesh (grin_jax.sharding):
+# the layer's data_axes there are those of them the mesh has.
+BATCH_AXIS_NAMES = ("data", "fsdp", "expert")
 
 
 # ----------------------------------------------------------------------------------------------------------------
