@@ -21,6 +21,7 @@ import math
 from typing import Any, Mapping
 
 from grin_jax import ffn as _ffn
+from grin_jax.nn.block import CHECKPOINT_NAMES, REMAT_POLICIES
 from grin_jax.nn.moa import MoAConfig
 
 NORMS = ("layernorm", "rmsnorm")
@@ -45,6 +46,11 @@ class ModelConfig:
     Dtypes: param_dtype (storage), dtype (matmul compute), activation_dtype (residual stream). Router and
       attention softmax always run in float32; logits are returned in float32.
     init_std: embedding init std (other weights: fan-in scaled normal).
+    Layer loop (models/lm.py; the numbers are the same either way): scan_layers (run the layers as a lax.scan over
+      repeats of the layout's shortest period, so compile time does not grow with depth); remat (what the backward
+      pass keeps of each layer: 'none' everything; 'full' only the layer's input, recomputing the rest;
+      'save_matmuls' the outputs of the weight matmuls; 'save_names' only the values tagged with remat_names,
+      from nn/block.py's CHECKPOINT_NAMES).
     """
 
     vocab_size: int
@@ -68,6 +74,9 @@ class ModelConfig:
     dtype: str = "float32"
     activation_dtype: str = "float32"
     init_std: float = 0.02
+    scan_layers: bool = False
+    remat: str = "none"
+    remat_names: tuple = ()
 
     def __post_init__(self):
         def fail(name, accepted):
@@ -81,9 +90,18 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 fail(name, "None or integers >= 1")
-        for name in ("attention_bias", "tie_embeddings", "lm_head_bias"):
+        for name in ("attention_bias", "tie_embeddings", "lm_head_bias", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", list(REMAT_POLICIES))
+        if isinstance(self.remat_names, str) or not all(isinstance(n, str) for n in self.remat_names):
+            fail("remat_names", f"a tuple of the names {list(CHECKPOINT_NAMES)}")
+        object.__setattr__(self, "remat_names", tuple(self.remat_names))
+        unknown = [n for n in self.remat_names if n not in CHECKPOINT_NAMES]
+        if unknown or (self.remat == "save_names") != bool(self.remat_names):
+            fail("remat_names", f"a non-empty tuple of the names {list(CHECKPOINT_NAMES)} with remat='save_names', "
+                                "else ()")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}: "
                              "accepted values of num_kv_heads are the divisors of num_heads "

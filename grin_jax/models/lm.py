@@ -40,7 +40,7 @@ from flax import nnx
 
 from grin_jax.models.config import ModelConfig
 from grin_jax.nn.attention import init_kv_cache
-from grin_jax.nn.block import DecoderBlock
+from grin_jax.nn.block import DecoderBlock, remat_policy
 from grin_jax.nn.layers import Dense, Embed, make_norm, param
 
 
@@ -106,18 +106,29 @@ class DecoderLM(nnx.Module):
         if cache is not None and len(cache) != c.num_layers:
             raise ValueError(f"cache has {len(cache)} layers, the model {c.num_layers}")
         x_BSD = self.embed(tokens_BS)
-        layer_aux, new_cache, row_ids = [], [], {}
-        for i, block in enumerate(self.layers):
-            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-            prefix = f"layers.{i}.mlp."
-            sinks = {k[len(prefix):]: v for k, v in (row_sinks or {}).items() if k.startswith(prefix)}
-            x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, training=training, rng=layer_rng,
-                                          segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS,
-                                          cache=None if cache is None else cache[i], cache_index=cache_index,
-                                          row_sinks=sinks or None)
-            row_ids.update({prefix + name: ids for name, ids in aux_i.pop("row_ids", {}).items()})
-            layer_aux.append(aux_i)
-            new_cache.append(cache_i)
+        block_kw = dict(training=training, segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS)
+        if c.scan_layers and cache is None:
+            if row_sinks:
+                raise ValueError("model.scan_layers=True does not support row-sparse table updates (PEER's "
+                                 "table_update='sparse'): set model.scan_layers=False or peer.table_update='dense'")
+            x_BSD, layer_aux = self._scanned_layers(x_BSD, positions_BS, rng, block_kw)
+            new_cache, row_ids = [], {}
+        else:
+            layer_aux, new_cache, row_ids = [], [], {}
+            for i, block in enumerate(self.layers):
+                layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+                prefix = f"layers.{i}.mlp."
+                sinks = {k[len(prefix):]: v for k, v in (row_sinks or {}).items() if k.startswith(prefix)}
+                if c.remat != "none" and cache is None and not sinks:
+                    x_BSD, aux_i = self._remat_block(block, x_BSD, positions_BS, layer_rng, block_kw)
+                    cache_i = None
+                else:
+                    x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, rng=layer_rng,
+                                                  cache=None if cache is None else cache[i], cache_index=cache_index,
+                                                  row_sinks=sinks or None, **block_kw)
+                row_ids.update({prefix + name: ids for name, ids in aux_i.pop("row_ids", {}).items()})
+                layer_aux.append(aux_i)
+                new_cache.append(cache_i)
         h_BSD = self.final_norm(x_BSD)
         if self.lm_head is not None:
             logits = self.lm_head(h_BSD)
@@ -129,6 +140,86 @@ class DecoderLM(nnx.Module):
         if row_ids:
             aux["row_ids"] = row_ids
         return logits.astype(jnp.float32), aux, (None if cache is None else new_cache)
+
+
+    def _remat_block(self, block, x_BSD, positions_BS, layer_rng, block_kw):
+        """One block under jax.checkpoint with model.remat's policy: (x, aux); its running statistics (if any) are
+        written back to the block."""
+        graphdef, state = nnx.split(block)
+        x_BSD, aux, stats = _checkpointed(_call_block, self.config, prevent_cse=True)(
+            graphdef, state, x_BSD, positions_BS, layer_rng, block_kw)
+        nnx.update(block, stats)
+        return x_BSD, aux
+
+    def _scanned_layers(self, x_BSD, positions_BS, rng, block_kw):
+        """The layers as one lax.scan over G = num_layers / P repeats of the layout's period P (`scan_period`):
+        each step runs P blocks whose variables are the step's slice of the stacked [G, ...] variables of
+        layers p, p + P, p + 2P, ... (stacked here, under jit: one extra copy of the layer variables). Layer i
+        draws fold_in(rng, i) as in the loop, so the numbers equal the unrolled model's. Returns (x, the per-layer
+        aux in layer order)."""
+        c = self.config
+        period = scan_period(self)
+        groups = c.num_layers // period
+        blocks = list(self.layers)
+        graphdefs, stacked = [], []
+        for p in range(period):
+            splits = [nnx.split(blocks[g * period + p]) for g in range(groups)]
+            graphdefs.append(splits[0][0])
+            stacked.append(jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits]))
+        call = _checkpointed(_call_block, c, prevent_cse=False) if c.remat != "none" else _call_block
+
+        def step(x_BSD, xs):
+            g, states = xs
+            auxes, stats = [], []
+            for p in range(period):
+                i = g * period + p
+                layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+                x_BSD, aux, stat = call(graphdefs[p], states[p], x_BSD, positions_BS, layer_rng, block_kw)
+                auxes.append(aux)
+                stats.append(stat)
+            return x_BSD, (auxes, stats)
+
+        x_BSD, (auxes, stats) = jax.lax.scan(step, x_BSD, (jnp.arange(groups), stacked))
+        layer_aux = [None] * c.num_layers
+        for p in range(period):
+            for g in range(groups):
+                index = g * period + p
+                layer_aux[index] = jax.tree.map(lambda a: a[g], auxes[p])
+                if jax.tree.leaves(stats[p]):
+                    nnx.update(blocks[index], jax.tree.map(lambda a: a[g], stats[p]))
+        return x_BSD, layer_aux
+
+
+def _call_block(graphdef, state, x_BSD, positions_BS, layer_rng, block_kw):
+    """A block from its variables, applied: (x, aux, its running statistics after the call: nnx.BatchStat)."""
+    block = nnx.merge(graphdef, state)
+    x_BSD, aux, _ = block(x_BSD, positions_BS, rng=layer_rng, **block_kw)
+    return x_BSD, aux, nnx.state(block, nnx.BatchStat)
+
+
+def _checkpointed(fn, config: ModelConfig, *, prevent_cse: bool):
+    """fn under jax.checkpoint with model.remat's policy; graphdef (argument 0) and block_kw's flags static."""
+    policy = remat_policy(config.remat, config.remat_names)
+
+    def wrapped(graphdef, state, x_BSD, positions_BS, layer_rng, block_kw):
+        arrays = {k: v for k, v in block_kw.items() if k != "training"}
+
+        def inner(state, x_BSD, positions_BS, layer_rng, arrays):
+            return fn(graphdef, state, x_BSD, positions_BS, layer_rng, {**arrays, "training": block_kw["training"]})
+
+        return jax.checkpoint(inner, policy=policy, prevent_cse=prevent_cse)(state, x_BSD, positions_BS, layer_rng,
+                                                                             arrays)
+
+    return wrapped
+
+
+def scan_period(model: "DecoderLM") -> int:
+    """The smallest P dividing num_layers such that layer i and layer i mod P have the same structure (graphdef:
+    FFN kind and settings): the scan's step runs P layers. P = num_layers (one step) when nothing repeats."""
+    graphdefs = [nnx.split(block)[0] for block in model.layers]
+    count = len(graphdefs)
+    return next(p for p in range(1, count + 1)
+                if count % p == 0 and all(graphdefs[i] == graphdefs[i % p] for i in range(count)))
 
 
 def combine_aux(layer_aux: list, config: ModelConfig) -> dict:

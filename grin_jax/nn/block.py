@@ -3,6 +3,10 @@ Attn is grouped-query attention (nn/attention.py), or with a `moa` config DS-MoE
 (nn/moa.py), whose router aux the block returns as the FFN aux's 'attention' entry.
 
 Axes: B batch, S sequence, D model.
+
+Rematerialisation (models/lm.py wraps each block in `jax.checkpoint` with `remat_policy(model.remat, ...)`): the
+block tags its attention output and its FFN output with `checkpoint_name` (CHECKPOINT_NAMES), which
+remat='save_names' can keep while recomputing the rest.
 """
 
 from __future__ import annotations
@@ -10,11 +14,27 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from grin_jax import ffn as _ffn
 from grin_jax.nn.attention import Attention
 from grin_jax.nn.layers import make_norm
 from grin_jax.nn.moa import MixtureOfAttention
+
+CHECKPOINT_NAMES = ("attention_out", "ffn_out")
+REMAT_POLICIES = ("none", "full", "save_matmuls", "save_names")
+
+
+def remat_policy(remat: str, names: tuple = ()):
+    """The `jax.checkpoint` policy of model.remat (None for 'full': save nothing but the inputs). 'save_matmuls'
+    keeps the weight matmuls' outputs (dot_generals without batch dimensions: not the [S, S] attention scores)."""
+    if remat == "full":
+        return None
+    if remat == "save_matmuls":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    if remat == "save_names":
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    raise ValueError(f"model.remat={remat!r} has no policy: accepted values are {list(REMAT_POLICIES[1:])}")
 
 
 class DecoderBlock(nnx.Module):
@@ -56,7 +76,7 @@ class DecoderBlock(nnx.Module):
         else:
             attn_out, new_cache = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache,
                                             cache_index=cache_index, **attn_kw)
-        h_BSD = x_BSD.astype(act) + attn_out.astype(act)
+        h_BSD = x_BSD.astype(act) + checkpoint_name(attn_out, "attention_out").astype(act)
         ffn_kw = ({"token_mask_BS": token_mask_BS}
                   if token_mask_BS is not None and getattr(self.mlp, "takes_token_mask", False) else {})
         if row_sinks:
@@ -64,4 +84,4 @@ class DecoderBlock(nnx.Module):
         ffn_out, aux = self.mlp(self.post_attn_norm(h_BSD), training=training, rng=rng, **ffn_kw)
         if attn_aux is not None:
             aux = {**aux, "attention": attn_aux}
-        return h_BSD + ffn_out.astype(act), aux, new_cache
+        return h_BSD + checkpoint_name(ffn_out, "ffn_out").astype(act), aux, new_cache
