@@ -239,6 +239,13 @@ def validate(config, *, num_devices: int | None = None, process_count: int | Non
     for name in dict.fromkeys(m.layout):
         _ffn.get_ffn(m.kind_of(name)).check_mesh(m.section(name), {**sizes, "platform": platform})
     batch_size = config.train.batch_size
+    from grin_jax.train.config import grad_accum_steps  # the train package imports this module
+    accum = grad_accum_steps(config.train)
+    if accum > 1 and batch_size % (accum * shards):
+        layout = " x ".join(f"mesh.{a}={sizes[a]}" for a in BATCH_AXES)
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum_steps={accum} x the "
+                         f"{shards} data shards ({layout}): each micro-batch is split over the data shards; "
+                         f"accepted values are multiples of {accum * shards}")
     if batch_size % shards:
         layout = " x ".join(f"mesh.{a}={sizes[a]}" for a in BATCH_AXES)
         raise ValueError(f"train.batch_size={batch_size} is not divisible by the {shards} data shards "
@@ -269,6 +276,18 @@ def logical_to_spec(names, shape, mesh, rules=LOGICAL_AXIS_RULES) -> P:
     while spec and spec[-1] is None:
         spec.pop()
     return P(*spec)
+
+
+def fsdp_gathered(x, names):
+    """A weight with logical axis `names`, constrained (inside jit, under the mesh in context) to its layout without
+    the fsdp split: the explicit all-gather of FSDP where XLA would otherwise pick a worse layout (the embedding
+    lookup: a table split along D gives rows split along D, which the partitioner can only bring to the batch
+    layout by replicating them). Unchanged without a mesh or with mesh.fsdp = 1."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh_sizes(mesh).get("fsdp", 1) == 1:
+        return x
+    rules = tuple((name, None if name == "embed" else target) for name, target in LOGICAL_AXIS_RULES)
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
 
 
 def _is_variable(x) -> bool:

@@ -15,6 +15,13 @@ A kind is an `nnx.Module` class registered under a name (`register_ffn`) with th
                                     token mask [B, S] (non-zero = a real token, 0 = padding) when the model has one
                                     (the train step passes its loss mask), e.g. for statistics over the tokens
                                     (PEER's query BatchNorm). Kinds without the attribute never receive it.
+    takes_batch_stats = True        (optional) the kind's aux loss needs statistics of the whole batch (the MoE load
+                                    balance's expert load, DS-MoE's batch-mean usage): its aux['batch_stats']
+                                    {name: array} holds this batch's, defined so that their mean over the equal-sized
+                                    micro-batches of an accumulated step is what it needs of the whole step; the
+                                    train step (grad_accum_steps > 1) gives that mean back as kind(..., batch_stats=)
+                                    in the gradient pass, where the kind computes a loss whose mean over the
+                                    micro-batches equals the whole batch's, value and gradient (train/step.py).
     aux['sums'] (optional)          {name: array}: per-batch totals over the batch's real tokens (token_mask_BS)
                                     that evaluation adds up over the evaluation set, e.g. PEER's router score mass
                                     per expert; the model stacks them as '<section>/<name>' [L, ...] and the eval

@@ -219,6 +219,7 @@ def eval_metrics_from_sums(sums: dict) -> dict:
 class DSMoEFFN(nnx.Module):
     Config = DSMoEConfig
     takes_token_mask = True  # __call__ accepts token_mask_BS: the MI loss and the metrics skip padding
+    takes_batch_stats = True  # the MI loss's batch-mean usage over a whole accumulated step (grin_jax.ffn)
 
     def __init__(self, config: DSMoEConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
                  param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -246,13 +247,15 @@ class DSMoEFFN(nnx.Module):
                          precision=jax.lax.Precision.HIGHEST)
         return jax.nn.softmax(logits, axis=-1)
 
-    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None):
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, token_mask_BS=None,
+                 batch_stats: dict | None = None):
         """(y [B, S, D], aux {'losses': {'mutual_information'}, 'metrics': {'active_fraction', 'router_entropy',
         'expert_load' [N], 'threshold_active', 'threshold_overflow'}}).
         token_mask_BS [B, S]: non-zero (> 0) for the real tokens, 0 for padding (None: every token is real); the
         model passes the batch's loss mask (the train and eval steps). Only the real tokens count in the MI loss
         (value and gradient) and in the metrics; y is computed for every token (per token, so padding changes no
-        real token's output)."""
+        real token's output). batch_stats: the whole step's MI statistics under gradient accumulation
+        (moe.losses.mutual_information_loss), else None; aux['batch_stats'] holds this batch's."""
         del rng
         c = self.config
         B, S, D = x_BSD.shape
@@ -269,9 +272,11 @@ class DSMoEFFN(nnx.Module):
                                         activation=c.activation, backend=c.backend)
         metrics = routing_metrics(s_TN, weights, threshold=c.inference_threshold, slots=c.inference_top_k,
                                   mask_T=mask_T)
-        losses = {"mutual_information": _losses.mutual_information_loss(s_TN, mask_T)}
+        losses = {"mutual_information": _losses.mutual_information_loss(s_TN, mask_T, batch_stats)}
         sums = routing_sums(s_TN, weights, threshold=c.inference_threshold, mask_T=mask_T)
-        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), {"losses": losses, "metrics": metrics, "sums": sums}
+        return y_TD.reshape(B, S, D).astype(x_BSD.dtype), {
+            "losses": losses, "metrics": metrics, "sums": sums,
+            "batch_stats": _losses.mutual_information_statistics(s_TN, mask_T)}
 
     eval_metrics = staticmethod(eval_metrics_from_sums)
 

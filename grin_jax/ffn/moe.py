@@ -42,6 +42,7 @@ def context_mesh():
 @register_ffn("moe")
 class MoEFFN(nnx.Module):
     Config = MoEConfig
+    takes_batch_stats = True  # the load-balance loss's expert load f over a whole accumulated step (grin_jax.ffn)
 
     def __init__(self, config: MoEConfig, *, norm: str = "layernorm", norm_eps: float = 1e-5,
                  param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -63,8 +64,9 @@ class MoEFFN(nnx.Module):
             experts["w_gate"] = self.w_gate[...].astype(self.dtype)
         return {"router": self.router[...], "experts": experts}
 
-    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None):
-        """(y [B, S, D], aux {'losses', 'metrics'})."""
+    def __call__(self, x_BSD: jax.Array, *, training: bool = False, rng=None, batch_stats: dict | None = None):
+        """(y [B, S, D], aux {'losses', 'metrics', 'batch_stats': {'expert_load' [E]}}). batch_stats: the whole
+        step's {'expert_load'} under gradient accumulation (the load-balance loss uses it), else None."""
         if training and rng is None:
             rng_needed = self.config.input_jitter > 0 or self.config.router_spec.draw is not None
             if rng_needed:
@@ -73,10 +75,11 @@ class MoEFFN(nnx.Module):
         mesh = context_mesh()
         data_axes = None if mesh is None else tuple(a for a in _parallel.BATCH_AXIS_NAMES if a in mesh.axis_names)
         y_BSD, aux = moe_layer(self.moe_params(), x_BSD.astype(self.dtype), config=self.config, training=training,
-                               rng=rng, mesh=mesh, data_axes=data_axes)
+                               rng=rng, mesh=mesh, data_axes=data_axes,
+                               expert_load_E=None if batch_stats is None else batch_stats["expert_load"])
         if self.output_norm is not None:
             y_BSD = self.output_norm(y_BSD)
-        return y_BSD, aux
+        return y_BSD, {**aux, "batch_stats": {"expert_load": aux["metrics"]["expert_load"]}}
 
     @staticmethod
     def param_counts(config: MoEConfig) -> dict:

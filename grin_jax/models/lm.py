@@ -80,7 +80,7 @@ class DecoderLM(nnx.Module):
         return logits, aux
 
     def forward(self, tokens_BS, *, training=False, rng=None, positions_BS=None, segment_ids_BS=None, cache=None,
-                cache_index=None, token_mask_BS=None, row_sinks=None):
+                cache_index=None, token_mask_BS=None, row_sinks=None, batch_stats=None):
         """The full forward: (logits [B, S, V] float32, aux, new cache or None).
 
         positions_BS: RoPE positions (default 0..S-1, or from cache_index); segment_ids_BS: packed documents (a
@@ -93,6 +93,8 @@ class DecoderLM(nnx.Module):
         row_sinks: the row-sparse update's zeros {'layers.<i>.mlp.<table>': array} (row_sink_shapes,
         grin_jax/train/sparse_rows.py): each reaches its layer's FFN kind, which adds it to the table's gathered
         rows and reports the rows' ids; aux['row_ids'] = {same name: ids} then.
+        batch_stats: gradient accumulation's whole-step statistics, one {'mlp': ..., 'attention': ...} per layer
+        (the mean over the micro-batches of aux['batch_stats'], train/step.py); None: this batch's own.
         """
         c = self.config
         if tokens_BS.ndim != 2:
@@ -111,7 +113,7 @@ class DecoderLM(nnx.Module):
             if row_sinks:
                 raise ValueError("model.scan_layers=True does not support row-sparse table updates (PEER's "
                                  "table_update='sparse'): set model.scan_layers=False or peer.table_update='dense'")
-            x_BSD, layer_aux = self._scanned_layers(x_BSD, positions_BS, rng, block_kw)
+            x_BSD, layer_aux = self._scanned_layers(x_BSD, positions_BS, rng, block_kw, batch_stats)
             new_cache, row_ids = [], {}
         else:
             layer_aux, new_cache, row_ids = [], [], {}
@@ -119,13 +121,14 @@ class DecoderLM(nnx.Module):
                 layer_rng = None if rng is None else jax.random.fold_in(rng, i)
                 prefix = f"layers.{i}.mlp."
                 sinks = {k[len(prefix):]: v for k, v in (row_sinks or {}).items() if k.startswith(prefix)}
+                stats_i = None if batch_stats is None else batch_stats[i]
                 if c.remat != "none" and cache is None and not sinks:
-                    x_BSD, aux_i = self._remat_block(block, x_BSD, positions_BS, layer_rng, block_kw)
+                    x_BSD, aux_i = self._remat_block(block, x_BSD, positions_BS, layer_rng, stats_i, block_kw)
                     cache_i = None
                 else:
                     x_BSD, aux_i, cache_i = block(x_BSD, positions_BS, rng=layer_rng,
                                                   cache=None if cache is None else cache[i], cache_index=cache_index,
-                                                  row_sinks=sinks or None, **block_kw)
+                                                  row_sinks=sinks or None, batch_stats=stats_i, **block_kw)
                 row_ids.update({prefix + name: ids for name, ids in aux_i.pop("row_ids", {}).items()})
                 layer_aux.append(aux_i)
                 new_cache.append(cache_i)
@@ -142,16 +145,16 @@ class DecoderLM(nnx.Module):
         return logits.astype(jnp.float32), aux, (None if cache is None else new_cache)
 
 
-    def _remat_block(self, block, x_BSD, positions_BS, layer_rng, block_kw):
+    def _remat_block(self, block, x_BSD, positions_BS, layer_rng, layer_stats, block_kw):
         """One block under jax.checkpoint with model.remat's policy: (x, aux); its running statistics (if any) are
         written back to the block."""
         graphdef, state = nnx.split(block)
         x_BSD, aux, stats = _checkpointed(_call_block, self.config, prevent_cse=True)(
-            graphdef, state, x_BSD, positions_BS, layer_rng, block_kw)
+            graphdef, state, x_BSD, positions_BS, layer_rng, layer_stats, block_kw)
         nnx.update(block, stats)
         return x_BSD, aux
 
-    def _scanned_layers(self, x_BSD, positions_BS, rng, block_kw):
+    def _scanned_layers(self, x_BSD, positions_BS, rng, block_kw, batch_stats=None):
         """The layers as one lax.scan over G = num_layers / P repeats of the layout's period P (`scan_period`):
         each step runs P blocks whose variables are the step's slice of the stacked [G, ...] variables of
         layers p, p + P, p + 2P, ... (stacked here, under jit: one extra copy of the layer variables). Layer i
@@ -161,25 +164,32 @@ class DecoderLM(nnx.Module):
         period = scan_period(self)
         groups = c.num_layers // period
         blocks = list(self.layers)
-        graphdefs, stacked = [], []
+        graphdefs, stacked, stacked_stats = [], [], []
+
+        def stack(trees):
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
         for p in range(period):
             splits = [nnx.split(blocks[g * period + p]) for g in range(groups)]
             graphdefs.append(splits[0][0])
-            stacked.append(jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in splits]))
+            stacked.append(stack([state for _, state in splits]))
+            stacked_stats.append(None if batch_stats is None
+                                 else stack([batch_stats[g * period + p] for g in range(groups)]))
         call = _checkpointed(_call_block, c, prevent_cse=False) if c.remat != "none" else _call_block
 
         def step(x_BSD, xs):
-            g, states = xs
+            g, states, layer_stats = xs
             auxes, stats = [], []
             for p in range(period):
                 i = g * period + p
                 layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-                x_BSD, aux, stat = call(graphdefs[p], states[p], x_BSD, positions_BS, layer_rng, block_kw)
+                x_BSD, aux, stat = call(graphdefs[p], states[p], x_BSD, positions_BS, layer_rng, layer_stats[p],
+                                        block_kw)
                 auxes.append(aux)
                 stats.append(stat)
             return x_BSD, (auxes, stats)
 
-        x_BSD, (auxes, stats) = jax.lax.scan(step, x_BSD, (jnp.arange(groups), stacked))
+        x_BSD, (auxes, stats) = jax.lax.scan(step, x_BSD, (jnp.arange(groups), stacked, stacked_stats))
         layer_aux = [None] * c.num_layers
         for p in range(period):
             for g in range(groups):
@@ -190,10 +200,10 @@ class DecoderLM(nnx.Module):
         return x_BSD, layer_aux
 
 
-def _call_block(graphdef, state, x_BSD, positions_BS, layer_rng, block_kw):
+def _call_block(graphdef, state, x_BSD, positions_BS, layer_rng, layer_stats, block_kw):
     """A block from its variables, applied: (x, aux, its running statistics after the call: nnx.BatchStat)."""
     block = nnx.merge(graphdef, state)
-    x_BSD, aux, _ = block(x_BSD, positions_BS, rng=layer_rng, **block_kw)
+    x_BSD, aux, _ = block(x_BSD, positions_BS, rng=layer_rng, batch_stats=layer_stats, **block_kw)
     return x_BSD, aux, nnx.state(block, nnx.BatchStat)
 
 
@@ -201,14 +211,15 @@ def _checkpointed(fn, config: ModelConfig, *, prevent_cse: bool):
     """fn under jax.checkpoint with model.remat's policy; graphdef (argument 0) and block_kw's flags static."""
     policy = remat_policy(config.remat, config.remat_names)
 
-    def wrapped(graphdef, state, x_BSD, positions_BS, layer_rng, block_kw):
+    def wrapped(graphdef, state, x_BSD, positions_BS, layer_rng, layer_stats, block_kw):
         arrays = {k: v for k, v in block_kw.items() if k != "training"}
 
-        def inner(state, x_BSD, positions_BS, layer_rng, arrays):
-            return fn(graphdef, state, x_BSD, positions_BS, layer_rng, {**arrays, "training": block_kw["training"]})
+        def inner(state, x_BSD, positions_BS, layer_rng, layer_stats, arrays):
+            return fn(graphdef, state, x_BSD, positions_BS, layer_rng, layer_stats,
+                      {**arrays, "training": block_kw["training"]})
 
         return jax.checkpoint(inner, policy=policy, prevent_cse=prevent_cse)(state, x_BSD, positions_BS, layer_rng,
-                                                                             arrays)
+                                                                             layer_stats, arrays)
 
     return wrapped
 
@@ -227,7 +238,9 @@ def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
     section 'moa') -> {'aux_loss': sum over sections and losses of weight * mean over the section's layers,
     'losses': {'<section>/<loss>': mean over the section's layers (unweighted)},
     'metrics': {'<section>/<metric>': stacked over the section's layers, in layer order},
-    'sums': {'<section>/<name>': the kinds' aux['sums'] (when they have some), stacked likewise}}."""
+    'sums': {'<section>/<name>': the kinds' aux['sums'] (when they have some), stacked likewise},
+    'batch_stats': one {'mlp': the FFN kind's aux['batch_stats'], 'attention': the attention experts'} per layer
+    ({} for those without: gradient accumulation's whole-step statistics, train/step.py)}."""
     losses, metrics, sums = {}, {}, {}
     aux_loss = jnp.float32(0.0)
     ffn_aux = [{k: v for k, v in aux.items() if k != "attention"} for aux in layer_aux]
@@ -245,7 +258,10 @@ def combine_aux(layer_aux: list, config: ModelConfig) -> dict:
             aux_loss = aux_loss + weights.get(loss_name, 0.0) * mean
         metrics.update({f"{name}/{k}": v for k, v in stacked["metrics"].items()})
         sums.update({f"{name}/{k}": v for k, v in stacked.get("sums", {}).items()})
-    return {"aux_loss": aux_loss.astype(jnp.float32), "losses": losses, "metrics": metrics, "sums": sums}
+    batch_stats = [{"mlp": aux.get("batch_stats", {}), "attention": aux.get("attention", {}).get("batch_stats", {})}
+                   for aux in layer_aux]
+    return {"aux_loss": aux_loss.astype(jnp.float32), "losses": losses, "metrics": metrics, "sums": sums,
+            "batch_stats": batch_stats}
 
 
 # ------------------------------------------------------------------------------------------- functional API
@@ -314,15 +330,16 @@ def apply(graphdef, params, tokens_BS, *, training: bool = False, rng=None, posi
 
 
 def apply_train(graphdef, params, model_state, tokens_BS, *, rng=None, positions_BS=None, segment_ids_BS=None,
-                token_mask_BS=None, row_sinks=None):
+                token_mask_BS=None, row_sinks=None, batch_stats=None):
     """The training forward: (logits [B, S, V] float32, aux, the updated model_state). params: nnx.State of
     nnx.Param; model_state: the running statistics (split_variables; None or empty for a model without any). The
     running statistics come back updated from this batch's statistics over the tokens with a non-zero
     token_mask_BS (None: all); differentiate with respect to params only (and row_sinks: the row-sparse update,
-    Model.forward)."""
+    Model.forward). batch_stats: gradient accumulation's whole-step statistics (Model.forward)."""
     model = _merge(graphdef, join_variables(params, model_state))
     logits, aux, _ = model.forward(tokens_BS, training=True, rng=rng, positions_BS=positions_BS,
-                                   segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS, row_sinks=row_sinks)
+                                   segment_ids_BS=segment_ids_BS, token_mask_BS=token_mask_BS, row_sinks=row_sinks,
+                                   batch_stats=batch_stats)
     new_state = nnx.state(model, nnx.BatchStat) if model_state else model_state
     return logits, aux, new_state
 

@@ -91,7 +91,7 @@ class MoEConfig:
     parallel: the token-choice strategy on a mesh of more than one device ('allgather' dropless, 'alltoall'
       capacity, 'ragged_alltoall' GPU / TPU). load_balance_groups: 1 = global balance over the batch (GRIN);
       G > 1 = per-group ("local"; on a mesh G must equal the number of data shards).
-    router_dtype: dtype of the router matmul and softmax.
+    router_dtype: dtype of the router matmul (at precision HIGHEST) and softmax.
     output_norm: a norm (of the model's norm kind) on the layer output before the residual add ("crucial for
       G > 1" in the fine-grained paper; applied by the FFN kind, not here).
     load_balance_coef, z_loss_coef: the weights of the aux losses (`loss_weights`).
@@ -267,8 +267,9 @@ def _gather_invariant(x_local, layout):
     return jax.lax.psum(full, layout.data_axes)
 
 
-def _body(params, x, noise, *, config: MoEConfig, training: bool, layout, options):
-    """x: [L, D] token choice or [B_l, S, D]; noise: this shard's rows of draw_noise's arrays (or None)."""
+def _body(params, x, noise, expert_load_E=None, *, config: MoEConfig, training: bool, layout, options):
+    """x: [L, D] token choice or [B_l, S, D]; noise: this shard's rows of draw_noise's arrays (or None);
+    expert_load_E: the whole step's expert load for the load-balance loss (moe_layer), or None."""
     shape = x.shape
     noise = dict(noise or {})
     jitter = noise.pop("jitter", None)
@@ -283,12 +284,17 @@ def _body(params, x, noise, *, config: MoEConfig, training: bool, layout, option
         x = jnp.swapaxes(x, 0, 1)                                        # [S, B, D]
     else:
         x = x.reshape(-1, x.shape[-1])
-    logits = x.astype(router_dtype) @ params["router"].astype(router_dtype)
+    # precision HIGHEST: a float32 router computes in float32 on every platform (a float32 matmul's default is one
+    # bfloat16 pass on TPU, TF32 on recent GPUs; ds_moe, moa and peer ask the same); nothing changes on CPU.
+    logits = jnp.matmul(x.astype(router_dtype), params["router"].astype(router_dtype),
+                        precision=jax.lax.Precision.HIGHEST)
     routing = _routing.route(config.router, logits, top_k=config.top_k, training=training,
                              options=config.router_options, noise=noise or None)
     y, lb, load_E, dispatch_metrics = DISPATCHERS[spec.dispatch](params, x, routing, config=config, layout=layout,
                                                                  options=options)
     axis = layout.data_axis_name if layout is not None and not gathered else None
+    if expert_load_E is not None and spec.dispatch == "token_choice":
+        lb = _losses.load_balance_loss(routing.expert_ids, routing.probs, axis_name=axis, expert_load_E=expert_load_E)
     if layout is not None and layout.model_axis:
         y = jax.lax.psum(y, layout.model_axis)                          # tensor parallelism: sum F-slices
     if spec.dispatch == "expert_choice":
@@ -309,8 +315,11 @@ def _body(params, x, noise, *, config: MoEConfig, training: bool, layout, option
 
 def moe_layer(params: dict, x: jax.Array, *, config: MoEConfig, training: bool, rng=None,
               noise: dict | None = None, mesh=None, data_axes=("data", "expert"), expert_axis: str | None = "expert",
-              model_axis: str | None = "model", ragged_all_to_all=None):
+              model_axis: str | None = "model", ragged_all_to_all=None, expert_load_E: jax.Array | None = None):
     """One MoE FFN layer. x: [T, D] or [B, S, D] -> (y of x's shape, aux).
+
+    expert_load_E [E]: gradient accumulation's whole-batch expert load f (losses.load_balance_loss), used by the
+      token-choice load-balance loss instead of this batch's (load_balance_groups must be 1); None: this batch's.
 
     rng: the training noise is drawn from it on the global token axis (`draw_noise`); noise: explicit arrays
       instead (what it holds wins over rng's draws).
@@ -332,8 +341,11 @@ def moe_layer(params: dict, x: jax.Array, *, config: MoEConfig, training: bool, 
             raise ValueError("moe_layer: training with input_jitter > 0 needs rng (or noise['jitter'])")
     else:
         noise = None
+    if expert_load_E is not None and config.load_balance_groups != 1:
+        raise ValueError(f"moe.load_balance_groups={config.load_balance_groups} with a whole-batch expert load "
+                         "(gradient accumulation): accepted value is 1")
     if mesh is None:
-        return _body(params, x, noise, config=config, training=training, layout=None, options={})
+        return _body(params, x, noise, expert_load_E, config=config, training=training, layout=None, options={})
     layout = _parallel.resolve_layout(config, mesh, x.shape[0], data_axes=data_axes, expert_axis=expert_axis,
                                       model_axis=model_axis)
     options = _parallel.strategy_options(config.parallel, mesh, ragged_all_to_all=ragged_all_to_all)
@@ -341,9 +353,10 @@ def moe_layer(params: dict, x: jax.Array, *, config: MoEConfig, training: bool, 
     token_spec = P(layout.data_axes or None, *([None] * (x.ndim - 1)))
     noise_specs = None if noise is None else {k: P(layout.data_axes or None, *([None] * (v.ndim - 1)))
                                               for k, v in noise.items()}
-    specs = (layout.param_specs(params["experts"]), token_spec, noise_specs)
-    args = _parallel.reshard_explicit((params, x, noise), specs, mesh)
-    body = jax.shard_map(lambda p, xs, n: _body(p, xs, n, config=config, training=training, layout=layout,
-                                                 options=options),
+    specs = (layout.param_specs(params["experts"]), token_spec, noise_specs,
+             None if expert_load_E is None else P())
+    args = _parallel.reshard_explicit((params, x, noise, expert_load_E), specs, mesh)
+    body = jax.shard_map(lambda p, xs, n, load: _body(p, xs, n, load, config=config, training=training,
+                                                       layout=layout, options=options),
                          mesh=mesh, in_specs=specs, out_specs=(token_spec, P()))
     return body(*args)

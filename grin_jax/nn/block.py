@@ -61,18 +61,20 @@ class DecoderBlock(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, *, training: bool = False, rng=None,
                  segment_ids_BS=None, cache: dict | None = None, cache_index=None, token_mask_BS=None,
-                 row_sinks: dict | None = None):
+                 row_sinks: dict | None = None, batch_stats: dict | None = None):
         """Returns (x [B, S, D] in activation dtype, the FFN's aux, new cache or None). token_mask_BS (non-zero =
         a real token, 0 = padding) reaches only the FFN kinds that declare `takes_token_mask` (grin_jax.ffn);
         row_sinks ({table name: zeros}, the row-sparse update's, grin_jax/train/sparse_rows.py) only the kinds
-        with row-sparse tables, when given."""
+        with row-sparse tables, when given. batch_stats ({'mlp': ..., 'attention': ...}, gradient accumulation's
+        whole-step statistics, train/step.py) reach the kinds that declare `takes_batch_stats` and the attention
+        experts; the aux holds each one's own as aux['batch_stats'] (the attention experts' in aux['attention'])."""
         act = self.activation_dtype
         attn_kw = {} if segment_ids_BS is None else {"segment_ids_BS": segment_ids_BS}
         attn_aux = None
         if isinstance(self.attn, MixtureOfAttention):
-            attn_out, new_cache, attn_aux = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache,
-                                                      cache_index=cache_index, training=training,
-                                                      token_mask_BS=token_mask_BS, **attn_kw)
+            attn_out, new_cache, attn_aux = self.attn(
+                self.input_norm(x_BSD), positions_BS, cache=cache, cache_index=cache_index, training=training,
+                token_mask_BS=token_mask_BS, batch_stats=(batch_stats or {}).get("attention"), **attn_kw)
         else:
             attn_out, new_cache = self.attn(self.input_norm(x_BSD), positions_BS, cache=cache,
                                             cache_index=cache_index, **attn_kw)
@@ -81,6 +83,8 @@ class DecoderBlock(nnx.Module):
                   if token_mask_BS is not None and getattr(self.mlp, "takes_token_mask", False) else {})
         if row_sinks:
             ffn_kw["row_sinks"] = row_sinks
+        if (batch_stats or {}).get("mlp") is not None and getattr(self.mlp, "takes_batch_stats", False):
+            ffn_kw["batch_stats"] = batch_stats["mlp"]
         ffn_out, aux = self.mlp(self.post_attn_norm(h_BSD), training=training, rng=rng, **ffn_kw)
         if attn_aux is not None:
             aux = {**aux, "attention": attn_aux}

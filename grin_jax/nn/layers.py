@@ -83,12 +83,17 @@ class Embed(nnx.Module):
                                ("vocab", "embed"))
         self.dtype = dtype
 
+    def table(self) -> jax.Array:
+        """The table, gathered along D under FSDP (sharding.fsdp_gathered; imported here: it imports the MoE)."""
+        from grin_jax.sharding import fsdp_gathered
+        return fsdp_gathered(self.embedding[...], ("vocab", "embed"))
+
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        return jnp.take(self.table(), tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         x_TD = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: XLA:CPU's backward of the 3-D form is slower
-        logits = jnp.einsum("td,vd->tv", x_TD, self.embedding[...].astype(self.dtype))
+        logits = jnp.einsum("td,vd->tv", x_TD, self.table().astype(self.dtype))
         return logits.reshape(x.shape[:-1] + logits.shape[-1:])
 
 

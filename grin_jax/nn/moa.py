@@ -174,8 +174,9 @@ class MixtureOfAttention(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array, *, segment_ids_BS: jax.Array | None = None,
                  cache: dict | None = None, cache_index: jax.Array | None = None, training: bool = False,
-                 token_mask_BS: jax.Array | None = None):
-        """Returns (y [B, S, D], new cache or None, aux {'losses': {'mutual_information'}, 'metrics':
+                 token_mask_BS: jax.Array | None = None, batch_stats: dict | None = None):
+        """Returns (y [B, S, D], new cache or None, aux {'losses': {'mutual_information'}, 'batch_stats' (this
+        batch's MI statistics; batch_stats given: the whole accumulated step's, as the ds_moe kind), 'metrics':
         {'active_fraction', 'router_entropy', 'expert_load' [E], 'threshold_active', 'threshold_overflow'},
         'sums': ds_moe.routing_sums, for evaluation}).
         Masks, positions and the cache as nn.attention.Attention; token_mask_BS (non-zero = real token) restricts
@@ -226,7 +227,8 @@ class MixtureOfAttention(nnx.Module):
             y_BSD = jnp.einsum("tjd,tj->td", y_MD.reshape(B * S, J, D),
                                weights_TJ.astype(self.dtype)).reshape(B, S, D)
         mask_T = None if token_mask_BS is None else token_mask_BS.reshape(B * S)
-        aux = {"losses": {"mutual_information": _losses.mutual_information_loss(s_TE, mask_T)},
+        aux = {"losses": {"mutual_information": _losses.mutual_information_loss(s_TE, mask_T, batch_stats)},
+               "batch_stats": _losses.mutual_information_statistics(s_TE, mask_T),
                "metrics": _ds_moe.routing_metrics(s_TE, weights_TJ, threshold=c.inference_threshold,
                                                   slots=c.inference_top_k, mask_T=mask_T),
                "sums": _ds_moe.routing_sums(s_TE, weights_TJ, threshold=c.inference_threshold, mask_T=mask_T)}

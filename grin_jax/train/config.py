@@ -18,6 +18,7 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = 1000                 # optimizer steps
     c.batch_size = 16              # sequences per step (global, over all processes)
+    c.grad_accum_steps = 1         # micro-batches per step: batch_size / grad_accum_steps sequences per forward
     c.learning_rate = 3e-3
     c.warmup_steps = 50
     c.final_lr_fraction = 0.1      # cosine decays to this fraction of the peak
@@ -44,6 +45,11 @@ _NON_NEGATIVE_INTS = ("warmup_steps", "eval_every", "eval_batches", "final_eval_
 _NON_NEGATIVE_FLOATS = ("weight_decay", "clip_norm")
 
 
+def grad_accum_steps(c) -> int:
+    """train.grad_accum_steps (configs written before it existed: the default)."""
+    return c.get("grad_accum_steps", default_train_config().grad_accum_steps)
+
+
 def validate_train_config(c) -> None:
     """Raise ValueError naming `train.<key>`, its value and what is accepted."""
     for key in _POSITIVE_INTS:
@@ -64,6 +70,12 @@ def validate_train_config(c) -> None:
             raise ValueError(f"train.{key}={c[key]!r} is invalid: accepted values are in [0, 1)")
     if not 0 <= c.final_lr_fraction <= 1:
         raise ValueError(f"train.final_lr_fraction={c.final_lr_fraction!r} is invalid: accepted values are in [0, 1]")
+    accum = grad_accum_steps(c)
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+        raise ValueError(f"train.grad_accum_steps={accum!r} is invalid: accepted values are integers >= 1")
+    if c.batch_size % accum:  # the data shards: sharding.validate
+        raise ValueError(f"train.batch_size={c.batch_size} is not divisible by train.grad_accum_steps={accum}: "
+                         f"accepted values are multiples of {accum}")
     if c.warmup_steps > c.steps:
         raise ValueError(f"train.warmup_steps={c.warmup_steps} is invalid: accepted values are <= "
                          f"train.steps={c.steps}")

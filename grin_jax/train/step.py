@@ -52,28 +52,34 @@ def _documents(batch) -> dict:
 
 
 def make_loss_fn(graphdef):
-    """(params, batch, rng, model_state=None, row_sinks=None) -> (cross-entropy + aux loss, (cross-entropy, aux,
-    model_state)): the training objective; model_state: the running statistics (state['model_state'], None for a
-    model without), returned updated from this batch's non-padding tokens (loss_mask); row_sinks: the row-sparse
-    update's sinks (train/sparse_rows.py; aux['row_ids'] then holds their rows' ids)."""
+    """(params, batch, rng, model_state=None, row_sinks=None, batch_stats=None) -> (cross-entropy + aux loss,
+    (cross-entropy, aux, model_state)): the training objective; model_state: the running statistics
+    (state['model_state'], None for a model without), returned updated from this batch's non-padding tokens
+    (loss_mask); row_sinks: the row-sparse update's sinks (train/sparse_rows.py; aux['row_ids'] then holds their
+    rows' ids); batch_stats: the whole step's statistics of an accumulated step (module docstring)."""
 
-    def loss_fn(params, batch, rng, model_state=None, row_sinks=None):
+    def loss_fn(params, batch, rng, model_state=None, row_sinks=None, batch_stats=None):
         logits_BSV, aux, model_state = _models.apply_train(graphdef, params, model_state, batch["inputs"], rng=rng,
                                                            token_mask_BS=batch["loss_mask"], row_sinks=row_sinks,
-                                                           **_documents(batch))
+                                                           batch_stats=batch_stats, **_documents(batch))
         ce = _models.cross_entropy(logits_BSV, batch["targets"], batch["loss_mask"])
         return ce + aux["aux_loss"], (ce, aux, model_state)
 
     return loss_fn
 
 
-def make_train_step(graphdef, tx):
+def make_train_step(graphdef, tx, grad_accum_steps: int = 1):
     """state, batch -> (state, metrics). The per-step key is fold_in(state['rng'], step): resumable. A state with
     'model_state' (running statistics) gets it back updated by the step's forward; the optimizer never sees it.
     tx: an optax transformation, or a sparse_rows.RowSparseAdamW for a model with row-sparse tables (PEER's
-    table_update='sparse'): the step then differentiates the tables' gathered rows instead of the tables."""
+    table_update='sparse'): the step then differentiates the tables' gathered rows instead of the tables.
+    grad_accum_steps M > 1: the batch is split into M micro-batches whose gradients are summed
+    (`_make_accumulating_train_step`)."""
+    check_grad_accum(grad_accum_steps, row_sparse=isinstance(tx, _sparse_rows.RowSparseAdamW))
     if isinstance(tx, _sparse_rows.RowSparseAdamW):
         return _make_row_sparse_train_step(graphdef, tx)
+    if grad_accum_steps > 1:
+        return _make_accumulating_train_step(graphdef, tx, grad_accum_steps)
     loss_fn = make_loss_fn(graphdef)
 
     def train_step(state, batch):
@@ -86,6 +92,100 @@ def make_train_step(graphdef, tx):
                 _step_metrics(ce, total, aux, global_norm(grads)))
 
     return train_step
+
+
+def check_grad_accum(grad_accum_steps: int, *, row_sparse: bool = False, model=None) -> None:
+    """train.grad_accum_steps against the optimizer and the model (the batch: train/config.py and
+    sharding.validate); raises ValueError naming the key."""
+    if not isinstance(grad_accum_steps, int) or isinstance(grad_accum_steps, bool) or grad_accum_steps < 1:
+        raise ValueError(f"train.grad_accum_steps={grad_accum_steps!r} is invalid: accepted values are integers >= 1")
+    if grad_accum_steps == 1:
+        return
+    if row_sparse:
+        raise ValueError(f"train.grad_accum_steps={grad_accum_steps} is not supported with row-sparse table updates "
+                         "(PEER's table_update='sparse'): accepted value is 1, or peer.table_update='dense'")
+    for name, section in () if model is None else model.sections:
+        groups = getattr(section, "load_balance_groups", 1)
+        if groups != 1:
+            raise ValueError(f"train.grad_accum_steps={grad_accum_steps} needs global load balancing: "
+                             f"model.{name}.load_balance_groups={groups} is invalid with it (accepted: 1)")
+
+
+def micro_batches(batch: dict, count: int) -> dict:
+    """[B, ...] arrays -> [count, B / count, ...]: micro-batch m holds rows m, m + count, m + 2 count, ... so that
+    every data shard's block of rows gives each micro-batch the same number of rows, locally (no data moves)."""
+    def split(x):
+        rows = x.shape[0]
+        return jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def _make_accumulating_train_step(graphdef, tx, count: int):
+    """The train step over `count` micro-batches (rows split by `micro_batches`), one optimizer update.
+
+    The objective is the whole batch's: the cross-entropy of micro-batch m is weighted by its share of the batch's
+    real tokens (n_m / N), the aux losses by 1 / count. Aux losses that need statistics of the whole batch (the
+    kinds with `takes_batch_stats`: the MoE load balance's expert load, DS-MoE's mutual information) get them
+    from a first, forward-only pass over the micro-batches (`aux['batch_stats']`, averaged), given back to every
+    micro-batch's forward; the kinds' losses are built so that the mean over the micro-batches equals the whole
+    batch's loss in value and gradient (moe/losses.py). That pass costs one more forward per step, and only for
+    models with such kinds. Micro-batch m draws its randomness (router noise) from fold_in(step key, m): equal
+    in distribution to the whole batch's draw, not in value. Running statistics (PEER's BatchNorm) are updated
+    micro-batch after micro-batch. Metrics: 'loss' is the whole batch's cross-entropy; the aux losses and the
+    kinds' metrics are means over the micro-batches (the expert load exactly the whole batch's)."""
+    loss_fn = make_loss_fn(graphdef)
+
+    def train_step(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        micro = micro_batches(batch, count)
+        tokens_M = jnp.sum(micro["loss_mask"] > 0, axis=(1, 2)).astype(jnp.float32)
+        total_tokens = jnp.maximum(jnp.sum(tokens_M), 1.0)
+        params, model_state = state["params"], state.get("model_state")
+        batch_stats = _whole_batch_statistics(graphdef, params, model_state, micro, rng, count)
+
+        def accumulate(carry, xs):
+            grads_sum, model_state = carry
+            index, micro_batch, tokens = xs
+
+            def objective(params):
+                _, (ce, aux, new_state) = loss_fn(params, micro_batch, jax.random.fold_in(rng, index), model_state,
+                                                  batch_stats=batch_stats)
+                return ce * tokens / total_tokens + aux["aux_loss"] / count, (ce, aux, new_state)
+
+            (_, (ce, aux, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            aux = {k: v for k, v in aux.items() if k != "batch_stats"}
+            return (jax.tree.map(jnp.add, grads_sum, grads), model_state), (ce * tokens, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, model_state), (ce_sums, auxes) = jax.lax.scan(
+            accumulate, (zeros, model_state), (jnp.arange(count), micro, tokens_M))
+        ce = jnp.sum(ce_sums) / total_tokens
+        aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), auxes)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+        return (_next_state(state, new_params, opt_state, model_state),
+                _step_metrics(ce, ce + aux["aux_loss"], aux, global_norm(grads)))
+
+    return train_step
+
+
+def _whole_batch_statistics(graphdef, params, model_state, micro, rng, count: int):
+    """The mean over the micro-batches of the model's aux['batch_stats'] (forward only, the training forward with
+    each micro-batch's key), or None when no layer reports any (the model has no kind that needs them)."""
+    loss_fn = make_loss_fn(graphdef)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda p, s: loss_fn(p, first, rng, s)[1][1]["batch_stats"], params, model_state)
+    if not jax.tree.leaves(shapes):
+        return None
+
+    def forward(model_state, xs):
+        index, micro_batch = xs
+        _, (_, aux, model_state) = loss_fn(params, micro_batch, jax.random.fold_in(rng, index), model_state)
+        return model_state, aux["batch_stats"]
+
+    _, stats = jax.lax.scan(forward, model_state, (jnp.arange(count), micro))
+    return jax.lax.stop_gradient(jax.tree.map(lambda x: jnp.mean(x, axis=0), stats))
 
 
 def _make_row_sparse_train_step(graphdef, tx):
@@ -174,13 +274,16 @@ def compiled_flops(compiled) -> float:
     return float((analysis or {}).get("flops", 0.0))
 
 
-def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, compiler_options: dict | None = None):
+def compile_train_step(graphdef, tx, state, shardings, mesh, batch, *, grad_accum_steps: int = 1,
+                       compiler_options: dict | None = None):
     """The train step compiled ahead of time with explicit in/out shardings: the state as `shardings` (donated),
     the batch over the data axes, metrics replicated. Traced under jax.set_mesh(mesh), which is where the MoE block
-    finds the mesh. `state` and `batch` may be abstract (ShapeDtypeStructs). compiler_options: XLA options for
-    this compile (tests: {'xla_backend_optimization_level': 0} halves CPU compile time)."""
+    finds the mesh. `state` and `batch` may be abstract (ShapeDtypeStructs). grad_accum_steps: micro-batches per
+    step (make_train_step). compiler_options: XLA options for this compile (tests:
+    {'xla_backend_optimization_level': 0} halves CPU compile time)."""
     with jax.set_mesh(mesh):
-        return jax.jit(make_train_step(graphdef, tx), in_shardings=(shardings, _sharding.batch_sharding(mesh)),
+        step = make_train_step(graphdef, tx, grad_accum_steps)
+        return jax.jit(step, in_shardings=(shardings, _sharding.batch_sharding(mesh)),
                        out_shardings=(shardings, _sharding.replicated(mesh)),
                        donate_argnums=(0,)).lower(state, batch).compile(compiler_options)
 

@@ -81,6 +81,7 @@ from grin_jax.train.step import (  # noqa: F401  (re-exported: grin_jax.bench, t
     all_finite,
     batch_features,
     batch_spec,
+    check_grad_accum,
     compile_eval_step,
     compile_train_step,
     compiled_flops,
@@ -118,6 +119,7 @@ def resolve(config: ml_collections.ConfigDict, *, check_mesh: bool = True) -> Ex
         raise ValueError(f"data.seq_len={config.data.seq_len} is invalid: accepted values are <= "
                          f"model.max_seq_len={model_config.max_seq_len}")
     _sharding.distributed_config_of(config)  # unknown keys
+    check_grad_accum(_train_config.grad_accum_steps(config.train), model=model_config)
     _check_host_memory(config, model_config)
     if check_mesh:
         _sharding.validate(config)  # the mesh against the devices, the model and the batch
@@ -133,13 +135,17 @@ def _check_host_memory(config, model_config, memory_bytes: int | None = None) ->
     memory (rather than take memory until the machine runs out): the global batch's activations (a lower bound:
     the residual stream of every layer, float32) and the windowed stream's shuffle buffer."""
     memory = _host_memory_bytes() if memory_bytes is None else memory_bytes
-    tokens = config.train.batch_size * config.data.seq_len
+    accum = _train_config.grad_accum_steps(config.train)
+    tokens = config.train.batch_size * config.data.seq_len // accum
+    per_sequence = config.data.seq_len * model_config.d_model * model_config.num_layers * 4
     activations = tokens * model_config.d_model * model_config.num_layers * 4
     if activations > memory // 2:
         raise ValueError(f"train.batch_size={config.train.batch_size} is too large for this machine: "
-                         f"{tokens:,} tokens per step need at least {activations / 2**30:.1f} GiB of activations "
+                         f"{tokens:,} tokens per micro-batch need at least {activations / 2**30:.1f} GiB of "
+                         f"activations "
                          f"(the residual stream alone), over half of its {memory / 2**30:.0f} GiB; accepted values are "
-                         f"up to {max(1, (memory // 2) // (activations // config.train.batch_size)):,}")
+                         f"up to {max(1, (memory // 2) // per_sequence) * accum:,} (with train.grad_accum_steps="
+                         f"{accum}: more micro-batches per step take a larger batch)")
     if config.data.get("shuffle") == "windows":
         buffer = config.data.shuffle_windows * config.data.seq_len * 4 * 5  # five int32/float32 fields per row
         if buffer > memory // 2:
@@ -425,7 +431,8 @@ def _compile(run: _Run, state) -> _Compiled:
     shardings = state_shardings(run.experiment, run.tx, run.mesh)
     compile_start = time.perf_counter()
     spec = batch_spec(run.tc.batch_size, run.config.data.seq_len, document_attention=run.document_attention)
-    train_step = compile_train_step(run.graphdef, run.tx, state, shardings, run.mesh, spec)
+    train_step = compile_train_step(run.graphdef, run.tx, state, shardings, run.mesh, spec,
+                                    grad_accum_steps=_train_config.grad_accum_steps(run.tc))
     compile_seconds = time.perf_counter() - compile_start
     eval_step = compile_eval_step(run.graphdef, inference_variables(state), inference_variables(shardings), run.mesh,
                                   spec)
