@@ -10,6 +10,8 @@ head with bias. 41.873B parameters, 6.641B active per token:
 Variants (`--config=configs/grin_moe_16x3_8b.py:VARIANT`, comma-separated):
     dense  the dense baseline with the same active parameters (every FFN dense, width 2 x 6400)
     bf16   bfloat16 parameters, compute and activations (router / attention softmax stay float32)
+    mixed  mixed precision: float32 master weights (and so float32 optimizer state), bfloat16 compute and
+           activations; routers, softmaxes, norm statistics, aux losses and the cross-entropy stay float32
     topk   the GShard / Mixtral top-2 softmax router instead of SparseMixer-v2 (GRIN's ablation baseline)
 """
 
@@ -21,9 +23,12 @@ from grin_jax.sharding import default_distributed_config, default_mesh_config
 
 def get_config(arg=None):
     variants = set(filter(None, (arg or "").split(",")))
-    unknown = variants - {"dense", "bf16", "topk"}
+    unknown = variants - {"dense", "bf16", "mixed", "topk"}
     if unknown:
-        raise ValueError(f"unknown variant(s) {sorted(unknown)}: accepted values are dense, bf16, topk")
+        raise ValueError(f"unknown variant(s) {sorted(unknown)}: accepted values are dense, bf16, mixed, topk")
+    if {"bf16", "mixed"} <= variants:
+        raise ValueError("variants bf16 and mixed exclude each other: bf16 stores the parameters in bfloat16, "
+                         "mixed in float32")
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(
         vocab_size=32064,
@@ -65,6 +70,9 @@ def get_config(arg=None):
         config.model.layout = "dense"
     if "bf16" in variants:
         config.model.param_dtype = config.model.dtype = config.model.activation_dtype = "bfloat16"
+    if "mixed" in variants:
+        config.model.param_dtype = "float32"
+        config.model.dtype = config.model.activation_dtype = "bfloat16"
     if "topk" in variants:
         config.model.moe.router = "topk_softmax"
         config.model.moe.router_options = {"renormalize": True}

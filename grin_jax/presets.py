@@ -9,6 +9,8 @@ Variant 'smoke' (a few steps, for tests).
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from grin_jax.data import default_data_config
@@ -19,14 +21,28 @@ ROUTER_OPTIONS = {"sparsemixer_v2": {"jitter_eps": 0.01},  # GRIN's value; sweep
                   "topk_softmax": {"renormalize": True}}
 
 
+def layer_loop_fields(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`model` with the layer-loop settings (model.scan_layers, remat, remat_names) at ModelConfig's defaults where
+    it does not set them, so that --config.model.scan_layers=True etc. can override them (a locked config refuses
+    keys it does not have)."""
+    from grin_jax.models.config import LAYER_LOOP_FIELDS, ModelConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in LAYER_LOOP_FIELDS}
+    for key, value in defaults.items():
+        if key not in model:
+            model[key] = value
+    return model
+
+
 def experiment(name: str, model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """An experiment config: name, model, and the default data / train / mesh / distributed sections."""
+    """An experiment config: name, model (with `layer_loop_fields`), and the default data / train / mesh /
+    distributed sections."""
     config = ml_collections.ConfigDict()
     config.name = name
-    config.model = model
+    config.model = layer_loop_fields(model)
     config.data = default_data_config()
     config.train = default_train_config()
-    config.mesh = default_mesh_config()                # (data, expert, model); data=-1: all devices, data-parallel
+    config.mesh = default_mesh_config()                # (data, fsdp, expert, model); data=-1: all devices
     config.distributed = default_distributed_config()  # multi-process: jax.distributed (auto-detected on clusters)
     return config
 

@@ -148,3 +148,39 @@ workdir = {str(tmp_path / 'ds_moe')!r}
     text = "".join(o.get("text", "") for o in outputs)
     assert "alpha=0.1: MLP" in text and "experts over the threshold" in text
     assert os.path.exists(tmp_path / "ds_moe" / "alpha_0.1" / "summary.json")
+
+
+def test_sharding_walkthrough(tmp_path):
+    """notebooks/sharding.ipynb on the 8 fake CPU devices of tests/conftest.py (run alone, the notebook sets them up
+    itself): both CPU strategies of the MoE layer and a scanned, rematerialised, accumulated train step on the
+    fsdp x expert x model mesh equal one device; FSDP over 8 devices holds 1/8 of every D-sharded array."""
+    import re
+
+    notebook = run_notebook("sharding.ipynb", """
+num_layers = 1
+batch_size = 8
+seq_len = 16
+fast_compile = True
+""", tmp_path)
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    number = r"([0-9.]+(?:e[+-]\d+)?)"
+    diffs = dict(re.findall(r"moe.parallel='(\w+)': .*max abs diff to one device " + number
+                            + r"; dropped fraction 0.000", text))
+    assert set(diffs) == {"allgather", "alltoall"} and all(float(d) < 1e-5 for d in diffs.values()), diffs
+    counts = dict(re.findall(r"moe.parallel='(\w+)'.*\n  collectives (\{.*\})", text))
+    assert "'reduce-scatter': 1" in counts["allgather"] and "all-to-all" not in counts["allgather"]  # strategy used
+    assert "'all-to-all': 2" in counts["alltoall"] and "reduce-scatter" not in counts["alltoall"]
+    assert float(re.search(r"loss: one device .*abs diff " + number, text).group(1)) < 1e-5
+    assert float(re.search(r"train step max abs grad diff: " + number, text).group(1)) < 1e-5
+    assert float(re.search(r"largest gradient entry " + number, text).group(1)) > 1e-3  # a real gradient
+    assert re.search(r"updated layers.0.mlp.w_gate \(8, 64, 64\): P\('expert', 'fsdp', 'model'\), shard \(4, 32, 32\)",
+                     text)
+    rows = {label: [int(v.replace(",", "")) for v in values] for label, *values in
+            re.findall(r"^(one device|data=8|fsdp=8|fsdp=2,expert=2,model=2) +([\d,]+) +([\d,]+)", text, re.M)}
+    assert rows["data=8"] == rows["one device"]  # pure data parallelism replicates params and optimizer state
+    assert rows["one device"][0] / 9 < rows["fsdp=8"][0] < rows["one device"][0] / 7
+    part, whole = re.search(r"fsdp=8, the \d+ arrays with an 'embed' dimension: ([\d,]+) of ([\d,]+) bytes",
+                            text).groups()
+    assert 8 * int(part.replace(",", "")) == int(whole.replace(",", ""))

@@ -27,6 +27,7 @@ from grin_jax.nn.moa import MoAConfig
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_FIELDS = ("param_dtype", "dtype", "activation_dtype")
+LAYER_LOOP_FIELDS = ("scan_layers", "remat", "remat_names")  # how the layers run, not what they compute
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,7 +69,7 @@ class DecoderLM(nnx.Module):
             self.lm_head_bias = param(jnp.zeros((c.vocab_size,), pdt), ("vocab",)) if c.lm_head_bias else None
         else:
             self.lm_head = Dense((c.d_model,), (c.vocab_size,), names=("embed", "vocab"), use_bias=c.lm_head_bias,
-                                 param_dtype=pdt, dtype=dt, rngs=rngs)
+                                 param_dtype=pdt, dtype=dt, rngs=rngs, out_dtype=jnp.float32)
             self.lm_head_bias = None
 
     def __call__(self, tokens_BS: jax.Array, *, training: bool = False, rng=None, positions_BS=None,

@@ -47,12 +47,13 @@ class Dense(nnx.Module):
     """y = x . W (+ b), contracting the last len(in_shape) axes of x with the first axes of W.
 
     kernel: in_shape + out_shape (e.g. [D, H, K] for a query projection), bias: out_shape.
-    Matmul in `dtype` (compute dtype); parameters stored in `param_dtype`; fan-in scaled normal init.
+    Matmul in `dtype` (compute dtype); parameters stored in `param_dtype`; fan-in scaled normal init. out_dtype:
+    the matmul's result dtype (None: dtype; the LM head asks float32: bfloat16 operands, float32 logits).
     """
 
     def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, names: Sequence[str | None],
                  use_bias: bool = False, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs,
-                 init_std: float | None = None):
+                 init_std: float | None = None, out_dtype=None):
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         names = tuple(names)
         fan_in = 1
@@ -63,14 +64,16 @@ class Dense(nnx.Module):
         self.bias = (param(jnp.zeros(self.out_shape, param_dtype), names[len(self.in_shape):])
                      if use_bias else None)
         self.dtype = dtype
+        self.out_dtype = dtype if out_dtype is None else out_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n_in = len(self.in_shape)
         if x.shape[x.ndim - n_in:] != self.in_shape:
             raise ValueError(f"Dense: input trailing shape {x.shape[x.ndim - n_in:]} != {self.in_shape}")
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=n_in)
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), axes=n_in,
+                          preferred_element_type=self.out_dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + self.bias[...].astype(self.out_dtype)
         return y
 
 
@@ -92,8 +95,9 @@ class Embed(nnx.Module):
         return jnp.take(self.table(), tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        x_TD = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # 2-D: XLA:CPU's backward of the 3-D form is slower
-        logits = jnp.einsum("td,vd->tv", x_TD, self.table().astype(self.dtype))
+        """Tied-head logits in float32 (operands in x's dtype)."""
+        x_TD = x.reshape(-1, x.shape[-1])  # 2-D: XLA:CPU's backward of the 3-D form is slower
+        logits = jnp.einsum("td,vd->tv", x_TD, self.table().astype(x.dtype), preferred_element_type=jnp.float32)
         return logits.reshape(x.shape[:-1] + logits.shape[-1:])
 
 
