@@ -138,8 +138,8 @@ def test_a_diverging_run_pins_its_last_healthy_checkpoint_and_resumes_from_it(tm
     exist), the diverging ones are set aside and the rerun, with a lower learning rate, resumes from step 3."""
     make_train_step = step_module.make_train_step
 
-    def exploding(graphdef, tx):
-        inner = make_train_step(graphdef, tx)
+    def exploding(graphdef, tx, grad_accum_steps=1):
+        inner = make_train_step(graphdef, tx, grad_accum_steps)
 
         def train_step(state, batch):
             new_state, metrics = inner(state, batch)

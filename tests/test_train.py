@@ -189,8 +189,8 @@ def test_nonfinite_loss_read_late_is_never_checkpointed(bad_step, tmp_path, monk
     # either way the run stops naming the bad step and the kept checkpoint (step 2) precedes it.
     make_train_step = step_module.make_train_step
 
-    def poisoned(graphdef, tx):
-        inner = make_train_step(graphdef, tx)
+    def poisoned(graphdef, tx, grad_accum_steps=1):
+        inner = make_train_step(graphdef, tx, grad_accum_steps)
 
         def train_step(state, batch):
             new_state, metrics = inner(state, batch)

@@ -422,7 +422,7 @@ class _Compiled:
     eval_step: Any
     all_finite: Any
     compile_seconds: float
-    xla_flops_per_token: float
+    xla_flops_per_token: float | None
 
 
 def _compile(run: _Run, state) -> _Compiled:
@@ -439,7 +439,17 @@ def _compile(run: _Run, state) -> _Compiled:
     return _Compiled(train_step=train_step, eval_step=eval_step,
                      all_finite=jax.jit(all_finite, out_shardings=_sharding.replicated(run.mesh)),
                      compile_seconds=compile_seconds,
-                     xla_flops_per_token=compiled_flops(train_step) / run.tokens_per_step)
+                     xla_flops_per_token=_xla_flops_per_token(train_step, run))
+
+
+def _xla_flops_per_token(train_step, run: _Run) -> float | None:
+    """XLA's FLOP count of the train step per token: the partitioned (per-device) program's count times the devices
+    of the mesh. None when the step loops over the layers (model.scan_layers) or the micro-batches
+    (train.grad_accum_steps > 1): XLA's cost analysis counts a loop's body once (`python -m grin_jax.plan` counts
+    the matmuls with their trip counts)."""
+    if run.experiment.model.scan_layers or _train_config.grad_accum_steps(run.tc) > 1:
+        return None
+    return compiled_flops(train_step) * run.mesh.size / run.tokens_per_step
 
 
 def _evaluate(run: _Run, compiled: _Compiled, params, *, final: bool = False) -> dict:
