@@ -3,10 +3,12 @@ rematerialisation policies, side by side in one process.
 
     python experiments/bench/compile_depth.py [--layers 4,32] [--batch 8] [--seq 256] [--out PREFIX]
 
-For each depth it lowers and compiles the AdamW train step of grin_tiny (d_model 256, 8 experts, top-2, SparseMixer)
+For each depth it lowers and compiles the AdamW train step of grin_tiny (d_model 128, 8 experts, top-2, SparseMixer)
 from abstract shapes, with model.scan_layers off and on, and for the scanned model each model.remat policy, and
 prints the seconds to trace + lower, the seconds to compile, and XLA's temp buffer size (activations and
 temporaries kept for the backward pass, as XLA:CPU assigns them). Ratios 32 vs 4 layers are printed per variant.
+The 'grad only' rows compile the loss's value_and_grad without the optimizer: the optimizer update (and the
+stacking of the per-layer parameters for the scan) is per parameter array, so it still grows with depth.
 PREFIX.txt / PREFIX.json get the table and the records (written atomically).
 """
 
@@ -31,6 +33,8 @@ from grin_jax.train import trainer  # noqa: E402
 
 VARIANTS = (("unrolled", dict(scan_layers=False, remat="none")),
             ("scanned", dict(scan_layers=True, remat="none")),
+            ("unrolled, grad only", dict(scan_layers=False, remat="none", grad_only=True)),
+            ("scanned, grad only", dict(scan_layers=True, remat="none", grad_only=True)),
             ("scanned, remat full", dict(scan_layers=True, remat="full")),
             ("scanned, remat save_matmuls", dict(scan_layers=True, remat="save_matmuls")),
             ("scanned, remat save_names attention_out", dict(scan_layers=True, remat="save_names",
@@ -41,6 +45,8 @@ def measure(num_layers: int, changes: dict, batch: int, seq: int) -> dict:
     import grin_tiny
 
     config = grin_tiny.get_config()
+    changes = dict(changes)
+    grad_only = changes.pop("grad_only", False)
     for key, value in {"num_layers": num_layers, **changes}.items():
         config.model[key] = value
     config.data.seq_len = seq
@@ -50,7 +56,12 @@ def measure(num_layers: int, changes: dict, batch: int, seq: int) -> dict:
     graphdef, state = trainer.abstract_state(experiment, tx)
     spec = _step.batch_spec(batch, seq, document_attention=False)
     start = time.perf_counter()
-    lowered = jax.jit(_step.make_train_step(graphdef, tx)).lower(state, spec)
+    if grad_only:
+        loss_fn = _step.make_loss_fn(graphdef)
+        grad_fn = jax.value_and_grad(lambda p, b, key: loss_fn(p, b, key)[0])
+        lowered = jax.jit(grad_fn).lower(state["params"], spec, state["rng"])
+    else:
+        lowered = jax.jit(_step.make_train_step(graphdef, tx)).lower(state, spec)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
