@@ -47,7 +47,8 @@ def train_steps(config, workdir: str, steps: int = 2) -> dict:
 
 
 def assert_mesh_equals_one_device(config, mesh_shape=(2, 2, 2), *, atol=1e-5):
-    """config: an experiment config (its model section and mesh section are used)."""
+    """config: an experiment config (its model section and mesh section are used). mesh_shape: (data, expert,
+    model), or (data, fsdp, expert, model)."""
     model = models.model_config_from(config.model)
     graphdef, params = models.init(model, 0)
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, model.vocab_size)
@@ -57,7 +58,9 @@ def assert_mesh_equals_one_device(config, mesh_shape=(2, 2, 2), *, atol=1e-5):
         return models.cross_entropy(logits, tokens) + aux["aux_loss"]
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params, tokens)
-    config.mesh.data, config.mesh.expert, config.mesh.model = mesh_shape
+    axes = sharding.MESH_AXES if len(mesh_shape) == 4 else ("data", "expert", "model")
+    for axis, size in zip(axes, mesh_shape):
+        config.mesh[axis] = size
     mesh = sharding.make_mesh(config.mesh)
     _, abstract = models.abstract_init(model)
     placed = jax.device_put(params, sharding.named_shardings(abstract, mesh))

@@ -122,3 +122,13 @@ def test_scanned_program_barely_grows_with_depth():
 def test_bad_layer_loop_settings_name_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
         model_config("grin", **changes)
+
+
+@pytest.mark.parametrize("name", ["peer", "ds_moe"])
+def test_every_ffn_kind_on_an_fsdp_expert_model_mesh_equals_one_device(name):
+    """PEER (expert tables [N, D] split along D over fsdp, rows over expert) with an MoE layer, and DS-MoE with
+    attention experts, on data x fsdp x expert x model = (1, 2, 2, 2): loss and gradients of one device."""
+    from kind_checks import assert_mesh_equals_one_device
+
+    module = {"peer": peer_tiny, "ds_moe": ds_moe_tiny}[name]
+    assert_mesh_equals_one_device(module.get_config("smoke"), (1, 2, 2, 2))
