@@ -18,6 +18,10 @@ takes the model's variables (models.join_variables(params, model_state)) and rea
 The eval step returns the per-token NLL and the model's aux['sums'] (per-batch totals over the real tokens, e.g.
 PEER's router score mass per expert; {} for most models), which evaluation adds up over the evaluation set.
 
+Gradient accumulation (train.grad_accum_steps = M > 1, `_make_accumulating_train_step`): M micro-batches, one
+optimizer update, the whole batch's objective; the aux losses that need statistics of the whole batch (the FFN
+kinds with `takes_batch_stats`) get them from a forward-only first pass, as `batch_stats` (docs/scale_out.md).
+
 The train step's metrics: 'loss' (cross-entropy), 'total_loss' (+ aux loss), 'aux_loss', 'grad_norm', then every
 entry of the model's aux['losses'] (scalars, unweighted) and aux['metrics'] (per layer, stacked) under its own name,
 e.g. 'moe/load_balance_loss', 'moe/expert_load' [L, E]. The step knows no FFN kind: the names come from the model.
