@@ -44,8 +44,9 @@ class ModelConfig:
     FFN: layout (above) and `sections`, a tuple of (section name, kind config) pairs (built by from_dict from the
       mapping-valued keys; construct directly with `ModelConfig.make(..., moe={...})`).
     Head: tie_embeddings (LM head = embedding^T), lm_head_bias.
-    Dtypes: param_dtype (storage), dtype (matmul compute), activation_dtype (residual stream). Router and
-      attention softmax always run in float32; logits are returned in float32.
+    Dtypes: param_dtype (storage), dtype (matmul compute), activation_dtype (residual stream). Routers and
+      attention softmax run in float32 (the MoE router in moe.router_dtype, default float32); logits are float32
+      (docs/scale_out.md#mixed-precision).
     init_std: embedding init std (other weights: fan-in scaled normal).
     Layer loop (models/lm.py; the numbers are the same either way): scan_layers (run the layers as a lax.scan over
       repeats of the layout's shortest period, so compile time does not grow with depth); remat (what the backward
