@@ -68,18 +68,47 @@ def test_product_key_topk_ties_in_lax_top_k_order(n, k, kernel):
     np.testing.assert_array_equal(np.asarray(idx[10]), np.arange(k))
 
 
-def test_product_key_topk_gradient_reaches_queries_and_keys():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_product_key_topk_gradient_reaches_queries_and_keys(kernel):
     keys = jax.random.split(jax.random.key(0), 4)
     args = [jax.random.normal(keys[i], (6, 4) if i < 2 else (8, 4)) for i in range(4)]
 
     def f(*a):
-        return jnp.sum(jnp.sin(peer.product_key_topk(*a, 3)[0]))
+        return jnp.sum(jnp.sin(peer.product_key_topk(*a, 3, kernel=kernel)[0]))
 
     def g(*a):
         return jnp.sum(jnp.sin(brute_force(*a, 3)[0]))
 
     for a, b in zip(jax.grad(f, argnums=(0, 1, 2, 3))(*args), jax.grad(g, argnums=(0, 1, 2, 3))(*args)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_kernel_scores_gradient_equals_the_dense_one(groups):
+    """kernel=True's sparse gradient of the selected scores (ProductKeyScoresBwd, through the k selected sub-key
+    pairs) against XLA's through the dense half scores, shared sub-keys and one pair per group (PEER's per-head
+    keys, queries [..., G, A]); rows retrieve the same sub-key several times (k > 1 with n = 6), the cotangent is
+    not uniform, and each half has its own width."""
+    n, k, A, B = 6, 5, 4, 3
+    r = jax.random.split(jax.random.key(groups or 0), 5)
+    lead = (2, 7) if groups is None else (7, groups)
+    kshape = (n,) if groups is None else (groups, n)
+    q1, q2 = jax.random.normal(r[0], (*lead, A)), jax.random.normal(r[1], (*lead, B))
+    k1, k2 = jax.random.normal(r[2], (*kshape, A)), jax.random.normal(r[3], (*kshape, B))
+    cot = jax.random.normal(r[4], (*lead, k))
+    results = {}
+    for kernel in (False, True):
+        f = lambda *a, kernel=kernel: peer.product_key_topk(*a, k, kernel=kernel)  # noqa: E731
+        (scores, ids), vjp = jax.vjp(f, q1, q2, k1, k2)
+        results[kernel] = scores, ids, vjp((cot, np.zeros(ids.shape, jax.dtypes.float0)))
+    (s_x, i_x, g_x), (s_k, i_k, g_k) = results[False], results[True]
+    np.testing.assert_array_equal(np.asarray(i_k), np.asarray(i_x))
+    np.testing.assert_allclose(np.asarray(s_k), np.asarray(s_x), rtol=1e-6, atol=1e-6)
+    assert np.any(np.diff(np.sort(np.asarray(i_x) // n, axis=-1), axis=-1) == 0)   # repeated sub-keys in a row
+    for name, a, b in zip(("q1", "q2", "keys1", "keys2"), g_x, g_k):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert np.max(np.abs(np.asarray(a))) > 0.1
 
 
 # ------------------------------------------------------------------------------------------------ peer-pytorch parity

@@ -202,10 +202,9 @@ class PEERConfig:
 
 
 # ------------------------------------------------------------------------------------------------ product keys
-def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int, *,
-                          kernel: bool = False) -> tuple[jax.Array, jax.Array]:
+def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     """Exact top-k over the n^2 sums s1[i1] + s2[i2] (flat index i = i1 * n + i2) from the half scores
-    s1, s2 [..., n]: (scores [..., k] descending, indices [..., k] int32).
+    s1, s2 [..., n]: (scores [..., k] descending, indices [..., k] int32), by XLA.
 
     Tie order: that of `lax.top_k` over the full score vector (equal scores: the lower flat index first). The first
     stage keeps each half's top-k (lax.top_k: equal half scores -> lower sub-key index first); the second takes the
@@ -214,19 +213,8 @@ def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int, *,
     sums equal whose halves differ may swap two experts of equal float32 score (the scores returned are then still
     equal to the brute force's).
     Scores are differentiable (gathered from s1, s2 at the selected indices); the selection is not.
-    kernel=True: the selection by the C++ kernel (moe/csrc/expert_mlp.cc ProductKeyTopk: insertion into sorted
-    lists of k per row, the same order; CPU, float32), 5-10x faster than XLA's top_k on CPU.
     """
-    n = s1.shape[-1]
-    if s2.shape[-1] != n:
-        raise ValueError(f"product_key_topk: halves with {n} and {s2.shape[-1]} sub-keys")
-    if n * n > 2 ** 24:
-        raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
-                         "float32)")
-    if kernel:
-        indices = _kernel_topk(s1, s2, k)
-        scores = jnp.take_along_axis(s1, indices // n, axis=-1) + jnp.take_along_axis(s2, indices % n, axis=-1)
-        return scores, indices
+    n = _check_halves(s1, s2)
     v1, i1 = jax.lax.top_k(jax.lax.stop_gradient(s1), k)
     v2, i2 = jax.lax.top_k(jax.lax.stop_gradient(s2), k)
     batch = v1.shape[:-1]
@@ -237,16 +225,58 @@ def topk_from_half_scores(s1: jax.Array, s2: jax.Array, k: int, *,
     return scores, indices
 
 
-def _kernel_topk(s1: jax.Array, s2: jax.Array, k: int) -> jax.Array:
-    """The flat ids [..., k] of topk_from_half_scores by the C++ kernel (no gradient)."""
+def _check_halves(s1: jax.Array, s2: jax.Array) -> int:
+    """n, the sub-keys per half, after checking the half scores s1, s2 [..., n]."""
+    n = s1.shape[-1]
+    if s2.shape[-1] != n:
+        raise ValueError(f"product_key_topk: halves with {n} and {s2.shape[-1]} sub-keys")
+    if n * n > 2 ** 24:
+        raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
+                         "float32)")
+    return n
+
+
+def _kernel_retrieve(q1_PA: jax.Array, q2_PB: jax.Array, keys1_GnA: jax.Array, keys2_GnB: jax.Array,
+                     k: int) -> tuple[jax.Array, jax.Array]:
+    """product_key_topk's selection by the C++ kernel (moe/csrc/expert_mlp.cc ProductKeyRetrieve: the half scores
+    by sgemm a block of rows at a time in cache, the same selection as topk_from_half_scores by insertion into sorted
+    lists of k; CPU, float32) for query rows q1 [P, A], q2 [P, B] and sub-keys [G, n, A], [G, n, B] (row p uses
+    group p % G): (flat ids [P, k] int32, their scores s1[i1] + s2[i2] [P, k] float32), no gradient."""
     from grin_jax.moe import cpu_kernel
     cpu_kernel.load()
-    batch, n = s1.shape[:-1], s1.shape[-1]
-    flat = lambda a: jax.lax.stop_gradient(a).astype(jnp.float32).reshape(-1, n)  # noqa: E731
-    out = jax.ShapeDtypeStruct((math.prod(batch), k), jnp.int32)
-    ids = jax.ffi.ffi_call(cpu_kernel.PEER_TOPK_TARGET, out, vmap_method="sequential")(flat(s1), flat(s2),
-                                                                                      k=np.int64(k))
-    return ids.reshape(*batch, k)
+    n = keys1_GnA.shape[1]
+    if n * n > 2 ** 24:
+        raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
+                         "float32)")
+    P = q1_PA.shape[0]
+    out = (jax.ShapeDtypeStruct((P, k), jnp.int32), jax.ShapeDtypeStruct((P, k), jnp.float32))
+    args = (jax.lax.stop_gradient(a) for a in (q1_PA, q2_PB, keys1_GnA, keys2_GnB))
+    return jax.ffi.ffi_call(cpu_kernel.PEER_RETRIEVE_TARGET, out, vmap_method="sequential")(*args, k=np.int64(k))
+
+
+@jax.custom_vjp
+def _selected_scores(q1_PA, q2_PB, keys1_GnA, keys2_GnB, ids_Pk, values_Pk):
+    """values_Pk (the selected product-key scores q1[p] . keys1[g, i1] + q2[p] . keys2[g, i2], g = p % G, computed
+    by the selection) with their gradient to the queries and sub-keys from the C++ kernel
+    (ProductKeyScoresBwd): O(P k Q) through the k selected sub-key pairs per row, where the gradient through the
+    dense half scores [P, n] costs O(P n Q) and a scatter."""
+    return values_Pk
+
+
+def _selected_scores_fwd(q1_PA, q2_PB, keys1_GnA, keys2_GnB, ids_Pk, values_Pk):
+    return values_Pk, (q1_PA, q2_PB, keys1_GnA, keys2_GnB, ids_Pk)
+
+
+def _selected_scores_bwd(res, dv_Pk):
+    from grin_jax.moe import cpu_kernel
+    q1, q2, keys1, keys2, ids = res
+    out = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q1, q2, keys1, keys2))
+    grads = jax.ffi.ffi_call(cpu_kernel.PEER_KEYS_BWD_TARGET, out, vmap_method="sequential")(
+        q1, q2, keys1, keys2, ids, dv_Pk.astype(jnp.float32))
+    return (*grads, None, None)
+
+
+_selected_scores.defvjp(_selected_scores_fwd, _selected_scores_bwd)
 
 
 def _top_k_by_score_then_index(values: jax.Array, ids: jax.Array, k: int) -> jax.Array:
@@ -274,15 +304,40 @@ def _top_k_by_score_then_index(values: jax.Array, ids: jax.Array, k: int) -> jax
     return jnp.sum(jnp.where(rank[..., :, None] == slot, chosen_ids[..., :, None], 0), axis=-2)
 
 
+def _half_scores(q_half: jax.Array, keys: jax.Array) -> jax.Array:
+    """q_half [..., A] against sub-keys [n, A] (shared) or [G, n, A] (one set per group; q's axis -2 is G):
+    [..., n] float32 at full precision."""
+    hi = jax.lax.Precision.HIGHEST
+    if keys.ndim == 2:
+        return jnp.einsum("...q,nq->...n", q_half, keys, precision=hi)
+    return jnp.einsum("...gq,gnq->...gn", q_half, keys, precision=hi)
+
+
 def product_key_topk(q_half1: jax.Array, q_half2: jax.Array, keys1: jax.Array, keys2: jax.Array,
                      k: int, *, kernel: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Top-k of the N = n^2 product keys for queries split in halves q_half1, q_half2 [..., Q/2] and sub-keys
-    keys1, keys2 [n, Q/2]: (scores [..., k], indices [..., k] int32 with i = i1 * n + i2), equal to lax.top_k over
-    the N scores q_half1 . keys1[i1] + q_half2 . keys2[i2] (see topk_from_half_scores for the tie order and
-    `kernel`)."""
-    s1 = jnp.einsum("...q,nq->...n", q_half1, keys1, precision=jax.lax.Precision.HIGHEST)
-    s2 = jnp.einsum("...q,nq->...n", q_half2, keys2, precision=jax.lax.Precision.HIGHEST)
-    return topk_from_half_scores(s1, s2, k, kernel=kernel)
+    """Top-k of the N = n^2 product keys for queries split in halves q_half1 [..., A], q_half2 [..., B] and sub-keys
+    keys1 [n, A], keys2 [n, B] (or [G, n, A], [G, n, B]: one pair per group, the queries' axis -2 being G; PEER's
+    per-head keys): (scores [..., k], indices [..., k] int32 with i = i1 * n + i2), equal to lax.top_k over the N
+    scores q_half1 . keys1[i1] + q_half2 . keys2[i2] (see topk_from_half_scores for the tie order). The scores are
+    differentiable in the queries and the sub-keys.
+    kernel=False: XLA (topk_from_half_scores; the gradient goes through the dense half scores [..., n]).
+    kernel=True: the C++ kernels (CPU, float32): the half scores, the selection and its scores by
+    ProductKeyRetrieve (_kernel_retrieve: no [..., n] array leaves the cache), the scores' gradient by
+    ProductKeyScoresBwd through the k selected sub-key pairs only (_selected_scores); the same selection as
+    kernel=False, the scores to float32 rounding (the half scores are OpenBLAS's sums, not XLA's)."""
+    if not kernel:
+        return topk_from_half_scores(_half_scores(q_half1, keys1), _half_scores(q_half2, keys2), k)
+    groups = 1 if keys1.ndim == 2 else keys1.shape[0]
+    if keys2.shape[-2] != keys1.shape[-2]:
+        raise ValueError(f"product_key_topk: halves with {keys1.shape[-2]} and {keys2.shape[-2]} sub-keys")
+    batch = q_half1.shape[:-1]
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    rows = lambda a: f32(a).reshape(-1, a.shape[-1])  # noqa: E731
+    grouped = lambda a: f32(a).reshape(groups, *a.shape[-2:])  # noqa: E731
+    args = (rows(q_half1), rows(q_half2), grouped(keys1), grouped(keys2))
+    ids, values = _kernel_retrieve(*args, k)
+    scores = _selected_scores(*args, ids, values)
+    return scores.reshape(*batch, k), ids.reshape(*batch, k)
 
 
 # ------------------------------------------------------------------------------------------------ experts
@@ -430,11 +485,11 @@ def retrieval_metrics(idx_THK: jax.Array, num_pool_experts: int, mask_T: jax.Arr
     usage = jnp.mean((counts > 0).astype(jnp.float32))
     unevenness = jnp.sum(jnp.where(z > 0, z * jnp.log(jnp.maximum(z, 1e-30) * num_pool_experts), 0.0))
     if H > 1:
-        # Pairs of equal ids among a token's H*K ids (no id repeats within a head): sum over runs of i - run start.
-        s = jnp.sort(idx.reshape(T, H * K), axis=-1)
-        pos = jnp.arange(H * K)
-        start = jnp.where(jnp.concatenate([jnp.ones((T, 1), bool), s[:, 1:] != s[:, :-1]], axis=-1), pos, 0)
-        pairs_T = jnp.sum(pos - jax.lax.cummax(start, axis=1), axis=-1).astype(jnp.float32)
+        # Pairs of equal ids among a token's H*K ids (no id repeats within a head, so every such pair is two heads'):
+        # the (H*K)^2 comparisons less the H*K of each id with itself, halved (10x faster than a sort on CPU).
+        ids = idx.reshape(T, H * K)
+        equal_T = jnp.sum((ids[:, :, None] == ids[:, None, :]).astype(jnp.int32), axis=(1, 2))
+        pairs_T = ((equal_T - H * K) // 2).astype(jnp.float32)
         overlap = jnp.sum(w_T * pairs_T) / jnp.maximum(jnp.sum(w_T), 1.0) / (H * (H - 1) / 2 * K)
     else:
         overlap = jnp.float32(0.0)
@@ -470,30 +525,37 @@ def accumulated_metrics(mass) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ query BatchNorm
-def batch_moments(q_THQ: jax.Array, mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(mean [H, Q], biased variance [H, Q], count) of the queries over the tokens whose mask is non-zero (all
-    tokens without a mask), float32, two-pass (the variance from the deviations to the mean). Under jit with the
-    tokens sharded over the mesh's data axes these are sums over the global batch (SPMD: a reduction over a
-    sharded axis is global). count 0 (every token masked): mean 0, variance 0."""
-    q = q_THQ.astype(jnp.float32)
-    if mask_T is None:
-        count = jnp.float32(q.shape[0])
-        mean = jnp.mean(q, axis=0)
-        return mean, jnp.mean(jnp.square(q - mean), axis=0), count
-    w = (mask_T.reshape(-1) > 0).astype(jnp.float32)[:, None, None]
-    count = jnp.sum(w)
+def query_moments(x_TD: jax.Array, w_DHQ: jax.Array,
+                  mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(mean [H, Q], biased variance [H, Q], count) of the queries q = x w over the tokens whose mask is non-zero
+    (all tokens without a mask), float32, from the statistics of x [T, D] (so that no [T, H, Q] array is formed,
+    forward or backward): mean_q = mean_x w and var_q = diag(w^T C w), C = the masked covariance of x [D, D], two-pass
+    (from the deviations to the mean; var_q >= 0 is enforced against rounding). Under jit with the tokens sharded
+    over the mesh's data axes these are sums over the global batch (SPMD: a reduction over a sharded axis is global).
+    count 0 (every token masked): mean 0, variance 0."""
+    hi = jax.lax.Precision.HIGHEST
+    x, w = x_TD.astype(jnp.float32), w_DHQ.astype(jnp.float32)
+    weight_T = _token_weights(mask_T, x.shape[0])
+    count = jnp.sum(weight_T)
     denominator = jnp.maximum(count, 1.0)
-    mean = jnp.sum(w * q, axis=0) / denominator
-    return mean, jnp.sum(w * jnp.square(q - mean), axis=0) / denominator, count
+    mean_D = jnp.einsum("t,td->d", weight_T, x, precision=hi) / denominator
+    centred = (x - mean_D) * weight_T[:, None]             # the weights are 0 or 1: C = centred^T centred / count
+    cov_DD = jnp.einsum("td,te->de", centred, centred, precision=hi) / denominator
+    mean = jnp.einsum("d,dhq->hq", mean_D, w, precision=hi)
+    var = jnp.einsum("dhq,dhq->hq", w, jnp.einsum("de,ehq->dhq", cov_DD, w, precision=hi), precision=hi)
+    return mean, jnp.maximum(var, 0.0), count
 
 
 class QueryBatchNorm(nnx.Module):
-    """BatchNorm of the queries q [T, H, Q] (the paper's query BatchNorm): each of the H*Q features is normalised
-    over the tokens, y = (q - mean) / sqrt(var + epsilon) * scale + bias, with a learned scale and bias
+    """BatchNorm of the queries q = x w [T, H, Q] (the paper's query BatchNorm): each of the H*Q features is
+    normalised over the tokens, y = (q - mean) / sqrt(var + epsilon) * scale + bias, with a learned scale and bias
     (nnx.Param [H, Q], 'peer_heads', 'peer_key') and running averages `mean`, `var` (nnx.BatchStat [H, Q] float32,
     initially 0 and 1: not parameters, the train state carries them as state['model_state'], models/lm.py).
 
-    training=True: the batch statistics of the tokens with a non-zero mask (batch_moments: padding excluded;
+    Folded into the query projection (`fold`): y = x w' + b' with w' = w * s, b' = bias - mean * s,
+    s = scale / sqrt(var + epsilon), the same function and gradient as normalising q, but the layer's only
+    [T, H, Q]-sized work is its matmul (normalising q costs ~8 passes over it, forward and backward).
+    training=True: the batch statistics of the tokens with a non-zero mask (query_moments: padding excluded;
     biased variance, as flax), differentiated through (as every BatchNorm); the running averages become
     m * running + (1 - m) * batch (m = momentum, the batch statistics under stop_gradient; not updated when every
     token is masked). training=False: the running averages, nothing updated.
@@ -507,18 +569,25 @@ class QueryBatchNorm(nnx.Module):
         self.var = batch_stat(jnp.ones((heads, d_key), jnp.float32), names)
         self.momentum, self.epsilon = float(momentum), float(epsilon)
 
-    def __call__(self, q_THQ: jax.Array, *, training: bool, mask_T: jax.Array | None = None) -> jax.Array:
-        q = q_THQ.astype(jnp.float32)
+    def fold(self, x_TD: jax.Array, w_DHQ: jax.Array, *, training: bool,
+             mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(w' [D, H, Q], b' [H, Q]) float32 with x w' + b' = BatchNorm(x w) (the class docstring)."""
         if training:
-            mean, var, count = batch_moments(q, mask_T)
+            mean, var, count = query_moments(x_TD, w_DHQ, mask_T)
             m, seen = self.momentum, count > 0
             for stat, batch in ((self.mean, mean), (self.var, var)):
                 old = stat[...]
                 stat[...] = jnp.where(seen, m * old + (1.0 - m) * jax.lax.stop_gradient(batch), old)
         else:
             mean, var = self.mean[...], self.var[...]
-        y = (q - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        s = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)
+        return w_DHQ.astype(jnp.float32) * s, self.bias[...].astype(jnp.float32) - mean * s
+
+
+def _project(x_TD: jax.Array, w_DHQ: jax.Array, b_HQ: jax.Array | None) -> jax.Array:
+    """x w + b [T, H, Q] float32 at full precision (b None: no bias)."""
+    q = jnp.einsum("td,dhq->thq", x_TD.astype(jnp.float32), w_DHQ, precision=jax.lax.Precision.HIGHEST)
+    return q if b_HQ is None else q + b_HQ
 
 
 # ------------------------------------------------------------------------------------------------ the kind
@@ -551,30 +620,32 @@ class PEERFFN(nnx.Module):
                                           param_dtype=param_dtype) if c.query_norm == "batchnorm" else None)
         self.dtype = dtype
 
+    def query_map(self, x_TD: jax.Array, *, training: bool = False,
+                  mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """(w [D, H, Q], b [H, Q] or None) float32: the heads' queries are x w + b, the query BatchNorm folded in
+        when there is one (QueryBatchNorm.fold; training: batch statistics of the tokens whose mask is non-zero,
+        running averages updated; else the running averages)."""
+        w = self.w_query[...].astype(jnp.float32)
+        if self.query_norm is None:
+            return w, None
+        return self.query_norm.fold(x_TD, w, training=training, mask_T=mask_T)
+
     def queries(self, x_TD: jax.Array, *, training: bool = False, mask_T: jax.Array | None = None) -> jax.Array:
-        """The heads' queries [T, H, Q] float32, after the query BatchNorm when there is one (training: batch
-        statistics of the tokens whose mask is non-zero, running averages updated; else the running averages)."""
-        q = jnp.einsum("td,dhq->thq", x_TD.astype(jnp.float32), self.w_query[...].astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-        if self.query_norm is not None:
-            q = self.query_norm(q, training=training, mask_T=mask_T)
-        return q
+        """The heads' queries [T, H, Q] float32, after the query BatchNorm when there is one (query_map)."""
+        return _project(x_TD, *self.query_map(x_TD, training=training, mask_T=mask_T))
 
     def route(self, x_TD: jax.Array, *, training: bool = False,
               mask_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """(flat expert ids [T, H, K] int32 into the (H*)N rows of the tables, gates [T, H, K] float32)."""
+        """(flat expert ids [T, H, K] int32 into the (H*)N rows of the tables, gates [T, H, K] float32). Each half of
+        the queries comes from its own half of the query map (no [T, H, Q] array is sliced)."""
         c = self.config
         half = c.d_key // 2
-        hi = jax.lax.Precision.HIGHEST
-        q = self.queries(x_TD, training=training, mask_T=mask_T)
-        keys = self.sub_keys[...].astype(jnp.float32)
-        if c.shared_keys:
-            s1 = jnp.einsum("thq,nq->thn", q[..., :half], keys[0], precision=hi)
-            s2 = jnp.einsum("thq,nq->thn", q[..., half:], keys[1], precision=hi)
-        else:
-            s1 = jnp.einsum("thq,hnq->thn", q[..., :half], keys[:, 0], precision=hi)
-            s2 = jnp.einsum("thq,hnq->thn", q[..., half:], keys[:, 1], precision=hi)
-        scores, idx = topk_from_half_scores(s1, s2, c.top_k, kernel=self.use_kernel())
+        w, b = self.query_map(x_TD, training=training, mask_T=mask_T)
+        q1 = _project(x_TD, w[..., :half], None if b is None else b[:, :half])
+        q2 = _project(x_TD, w[..., half:], None if b is None else b[:, half:])
+        keys = self.sub_keys[...].astype(jnp.float32)   # [2, n, Q/2], or [H, 2, n, Q/2] per head
+        scores, idx = product_key_topk(q1, q2, keys[..., 0, :, :], keys[..., 1, :, :], c.top_k,
+                                       kernel=self.use_kernel())
         gates = jax.nn.softmax(scores, axis=-1) if c.score_activation == "softmax" else jax.nn.relu(scores)
         if not c.shared_experts:
             idx = idx + (jnp.arange(c.heads, dtype=jnp.int32) * c.num_experts)[:, None]

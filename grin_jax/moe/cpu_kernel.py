@@ -72,7 +72,8 @@ ACTIVATION_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3}  # as the enu
 SUPPORTED_DTYPES = ("float32",)  # the compute dtype: jnp.result_type(x, expert weights)
 FWD_TARGET, BWD_TARGET = "grin_expert_mlp_fwd", "grin_expert_mlp_bwd"
 PEER_FWD_TARGET, PEER_BWD_TARGET = "grin_peer_fwd", "grin_peer_bwd"  # the PEER experts (grin_jax/ffn/peer.py)
-PEER_TOPK_TARGET = "grin_product_key_topk"                            # PEER's product-key top-k
+PEER_RETRIEVE_TARGET = "grin_product_key_retrieve"                    # PEER's product-key top-k
+PEER_KEYS_BWD_TARGET = "grin_product_key_scores_bwd"                  # the gradient of its selected scores
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 ENV_DISABLE, ENV_CACHE, ENV_TIMEOUT = "GRIN_JAX_KERNEL", "GRIN_JAX_KERNEL_CACHE", "GRIN_JAX_KERNEL_BUILD_TIMEOUT"
 DEFAULT_BUILD_TIMEOUT = 300.0  # seconds; a build takes ~4 s on 2 idle cores
@@ -218,7 +219,10 @@ def _build_and_register(timeout: float | None) -> str | None:
         jax.ffi.register_ffi_target(BWD_TARGET, jax.ffi.pycapsule(lib.GrinExpertMlpBwd), platform="cpu")
         jax.ffi.register_ffi_target(PEER_FWD_TARGET, jax.ffi.pycapsule(lib.GrinPeerFwd), platform="cpu")
         jax.ffi.register_ffi_target(PEER_BWD_TARGET, jax.ffi.pycapsule(lib.GrinPeerBwd), platform="cpu")
-        jax.ffi.register_ffi_target(PEER_TOPK_TARGET, jax.ffi.pycapsule(lib.GrinProductKeyTopk), platform="cpu")
+        jax.ffi.register_ffi_target(PEER_RETRIEVE_TARGET, jax.ffi.pycapsule(lib.GrinProductKeyRetrieve),
+                                    platform="cpu")
+        jax.ffi.register_ffi_target(PEER_KEYS_BWD_TARGET, jax.ffi.pycapsule(lib.GrinProductKeyScoresBwd),
+                                    platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None

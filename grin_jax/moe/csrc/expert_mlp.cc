@@ -595,10 +595,22 @@ ffi::Error PeerBwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> ids, ffi::Buff
 }
 
 
-// Product-key top-k (grin_jax/ffn/peer.py topk_from_half_scores): per row of the half scores s1, s2 [P, n], the
-// top-k of each half, then the top-k of the k^2 sums s1[i1] + s2[i2] by (sum descending, flat index i1 * n + i2
-// ascending): lax.top_k's order over the full n^2 vector. Insertion into a sorted list of k (k <= n, small): no
-// sort of anything larger than k.
+// Product-key retrieval (grin_jax/ffn/peer.py product_key_topk with kernel=True): per query row p, the half scores
+// s1 = keys1[g] q1[p], s2 = keys2[g] q2[p] [n] (g = p % G: G = 1 shared sub-keys, G = H one pair per head, rows
+// p = t * H + h), the top-k of each half, then the top-k of the k^2 sums s1[i1] + s2[i2] by (sum descending, flat
+// index i1 * n + i2 ascending): lax.top_k's order over the full n^2 vector (topk_from_half_scores).
+// Rows are taken kRetrieveRows tokens x one group at a time: two sgemms into per-thread scratch [rows, n] (the half
+// scores never leave the cache), then per row:
+//   each half (n a multiple of 16, k <= 16): a threshold first: the k-th largest of the maxima of the 16 strided
+//     groups i = j mod 16 (vectorised; at least k values are >= it, so every member of the top-k is); only the
+//     values >= it are inserted, in index order, into a sorted list of k (~k to 2k of the n values). Other shapes,
+//     and a row where fewer than k values pass (NaNs: the comparisons are false), are scanned in full.
+//   the sums: row x of the candidates h1[x] + h2[y] is non-increasing in y (both lists are sorted descending and
+//     float addition is monotonic), so a row stops at its first sum strictly below the current k-th best, and the
+//     rows stop at the first whose best sum is (equal sums are inserted: the flat index decides).
+// Threads: the (token block, group) items split statically.
+constexpr int64_t kRetrieveRows = 64;
+
 struct Ranked {
   float value;
   int32_t id;
@@ -621,34 +633,174 @@ inline void insert_ranked(Ranked* best, int64_t* count, int64_t k, float value, 
   best[pos] = Ranked{value, id};
 }
 
-ffi::Error ProductKeyTopk(ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> s2, ffi::ResultBuffer<ffi::S32> out,
-                          int64_t k) {
-  const auto dims = s1.dimensions();
-  if (dims.size() != 2 || s2.dimensions().size() != 2 || s2.dimensions()[0] != dims[0] ||
-      s2.dimensions()[1] != dims[1] || k < 1 || k > dims[1]) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "product-key top-k: s1, s2 [P, n] and 1 <= k <= n");
+constexpr int kLanes = 16;  // the threshold's groups: one vector of float32 lanes
+
+// The top-k of row[0..n) into best[0..k) by (value desc, index asc).
+void top_k_of_row(const float* row, int64_t n, int64_t k, Ranked* best) {
+  int64_t count = 0;
+  if (n % kLanes == 0 && k <= kLanes) {
+    float lane_max[kLanes];  // lane j: the maximum of row[i], i = j mod kLanes
+    for (int j = 0; j < kLanes; ++j) lane_max[j] = row[j];
+    for (int64_t base = kLanes; base < n; base += kLanes) {
+      for (int j = 0; j < kLanes; ++j) lane_max[j] = row[base + j] > lane_max[j] ? row[base + j] : lane_max[j];
+    }
+    int32_t above[kLanes] = {0};  // lanes whose maximum is strictly above lane j's
+    for (int i = 0; i < kLanes; ++i) {
+      for (int j = 0; j < kLanes; ++j) above[j] += lane_max[i] > lane_max[j] ? 1 : 0;
+    }
+    float threshold = INFINITY;  // the k-th largest lane maximum: at least k values are >= it
+    for (int j = 0; j < kLanes; ++j) {
+      const float candidate = above[j] < k ? lane_max[j] : INFINITY;
+      threshold = candidate < threshold ? candidate : threshold;
+    }
+    for (int64_t base = 0; base < n; base += kLanes) {
+      uint32_t passing = 0;
+      for (int j = 0; j < kLanes; ++j) passing |= (row[base + j] >= threshold ? 1u : 0u) << j;
+      while (passing != 0) {
+        const int j = __builtin_ctz(passing);
+        passing &= passing - 1;
+        insert_ranked(best, &count, k, row[base + j], static_cast<int32_t>(base + j));
+      }
+    }
+    if (count == k) return;
+    count = 0;
   }
-  const int64_t P = dims[0], n = dims[1];
-  const float* a = s1.typed_data();
-  const float* b = s2.typed_data();
-  int32_t* ids = out->typed_data();
+  for (int64_t i = 0; i < n; ++i) insert_ranked(best, &count, k, row[i], static_cast<int32_t>(i));
+}
+
+// The top-k of the sums h1[x].value + h2[y].value (h1, h2 sorted) into best[0..k), ids h1[x].id * n + h2[y].id.
+void top_k_of_sums(const Ranked* h1, const Ranked* h2, int64_t n, int64_t k, Ranked* best) {
+  int64_t count = 0;
+  for (int64_t x = 0; x < k; ++x) {
+    if (count == k && h1[x].value + h2[0].value < best[k - 1].value) break;
+    for (int64_t y = 0; y < k; ++y) {
+      const float sum = h1[x].value + h2[y].value;
+      if (count == k && sum < best[k - 1].value) break;
+      insert_ranked(best, &count, k, sum, static_cast<int32_t>(h1[x].id * n + h2[y].id));
+    }
+  }
+}
+
+ffi::Error ProductKeyRetrieve(ffi::Buffer<ffi::F32> q1, ffi::Buffer<ffi::F32> q2, ffi::Buffer<ffi::F32> keys1,
+                              ffi::Buffer<ffi::F32> keys2, ffi::ResultBuffer<ffi::S32> out_ids,
+                              ffi::ResultBuffer<ffi::F32> out_values, int64_t k) {
+  const auto kd1 = keys1.dimensions(), kd2 = keys2.dimensions();
+  if (q1.dimensions().size() != 2 || q2.dimensions().size() != 2 || kd1.size() != 3 || kd2.size() != 3) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "product-key retrieval: q1 [P, A], q2 [P, B], keys1 [G, n, A], keys2 [G, n, B]");
+  }
+  const int64_t P = q1.dimensions()[0], A = q1.dimensions()[1], B = q2.dimensions()[1];
+  const int64_t G = kd1[0], n = kd1[1];
+  if (q2.dimensions()[0] != P || kd1[2] != A || kd2[0] != G || kd2[1] != n || kd2[2] != B || G < 1 ||
+      P % G != 0 || k < 1 || k > n || out_ids->element_count() != static_cast<size_t>(P * k)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "product-key retrieval: inconsistent shapes (P a multiple of G, 1 <= k <= n)");
+  }
+  const int64_t tokens = P / G, blocks = (tokens + kRetrieveRows - 1) / kRetrieveRows;
+  const float *a1 = q1.typed_data(), *a2 = q2.typed_data(), *c1 = keys1.typed_data(), *c2 = keys2.typed_data();
+  int32_t* ids = out_ids->typed_data();
+  float* values = out_values->typed_data();
 #pragma omp parallel
   {
     std::vector<Ranked> h1(k), h2(k), best(k);
+    float* s1 = scratch(0, kRetrieveRows * n);
+    float* s2 = scratch(1, kRetrieveRows * n);
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < P; ++p) {
-      int64_t c1 = 0, c2 = 0, cb = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        insert_ranked(h1.data(), &c1, k, a[p * n + i], static_cast<int32_t>(i));
-        insert_ranked(h2.data(), &c2, k, b[p * n + i], static_cast<int32_t>(i));
-      }
-      for (int64_t x = 0; x < k; ++x) {
-        for (int64_t y = 0; y < k; ++y) {
-          insert_ranked(best.data(), &cb, k, h1[x].value + h2[y].value,
-                        static_cast<int32_t>(h1[x].id * n + h2[y].id));
+    for (int64_t item = 0; item < blocks * G; ++item) {
+      const int64_t g = item % G, t0 = item / G * kRetrieveRows;
+      const int64_t rows = std::min(kRetrieveRows, tokens - t0);
+      gemm(false, true, rows, n, A, a1 + (t0 * G + g) * A, G * A, c1 + g * n * A, A, s1, n);
+      gemm(false, true, rows, n, B, a2 + (t0 * G + g) * B, G * B, c2 + g * n * B, B, s2, n);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t p = (t0 + r) * G + g;
+        top_k_of_row(s1 + r * n, n, k, h1.data());
+        top_k_of_row(s2 + r * n, n, k, h2.data());
+        top_k_of_sums(h1.data(), h2.data(), n, k, best.data());
+        for (int64_t j = 0; j < k; ++j) {
+          ids[p * k + j] = best[j].id;
+          values[p * k + j] = best[j].value;
         }
       }
-      for (int64_t j = 0; j < k; ++j) ids[p * k + j] = best[j].id;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+// The gradient of the selected product-key scores (grin_jax/ffn/peer.py product_key_topk with kernel=True):
+//   v[p, j] = q1[p] . keys1[g, i1] + q2[p] . keys2[g, i2],   i = ids[p, j] = i1 * n + i2,  g = p % G
+// (G = 1: one pair of sub-key sets; G = H: one per head, rows p = t * H + h). Given dv [P, k]:
+//   dq1[p] = sum_j dv[p, j] keys1[g, i1],   dkeys1[g, i1] += dv[p, j] q1[p]   (and the same for the second half)
+// O(P k (A + B)) instead of the dense half scores' O(P n (A + B)). Threads: rows split statically; each thread adds
+// its sub-key gradients into its own partial, the partials are summed in thread order (bitwise repeatable for a
+// given thread count).
+ffi::Error ProductKeyScoresBwd(ffi::Buffer<ffi::F32> q1, ffi::Buffer<ffi::F32> q2, ffi::Buffer<ffi::F32> keys1,
+                               ffi::Buffer<ffi::F32> keys2, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> dv,
+                               ffi::ResultBuffer<ffi::F32> dq1, ffi::ResultBuffer<ffi::F32> dq2,
+                               ffi::ResultBuffer<ffi::F32> dkeys1, ffi::ResultBuffer<ffi::F32> dkeys2) {
+  const auto kd1 = keys1.dimensions(), kd2 = keys2.dimensions();
+  if (q1.dimensions().size() != 2 || q2.dimensions().size() != 2 || kd1.size() != 3 || kd2.size() != 3 ||
+      ids.dimensions().size() != 2) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "product-key scores: q1 [P, A], q2 [P, B], keys1 [G, n, A], keys2 [G, n, B], ids [P, k]");
+  }
+  const int64_t P = q1.dimensions()[0], A = q1.dimensions()[1], B = q2.dimensions()[1];
+  const int64_t G = kd1[0], n = kd1[1], k = ids.dimensions()[1];
+  if (q2.dimensions()[0] != P || ids.dimensions()[0] != P || kd1[2] != A || kd2[0] != G || kd2[1] != n ||
+      kd2[2] != B || dv.element_count() != ids.element_count() || G < 1 || P % G != 0) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "product-key scores: inconsistent shapes");
+  }
+  const int32_t* id = ids.typed_data();
+  for (int64_t m = 0; m < P * k; ++m) {
+    if (id[m] < 0 || id[m] >= n * n) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "product-key scores: an expert id is outside n^2");
+    }
+  }
+  const float *a1 = q1.typed_data(), *a2 = q2.typed_data(), *c1 = keys1.typed_data(), *c2 = keys2.typed_data();
+  const float* d = dv.typed_data();
+  float *g1 = dq1->typed_data(), *g2 = dq2->typed_data();
+  const int64_t keys_size = G * n * (A + B);  // a thread's partial: [G, n, A] then [G, n, B]
+  const int threads = omp_get_max_threads();
+  std::vector<float> partials(static_cast<size_t>(threads) * keys_size, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    float* part1 = partials.data() + omp_get_thread_num() * keys_size;
+    float* part2 = part1 + G * n * A;
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t g = p % G;
+      float* r1 = g1 + p * A;
+      float* r2 = g2 + p * B;
+      std::fill(r1, r1 + A, 0.0f);
+      std::fill(r2, r2 + B, 0.0f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float dvj = d[p * k + j];
+        const int64_t i1 = id[p * k + j] / n, i2 = id[p * k + j] % n;
+        const float* key1 = c1 + (g * n + i1) * A;
+        const float* key2 = c2 + (g * n + i2) * B;
+        float* dk1 = part1 + (g * n + i1) * A;
+        float* dk2 = part2 + (g * n + i2) * B;
+#pragma omp simd
+        for (int64_t e = 0; e < A; ++e) {
+          r1[e] += dvj * key1[e];
+          dk1[e] += dvj * a1[p * A + e];
+        }
+#pragma omp simd
+        for (int64_t e = 0; e < B; ++e) {
+          r2[e] += dvj * key2[e];
+          dk2[e] += dvj * a2[p * B + e];
+        }
+      }
+    }
+  }
+  float *out1 = dkeys1->typed_data(), *out2 = dkeys2->typed_data();
+#pragma omp parallel for schedule(static)
+  for (int64_t e = 0; e < keys_size; ++e) {
+    float sum = 0.0f;
+    for (int th = 0; th < threads; ++th) sum += partials[th * keys_size + e];
+    if (e < G * n * A) {
+      out1[e] = sum;
+    } else {
+      out2[e - G * n * A] = sum;
     }
   }
   return ffi::Error::Success();
@@ -708,9 +860,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinPeerBwd, PeerBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_out, as d_in
                                   .Attr<int64_t>("activation"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinProductKeyTopk, ProductKeyTopk,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinProductKeyRetrieve, ProductKeyRetrieve,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // s1 [P, n]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // s2 [P, n]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q1 [P, A]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q2 [P, B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys1 [G, n, A]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys2 [G, n, B]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // flat ids [P, k]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // their scores s1[i1] + s2[i2] [P, k]
                                   .Attr<int64_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinProductKeyScoresBwd, ProductKeyScoresBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q1 [P, A]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q2 [P, B]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys1 [G, n, A]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // keys2 [G, n, B]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // flat ids [P, k]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dv [P, k]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq1 [P, A]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq2 [P, B]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dkeys1 [G, n, A]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dkeys2 [G, n, B]
