@@ -34,7 +34,8 @@ averages become m * running + (1 - m) * batch (m = bn_momentum). training=False 
 averages. Under jit with the batch sharded over the mesh's data axes the token sums are global (SPMD), so the
 statistics are the global batch's, as on one device. The running averages are updated in place on the module; the
 functional model returns them (models.apply_train) and the train state carries them as state['model_state'], out of
-the optimizer's reach and into the checkpoints (models/lm.py, train/step.py).
+the optimizer's reach and into the checkpoints (models/lm.py, train/step.py). The normalisation is folded into the
+query matmul (QueryBatchNorm.fold: x w' + b', the statistics from those of x), so no [T, H, Q] array is normalised.
 Initialisation (the paper states none; peer-pytorch uses N(0, 1) tables, N(0, 0.02^2) keys): fan-in scaled normals,
     w_query ~ N(0, 1/D), sub_keys ~ N(0, 2/Q) (scores of unit-variance queries have unit variance),
     w_in ~ N(0, 1/D) (u.x has unit variance for a unit-variance x), w_out ~ N(0, 1/(H*K)) (the fan-in of the
@@ -42,7 +43,8 @@ Initialisation (the paper states none; peer-pytorch uses N(0, 1) tables, N(0, 0.
 
 Memory: the gathered rows u, v [T, H, K, D] are formed `chunk_tokens` tokens at a time inside `lax.map` over
 `jax.checkpoint`ed chunks, so the peak (forward and backward) is O(chunk_tokens * H * K * D) rather than
-O(T * H * K * D). The routing (scores [T, H, n], top-K) is computed for all tokens at once (O(T * H * n)).
+O(T * H * K * D). The routing (scores [T, H, n], top-K) is computed for all tokens at once (O(T * H * n)) by XLA;
+the CPU kernel (backend 'auto'/'kernel') scores 64 tokens at a time in cache and keeps only the top-K.
 With table_update='dense' the tables' gradient is dense ([N, D], as the optimiser update); with 'sparse' the
 train step passes zero `row_sinks` [T, H, K, D] that are added to the gathered rows, differentiates those instead of
 the tables (which enter under stop_gradient) and updates only the retrieved rows (grin_jax/train/sparse_rows.py).
