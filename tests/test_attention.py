@@ -129,3 +129,62 @@ def test_segments_under_jit():
         return nnx.merge(graphdef, state)(x, pos, segment_ids_BS=seg)[0]
 
     np.testing.assert_allclose(f(state, x, pos, seg), attn(x, pos, segment_ids_BS=seg)[0], atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ the CPU kernel
+def _masks(B, S, L):
+    """Masks [B, S, L] the kernel must handle: causal, a sliding window, packed segments with padding, queries at
+    the end of a longer cache (S < L, a different window per row), and rows with no allowed key at all."""
+    rng = np.random.default_rng(0)
+    q_idx = jnp.broadcast_to(jnp.arange(L - S, L), (B, S))
+    k_idx = jnp.broadcast_to(jnp.arange(L), (B, L))
+    seg = np.cumsum(rng.integers(0, 2, (B, L)) * (rng.random((B, L)) < 0.05), axis=-1) + 1
+    seg[:, -5:] = 0                                                    # padding: its own segment
+    seg = jnp.asarray(seg)
+    empty = np.array(attention_mask(q_idx, k_idx, None))
+    empty[0, ::7] = False                                              # rows with no allowed key
+    return {"causal": attention_mask(q_idx, k_idx, None), "window": attention_mask(q_idx, k_idx, 9),
+            "segments": attention_mask(q_idx, k_idx, None, seg[:, L - S:], seg), "empty rows": jnp.asarray(empty)}
+
+
+@pytest.mark.parametrize("shape", [(2, 100, 100, 4, 2), (1, 70, 130, 2, 2), (3, 64, 64, 3, 1)])
+def test_kernel_attention_equals_the_xla_path(shape):
+    """backend='kernel' (the fused CPU kernel) against backend='xla': output and the gradients of q, k, v to 2e-6
+    relative, for every mask kind (including rows with no allowed key, which average all values), partial row blocks
+    (S not a multiple of 64), S < L, and R = H / G of 2, 1 and 3."""
+    from grin_jax.nn.attention import dot_product_attention
+    B, S, L, H, G = shape
+    K = 16
+    r = jax.random.split(jax.random.key(S), 4)
+    q = jax.random.normal(r[0], (B, S, H, K))
+    k, v = jax.random.normal(r[1], (B, L, G, K)), jax.random.normal(r[2], (B, L, G, K))
+    cot = jax.random.normal(r[3], (B, S, H, K))
+    for name, mask in _masks(B, S, L).items():
+        results = {}
+        for backend in ("xla", "kernel"):
+            def f(q, k, v, backend=backend):
+                out = dot_product_attention(q, k, v, mask, backend=backend)
+                return jnp.sum(out * cot), out
+            (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+            results[backend] = (out, *grads)
+        for what, a, b in zip(("out", "dq", "dk", "dv"), results["xla"], results["kernel"]):
+            scale = float(jnp.max(jnp.abs(a)))
+            assert scale > 1e-3, (name, what)
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-6, atol=2e-6 * scale,
+                                       err_msg=f"{name}: {what}")
+
+
+def test_attention_backend_choice_and_errors():
+    """'auto' takes the kernel on one CPU device in float32 and XLA otherwise; 'kernel' where it cannot run raises
+    naming why; an unknown backend names the accepted ones."""
+    from grin_jax.nn.attention import attention_kernel_unavailable, dot_product_attention
+    assert attention_kernel_unavailable(jnp.float32) is None
+    assert "bfloat16" in attention_kernel_unavailable(jnp.bfloat16)
+    q = jnp.ones((1, 4, 2, 8))
+    mask = attention_mask(_arange(1, 4), _arange(1, 4), None)
+    with pytest.raises(ValueError, match="backend='kernel' cannot run here: the compute dtype is bfloat16"):
+        dot_product_attention(q, q, q, mask, dtype=jnp.bfloat16, backend="kernel")
+    with pytest.raises(ValueError, match=r"backend='flash'; accepted are \['auto', 'xla', 'kernel'\]"):
+        dot_product_attention(q, q, q, mask, backend="flash")
+    assert "custom_call" in jax.jit(lambda q: dot_product_attention(q, q, q, mask)).lower(q).as_text()
+    assert "custom_call" not in jax.jit(lambda q: dot_product_attention(q, q, q, mask, backend="xla")).lower(q).as_text()

@@ -74,6 +74,7 @@ FWD_TARGET, BWD_TARGET = "grin_expert_mlp_fwd", "grin_expert_mlp_bwd"
 PEER_FWD_TARGET, PEER_BWD_TARGET = "grin_peer_fwd", "grin_peer_bwd"  # the PEER experts (grin_jax/ffn/peer.py)
 PEER_RETRIEVE_TARGET = "grin_product_key_retrieve"                    # PEER's product-key top-k
 PEER_KEYS_BWD_TARGET = "grin_product_key_scores_bwd"                  # the gradient of its selected scores
+ATTENTION_FWD_TARGET, ATTENTION_BWD_TARGET = "grin_attention_fwd", "grin_attention_bwd"  # nn/attention.py
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 ENV_DISABLE, ENV_CACHE, ENV_TIMEOUT = "GRIN_JAX_KERNEL", "GRIN_JAX_KERNEL_CACHE", "GRIN_JAX_KERNEL_BUILD_TIMEOUT"
 DEFAULT_BUILD_TIMEOUT = 300.0  # seconds; a build takes ~4 s on 2 idle cores
@@ -223,6 +224,8 @@ def _build_and_register(timeout: float | None) -> str | None:
                                     platform="cpu")
         jax.ffi.register_ffi_target(PEER_KEYS_BWD_TARGET, jax.ffi.pycapsule(lib.GrinProductKeyScoresBwd),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_FWD_TARGET, jax.ffi.pycapsule(lib.GrinAttentionFwd), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_BWD_TARGET, jax.ffi.pycapsule(lib.GrinAttentionBwd), platform="cpu")
     except (KernelUnavailable, OSError, AttributeError) as e:
         return str(e)
     return None

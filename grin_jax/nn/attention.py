@@ -24,8 +24,11 @@ the mask and the outputs are bit-identical to a mask built from positions.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from grin_jax.nn.layers import Dense
@@ -70,12 +73,20 @@ def attention_mask(q_idx_BS: jax.Array, k_idx_BL: jax.Array, sliding_window: int
     return allowed
 
 
-def dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, *, dtype=jnp.float32):
+ATTENTION_BACKENDS = ("auto", "xla", "kernel")
+
+
+def dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, *, dtype=jnp.float32, backend: str = "auto"):
     """Grouped-query attention; scores and softmax in float32. Returns [B, S, H, K] in `dtype`.
 
     The matmuls run in a KV-head-major layout, queries [B, G, R*S, K] against keys [B, G, L, K]: XLA:CPU runs
     their forward and backward ~1.4x faster than the same einsums on [B, S, G, R, K] (one transpose of q, k, v
-    and of the output instead)."""
+    and of the output instead).
+    backend: 'xla' (the scores [B, G, R*S, L] as an array) | 'kernel' (the fused CPU kernel, kernel_attention: the
+    scores of 64 query rows at a time in cache, masked key ranges skipped; CPU, float32, one device) | 'auto' (the
+    kernel where it applies, attention_kernel_unavailable; $GRIN_JAX_KERNEL=0 turns it off)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"dot_product_attention: backend={backend!r}; accepted are {list(ATTENTION_BACKENDS)}")
     batch, seq, num_heads, head_dim = q_BSHK.shape
     num_kv, keys = k_BLGK.shape[2], k_BLGK.shape[1]
     per_kv = num_heads // num_kv
@@ -83,13 +94,81 @@ def dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, *, dtype=jnp.float32
               .transpose(0, 2, 3, 1, 4).reshape(batch, num_kv, per_kv * seq, head_dim))
     k_BGLK = k_BLGK.astype(dtype).transpose(0, 2, 1, 3)
     v_BGLK = v_BLGK.astype(dtype).transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bgmk,bglk->bgml", q_BGMK, k_BGLK, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
-    scores = scores.reshape(batch, num_kv, per_kv, seq, keys)
-    scores = jnp.where(mask_BSL[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch, num_kv, per_kv * seq, keys)
-    out_BGMK = jnp.einsum("bgml,bglk->bgmk", probs, v_BGLK)
-    return (out_BGMK.reshape(batch, num_kv, per_kv, seq, head_dim).transpose(0, 3, 1, 2, 4)
+    if backend != "xla":
+        reason = attention_kernel_unavailable(dtype)
+        if backend == "kernel" and reason is not None:
+            raise ValueError(f"dot_product_attention: backend='kernel' cannot run here: {reason}")
+        if reason is None:
+            backend = "kernel"
+    if backend == "kernel":
+        out_BGMK = kernel_attention(q_BGMK, k_BGLK, v_BGLK, mask_BSL, head_dim ** -0.5)
+    else:
+        scores = (jnp.einsum("bgmk,bglk->bgml", q_BGMK, k_BGLK, preferred_element_type=jnp.float32)
+                  * (head_dim ** -0.5))
+        scores = scores.reshape(batch, num_kv, per_kv, seq, keys)
+        scores = jnp.where(mask_BSL[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype).reshape(batch, num_kv, per_kv * seq, keys)
+        out_BGMK = jnp.einsum("bgml,bglk->bgmk", probs, v_BGLK)
+    return (out_BGMK.astype(dtype).reshape(batch, num_kv, per_kv, seq, head_dim).transpose(0, 3, 1, 2, 4)
             .reshape(batch, seq, num_heads, head_dim))
+
+
+def attention_kernel_unavailable(dtype) -> str | None:
+    """None when backend='auto' runs the attention on the CPU kernel, else the reason it does not: the platform, the
+    compute dtype, a mesh of more than one device (the custom call is one device's; XLA partitions the einsums), or
+    the kernel not building here ($GRIN_JAX_KERNEL=0 included)."""
+    from grin_jax.moe import cpu_kernel
+    if jax.default_backend() != "cpu":
+        return f"the platform is {jax.default_backend()}, the kernel is CPU-only"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the compute dtype is {jnp.dtype(dtype).name}, the kernel computes in float32"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        return f"a mesh of {mesh.size} devices"
+    return cpu_kernel.ensure_built()
+
+
+def _attention_fwd_call(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale):
+    from grin_jax.moe import cpu_kernel
+    B, G, M, _ = q_BGMK.shape
+    out = (jax.ShapeDtypeStruct(q_BGMK.shape, jnp.float32), jax.ShapeDtypeStruct((B, G, M), jnp.float32))
+    return jax.ffi.ffi_call(cpu_kernel.ATTENTION_FWD_TARGET, out, vmap_method="sequential")(
+        q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel_attention(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale):
+    return _attention_fwd_call(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale)[0]
+
+
+def _kernel_attention_fwd(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale):
+    out, lse = _attention_fwd_call(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale)
+    return out, (q_BGMK, k_BGLK, v_BGLK, mask_BSL, out, lse)
+
+
+def _kernel_attention_bwd(scale, res, dout_BGMK):
+    from grin_jax.moe import cpu_kernel
+    q, k, v, mask, out, lse = res
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    dq, dk, dv = jax.ffi.ffi_call(cpu_kernel.ATTENTION_BWD_TARGET, shapes, vmap_method="sequential")(
+        q, k, v, mask, out, lse, dout_BGMK.astype(jnp.float32), scale=np.float32(scale))
+    return dq, dk, dv, None
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+def kernel_attention(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale: float):
+    """softmax(scale q k^T, masked) v [B, G, M, K] float32 by the fused CPU kernel (moe/csrc/expert_mlp.cc
+    AttentionFwd / AttentionBwd, a custom VJP) for queries [B, G, M = R*S, K] (row r*S + s: query head r of the KV
+    head's group at position s), keys and values [B, G, L, K] and mask [B, S, L] (true: may attend). Per block of 64
+    query rows the scores exist only in cache, over the key range that holds the block's allowed keys (causal and
+    sliding-window masks skip the rest); the backward recomputes them from the saved log-sum-exp [B, G, M]. A row with
+    no allowed key averages all L values, as the XLA path's softmax over equal finfo.min scores does."""
+    from grin_jax.moe import cpu_kernel
+    cpu_kernel.load()
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    return _kernel_attention(f32(q_BGMK), f32(k_BGLK), f32(v_BGLK), mask_BSL.astype(bool), float(scale))
 
 
 def init_kv_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32) -> dict:

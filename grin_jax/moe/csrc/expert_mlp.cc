@@ -806,6 +806,199 @@ ffi::Error ProductKeyScoresBwd(ffi::Buffer<ffi::F32> q1, ffi::Buffer<ffi::F32> q
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------------------ attention
+// Fused masked softmax attention for CPU (grin_jax/nn/attention.py dot_product_attention): the scores of a block of
+// query rows exist only in per-thread scratch, never as a [B, H, S, L] array. Layout (that of the XLA path): queries
+// q [B, G, M, K] with M = R*S rows m = r*S + s (R query heads per KV head), keys and values [B, G, L, K], the mask
+// [B, S, L] (true: the query at s may attend to the key at l), out [B, G, M, K], lse [B, G, M] (the rows' log-sum-exp
+// of the scaled scores, saved for the backward).
+//   forward   per block of up to kAttnRows rows of one head: Sc = scale Q Kc^T [rows, W] over the key range
+//             [lo, hi) that holds every allowed key of the block (causal and sliding-window masks skip the rest);
+//             P = softmax over the allowed keys (masked: exactly 0, as exp(finfo.min - max) is in the XLA path);
+//             O = P Vc.
+//   backward  Sc and P recomputed from lse;  dP = dO Vc^T;  dS = P (dP - rowsum(dO * O));  dQ = scale dS Kc;
+//             dK[lo:hi] += scale dS^T Q;  dV[lo:hi] += P^T dO.
+// A row with no allowed key is uniform over all L keys with no gradient to its scores (the XLA path's softmax over
+// L equal finfo.min scores); its lse is +inf as a marker. Threads: the forward splits (b, g, block) items, the
+// backward (b, g) pairs (each owns its dK, dV: no races; sums in a fixed order).
+constexpr int64_t kAttnRows = 64;
+
+struct AttnShapes {
+  int64_t B, G, M, L, K, S, R;
+};
+
+// Per (b, s): the first and one past the last allowed key (first = L, last = 0 when none).
+void allowed_ranges(const bool* mask, const AttnShapes& a, std::vector<int32_t>* first, std::vector<int32_t>* end) {
+  first->assign(a.B * a.S, static_cast<int32_t>(a.L));
+  end->assign(a.B * a.S, 0);
+#pragma omp parallel for schedule(static)
+  for (int64_t bs = 0; bs < a.B * a.S; ++bs) {
+    const bool* row = mask + bs * a.L;
+    int32_t lo = static_cast<int32_t>(a.L), hi = 0;
+    for (int64_t l = 0; l < a.L; ++l) {
+      if (row[l]) {
+        lo = std::min(lo, static_cast<int32_t>(l));
+        hi = static_cast<int32_t>(l + 1);
+      }
+    }
+    (*first)[bs] = lo;
+    (*end)[bs] = hi;
+  }
+}
+
+// The key range [lo, hi) of the rows s0 .. s0 + rows of batch b (the whole [0, L) if a row has no allowed key).
+inline void block_range(const AttnShapes& a, const std::vector<int32_t>& first, const std::vector<int32_t>& end,
+                        int64_t b, int64_t s0, int64_t rows, int64_t* lo, int64_t* hi) {
+  *lo = a.L;
+  *hi = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t f = first[b * a.S + s0 + i], e = end[b * a.S + s0 + i];
+    if (e == 0) {
+      *lo = 0;
+      *hi = a.L;
+      return;
+    }
+    *lo = std::min(*lo, f);
+    *hi = std::max(*hi, e);
+  }
+}
+
+// The probabilities of a block in place: sc [rows, W] holds the unscaled scores q . k of keys lo .. lo + W; with
+// lse_in (backward) P = exp(scale s - lse), else the softmax (lse_out written). Masked entries 0; a row with no
+// allowed key 1/L. Every loop is branch-free over j (vectorised, libmvec's expf).
+void block_probs(const bool* mask, const AttnShapes& a, int64_t b, int64_t s0, int64_t rows, int64_t lo, int64_t W,
+                 float scale, float* sc, const float* lse_in, float* lse_out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const bool* allowed = mask + (b * a.S + s0 + i) * a.L + lo;
+    float* row = sc + i * W;
+    float peak = -INFINITY;
+    int32_t count = 0;
+    for (int64_t j = 0; j < W; ++j) {
+      row[j] *= scale;
+      const float masked = allowed[j] ? row[j] : -INFINITY;
+      peak = masked > peak ? masked : peak;
+      count += allowed[j] ? 1 : 0;
+    }
+    if (count == 0) {  // W = L here (block_range)
+      std::fill(row, row + W, 1.0f / static_cast<float>(a.L));
+      if (lse_out) lse_out[i] = INFINITY;
+      continue;
+    }
+    const float shift = lse_in ? lse_in[i] : peak;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < W; ++j) {
+      const float e = expf(row[j] - shift);
+      row[j] = allowed[j] ? e : 0.0f;
+      total += row[j];
+    }
+    if (lse_in) continue;
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < W; ++j) row[j] *= inv;
+    lse_out[i] = peak + logf(total);
+  }
+}
+
+ffi::Error attn_shapes(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                       ffi::Buffer<ffi::PRED>& mask, AttnShapes* a) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), md = mask.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || md.size() != 3 || v.dimensions().size() != 4) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "attention kernel: q [B, G, M, K], k, v [B, G, L, K], "
+                      "mask [B, S, L]");
+  }
+  *a = AttnShapes{qd[0], qd[1], qd[2], kd[2], qd[3], md[1], 0};
+  if (kd[0] != a->B || kd[1] != a->G || kd[3] != a->K || v.element_count() != k.element_count() ||
+      md[0] != a->B || md[2] != a->L || a->S < 1 || a->M % a->S != 0) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "attention kernel: inconsistent shapes");
+  }
+  a->R = a->M / a->S;
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionFwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                        ffi::Buffer<ffi::PRED> mask, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::ResultBuffer<ffi::F32> lse, float scale) {
+  AttnShapes a;
+  if (auto err = attn_shapes(q, k, v, mask, &a); err.failure()) return err;
+  std::vector<int32_t> first, end;
+  allowed_ranges(mask.typed_data(), a, &first, &end);
+  const int64_t blocks = (a.S + kAttnRows - 1) / kAttnRows;  // per head
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = out->typed_data(), *lp = lse->typed_data();
+#pragma omp parallel
+  {
+    float* sc = scratch(0, kAttnRows * a.L);
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < a.B * a.G * a.R * blocks; ++item) {
+      const int64_t bg = item / (a.R * blocks), r = item / blocks % a.R, s0 = item % blocks * kAttnRows;
+      const int64_t b = bg / a.G, rows = std::min(kAttnRows, a.S - s0);
+      const int64_t m0 = bg * a.M + r * a.S + s0;  // the block's first row of [B*G*M]
+      int64_t lo, hi;
+      block_range(a, first, end, b, s0, rows, &lo, &hi);
+      const int64_t W = hi - lo;
+      const float* kc = kp + (bg * a.L + lo) * a.K;
+      const float* vc = vp + (bg * a.L + lo) * a.K;
+      gemm(false, true, rows, W, a.K, qp + m0 * a.K, a.K, kc, a.K, sc, W);
+      block_probs(mask.typed_data(), a, b, s0, rows, lo, W, scale, sc, nullptr, lp + m0);
+      gemm(false, false, rows, a.K, W, sc, W, vc, a.K, op + m0 * a.K, a.K);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error AttentionBwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                        ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                        ffi::ResultBuffer<ffi::F32> dv, float scale) {
+  AttnShapes a;
+  if (auto err = attn_shapes(q, k, v, mask, &a); err.failure()) return err;
+  std::vector<int32_t> first, end;
+  allowed_ranges(mask.typed_data(), a, &first, &end);
+  const int64_t blocks = (a.S + kAttnRows - 1) / kAttnRows;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data();
+  const float *lp = lse.typed_data(), *gp = dout.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+#pragma omp parallel
+  {
+    float* p = scratch(0, kAttnRows * a.L);
+    float* dp = scratch(1, kAttnRows * a.L);
+    float* delta = scratch(2, kAttnRows);
+#pragma omp for schedule(static)
+    for (int64_t bg = 0; bg < a.B * a.G; ++bg) {
+      const int64_t b = bg / a.G;
+      std::fill(dkp + bg * a.L * a.K, dkp + (bg + 1) * a.L * a.K, 0.0f);
+      std::fill(dvp + bg * a.L * a.K, dvp + (bg + 1) * a.L * a.K, 0.0f);
+      for (int64_t rb = 0; rb < a.R * blocks; ++rb) {
+        const int64_t r = rb / blocks, s0 = rb % blocks * kAttnRows, rows = std::min(kAttnRows, a.S - s0);
+        const int64_t m0 = bg * a.M + r * a.S + s0;
+        int64_t lo, hi;
+        block_range(a, first, end, b, s0, rows, &lo, &hi);
+        const int64_t W = hi - lo;
+        const float* kc = kp + (bg * a.L + lo) * a.K;
+        const float* vc = vp + (bg * a.L + lo) * a.K;
+        const float* qb = qp + m0 * a.K;
+        const float* gb = gp + m0 * a.K;
+        gemm(false, true, rows, W, a.K, qb, a.K, kc, a.K, p, W);
+        block_probs(mask.typed_data(), a, b, s0, rows, lo, W, scale, p, lp + m0, nullptr);
+        gemm(false, true, rows, W, a.K, gb, a.K, vc, a.K, dp, W);  // dP = dO Vc^T
+        for (int64_t i = 0; i < rows; ++i) {
+          float d = 0.0f;
+          for (int64_t e = 0; e < a.K; ++e) d += gb[i * a.K + e] * op[(m0 + i) * a.K + e];
+          delta[i] = d;
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          const float factor = std::isinf(lp[m0 + i]) ? 0.0f : scale;  // a uniform row: no gradient to its scores
+          for (int64_t j = 0; j < W; ++j) dp[i * W + j] = p[i * W + j] * (dp[i * W + j] - delta[i]) * factor;
+        }
+        gemm(false, false, rows, a.K, W, dp, W, kc, a.K, dqp + m0 * a.K, a.K);             // dQ = scale dS Kc
+        gemm(true, false, W, a.K, rows, dp, W, qb, a.K, dkp + (bg * a.L + lo) * a.K, a.K, true);  // dK += ..
+        gemm(true, false, W, a.K, rows, p, W, gb, a.K, dvp + (bg * a.L + lo) * a.K, a.K, true);   // dV += P^T dO
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinExpertMlpFwd, ExpertMlpFwd,
@@ -882,3 +1075,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinProductKeyScoresBwd, ProductKeyScoresBwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dq2 [P, B]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dkeys1 [G, n, A]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // dkeys2 [G, n, B]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinAttentionFwd, AttentionFwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, G, M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k [B, G, L, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v [B, G, L, K]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, S, L]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out [B, G, M, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // lse [B, G, M]
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GrinAttentionBwd, AttentionBwd,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // q [B, G, M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k [B, G, L, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // v [B, G, L, K]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [B, S, L]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // out [B, G, M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // lse [B, G, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dout [B, G, M, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq [B, G, M, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk [B, G, L, K]
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dv [B, G, L, K]
+                                  .Attr<float>("scale"));
