@@ -155,3 +155,22 @@ def test_phimoe_peer_has_our_shape_and_steps():
     before = [p.detach().clone() for p in torch_model.parameters()]
     step()
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, torch_model.parameters()))
+
+
+def test_train_step_flops_and_tokens_per_second_lines():
+    """train_step_flops: 6 per active non-embedding parameter and token, plus the causal attention core, by hand for
+    grin_tiny's shape; format_table prints tokens/s for train-step records."""
+    import types
+
+    model = types.SimpleNamespace(num_heads=4, head_dim=32, num_layers=4)
+    counts = {"active": 1_057_539, "embedding_active": 33_152}
+    tokens = 16 * 256
+    expected = 6 * 1_024_387 * tokens + 3 * 2 * 2 * 4 * 32 * 128.5 * tokens * 4
+    assert cases.train_step_flops(model, counts, 16, 256) == expected
+    assert 6.9e6 < expected / tokens < 7.0e6
+    base = {"group": "g", "reps": 3, "median_cpu_s": 0.4, "baseline": None, "ratio_to_dense": None,
+            "cpu_ratio_to_dense": None, "useful_gflop": 0.0, "gflops_per_s": 0.0, "memory": {}}
+    records = [dict(base, name="train_step/grin_tiny", mode="train_step", shape={"tokens": 4096}, median_s=0.4),
+               dict(base, name="moe/fwd", mode="fwd", shape={"tokens": 4096}, median_s=0.1)]
+    table = format_table(records)
+    assert "tokens/s train_step/grin_tiny: 10,240" in table and "tokens/s moe/fwd" not in table

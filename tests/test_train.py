@@ -482,3 +482,11 @@ def test_a_running_workdir_is_locked_and_a_stale_lock_is_taken_over(tmp_path):
         holder.wait()
     summary = trainer.train(smoke_config(steps=1, warmup_steps=0, eval_every=0, checkpoint_every=0), str(tmp_path))  # stale: taken
     assert summary["steps"] == 1 and not lock.exists()
+
+
+def test_keep_freed_buffers_applies_on_linux_and_can_be_turned_off(monkeypatch):
+    """trainer.keep_freed_buffers (mallopt on glibc: XLA's per-step temporaries reused, not re-mapped and
+    zero-filled) reports whether it applied; $GRIN_JAX_MALLOC=0 leaves the allocator alone."""
+    assert trainer.keep_freed_buffers() is sys.platform.startswith("linux")
+    monkeypatch.setenv(trainer.MALLOC_ENV, "0")
+    assert trainer.keep_freed_buffers() is False

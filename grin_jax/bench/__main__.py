@@ -49,6 +49,7 @@ def format_table(records: list[dict]) -> str:
                      f"{_fmt_bytes(mem.get('peak_bytes')):>9s}")
         if i + 1 == len(records) or records[i + 1]["group"] != group:
             lines += _speedup_lines([s for s in records if s["group"] == group])
+            lines += _throughput_lines([s for s in records if s["group"] == group])
     return "\n".join(lines)
 
 
@@ -57,6 +58,12 @@ def _speedup_lines(records: list[dict]) -> list[str]:
     marked = [r for r in records if r.get("report_speedup") and r["ratio_to_dense"]]
     return [f"speed-up {r['baseline']} / {r['name']}: {1 / r['ratio_to_dense']:.2f}x"
             + (f" (cpu {1 / r['cpu_ratio_to_dense']:.2f}x)" if r["cpu_ratio_to_dense"] else "") for r in marked]
+
+
+def _throughput_lines(records: list[dict]) -> list[str]:
+    """'tokens/s' lines of a group's train steps (records of mode 'train_step' whose shape states its tokens)."""
+    steps = [r for r in records if r.get("mode") == "train_step" and (r.get("shape") or {}).get("tokens")]
+    return [f"tokens/s {r['name']}: {r['shape']['tokens'] / r['median_s']:,.0f}" for r in steps]
 
 
 _NOTES: dict[str, str] = {}
@@ -87,6 +94,8 @@ def _main(argv=None) -> int:
         sizes = dataclasses.replace(sizes, train_step=True)
     key = jax.random.key(0)
     load_start = os.getloadavg()
+    from grin_jax.train import trainer
+    kept = trainer.keep_freed_buffers()  # as the trainer runs (and the PyTorch peers, in this process, alike)
 
     groups = (cases.granularity_groups(sizes, key) + cases.backend_groups(sizes, key, slow_reps=slow_reps)
               + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key)
@@ -98,7 +107,8 @@ def _main(argv=None) -> int:
         groups = [g for g in groups if re.search(args.only, g.name)]
     print(f"grin_jax.bench: jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
           f"{os.cpu_count()} cpus, python {platform.python_version()}, reps {reps} (slow {slow_reps}), "
-          f"load average {load_start[0]:.1f}", file=sys.stderr, flush=True)
+          f"load average {load_start[0]:.1f}, freed buffers kept {'on' if kept else 'off'} "
+          f"(trainer.keep_freed_buffers)", file=sys.stderr, flush=True)
     records, errors = [], []
     start = time.perf_counter()
     for group in groups:

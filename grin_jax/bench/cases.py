@@ -286,9 +286,10 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
         import importlib.util
         import os
 
+        from grin_jax import params as _params
         from grin_jax.train import optim, trainer
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        variants = []
+        variants = [peak_variant(sizes.peak_n, key)]
         for name in ("dense_tiny", "grin_tiny"):
             spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(root, "configs", f"{name}.py"))
             module = importlib.util.module_from_spec(spec)
@@ -308,12 +309,13 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
                      "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
             step = jax.jit(trainer.make_train_step(graphdef, tx))
             shape = {"batch": batch_size, "seq_len": seq_len, "tokens": batch_size * seq_len}
-            variants.append(Variant(f"train_step/{name}", step, (state, batch), 0.0,
+            flops = train_step_flops(experiment.model, _params.count_params(experiment.model), batch_size, seq_len)
+            variants.append(Variant(f"train_step/{name}", step, (state, batch), flops,
                                     baseline=None if name == "dense_tiny" else "train_step/dense_tiny",
                                     meta={"case": "train_step", "mode": "train_step", "load": "router",
                                           "backend": getattr(config.model, "moe_backend", "-") if name == "grin_tiny"
                                           else "dense_ffn", "shape": shape}))
-        peer, missing = phimoe_train_step_variant(experiment.model, tokens, tc.learning_rate)
+        peer, missing = phimoe_train_step_variant(experiment.model, tokens, tc.learning_rate, flops)
         variants += peer
         note = "whole optimizer step, synthetic tokens"
         note += ("; transformers_phimoe x dense = its time / grin_tiny's (> 1: grin-jax faster)" if peer
@@ -324,7 +326,19 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
         return [], f"train-step case skipped: {type(error).__name__}: {error}"
 
 
-def phimoe_train_step_variant(model_config, tokens, learning_rate: float) -> tuple[list[Variant], str | None]:
+def train_step_flops(model_config, counts: dict, batch: int, seq_len: int) -> float:
+    """The useful FLOPs of one optimizer step on batch x seq_len tokens: 6 per active parameter and token (forward 2,
+    backward 4; the embedding lookup excluded, the LM head included) plus the attention core, 3 x 2 matmuls x 2 FLOPs
+    x heads x head_dim x the (S + 1) / 2 keys a causal query sees on average, per token and layer."""
+    tokens = batch * seq_len
+    dense = 6 * (counts["active"] - counts["embedding_active"]) * tokens
+    attention = (3 * 2 * 2 * model_config.num_heads * model_config.head_dim * (seq_len + 1) / 2
+                 * tokens * model_config.num_layers)
+    return float(dense + attention)
+
+
+def phimoe_train_step_variant(model_config, tokens, learning_rate: float,
+                              flops: float = 0.0) -> tuple[list[Variant], str | None]:
     """transformers' PhimoeForCausalLM built from `model_config` (convert.hf.hf_config_from_model_config: the same
     shapes, router and jitter), one AdamW step (loss, backward, step, zero_grad) on the same tokens, torch threads =
     the machine's cores. ([variant], None), or ([], why) without torch / transformers (the test extra)."""
@@ -352,7 +366,7 @@ def phimoe_train_step_variant(model_config, tokens, learning_rate: float) -> tup
 
     call.model = model  # for inspection (tests)
     batch, seq = ids.shape
-    return [Variant("train_step/transformers_phimoe", _TorchCall(call), (), 0.0, baseline="train_step/grin_tiny",
+    return [Variant("train_step/transformers_phimoe", _TorchCall(call), (), flops, baseline="train_step/grin_tiny",
                     meta={"case": "train_step_peer", "mode": "train_step", "load": "router",
                           "backend": f"torch {torch.__version__}, transformers {transformers.__version__}, "
                                      f"{torch.get_num_threads()} threads",

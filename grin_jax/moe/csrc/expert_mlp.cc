@@ -885,11 +885,11 @@ void block_probs(const bool* mask, const AttnShapes& a, int64_t b, int64_t s0, i
       continue;
     }
     const float shift = lse_in ? lse_in[i] : peak;
+#pragma omp simd
+    for (int64_t j = 0; j < W; ++j) row[j] = expf(row[j] - shift);
     float total = 0.0f;
-#pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < W; ++j) {
-      const float e = expf(row[j] - shift);
-      row[j] = allowed[j] ? e : 0.0f;
+      row[j] = allowed[j] ? row[j] : 0.0f;
       total += row[j];
     }
     if (lse_in) continue;
