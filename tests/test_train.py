@@ -484,9 +484,16 @@ def test_a_running_workdir_is_locked_and_a_stale_lock_is_taken_over(tmp_path):
     assert summary["steps"] == 1 and not lock.exists()
 
 
-def test_keep_freed_buffers_applies_on_linux_and_can_be_turned_off(monkeypatch):
+def test_keep_freed_buffers_applies_before_the_backend_and_can_be_turned_off(monkeypatch):
     """trainer.keep_freed_buffers (mallopt on glibc: XLA's per-step temporaries reused, not re-mapped and
-    zero-filled) reports whether it applied; $GRIN_JAX_MALLOC=0 leaves the allocator alone."""
-    assert trainer.keep_freed_buffers() is sys.platform.startswith("linux")
-    monkeypatch.setenv(trainer.MALLOC_ENV, "0")
+    zero-filled) applies in a fresh process before JAX starts its backend, changes nothing once the backend is up
+    (this process), and $GRIN_JAX_MALLOC=0 turns it off."""
+    code = "from grin_jax.train import trainer; print(trainer.keep_freed_buffers())"
+    env = {k: v for k, v in os.environ.items() if k != trainer.MALLOC_ENV}
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert fresh.stdout.strip() == str(sys.platform.startswith("linux"))
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, trainer.MALLOC_ENV: "0"})
+    assert off.stdout.strip() == "False"
+    jax.devices()
     assert trainer.keep_freed_buffers() is False

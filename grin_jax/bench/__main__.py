@@ -92,10 +92,10 @@ def _main(argv=None) -> int:
     sizes = cases.QUICK if args.quick else cases.FULL
     if args.train_step:
         sizes = dataclasses.replace(sizes, train_step=True)
+    from grin_jax.train import trainer
+    kept = trainer.keep_freed_buffers()  # as the trainer runs (the PyTorch peers, in this process, alike)
     key = jax.random.key(0)
     load_start = os.getloadavg()
-    from grin_jax.train import trainer
-    kept = trainer.keep_freed_buffers()  # as the trainer runs (and the PyTorch peers, in this process, alike)
 
     groups = (cases.granularity_groups(sizes, key) + cases.backend_groups(sizes, key, slow_reps=slow_reps)
               + cases.router_groups(sizes, key) + cases.peer_groups(sizes, key)

@@ -32,7 +32,8 @@ def _main(argv):
               "its run", file=sys.stderr)
         sys.exit(2)
     from grin_jax.sharding import initialize_distributed
-    from grin_jax.train.trainer import check_resumable, resolve, resolved_config, train
+    from grin_jax.train.trainer import check_resumable, keep_freed_buffers, resolve, resolved_config, train
+    keep_freed_buffers()  # before anything starts the backend (its threads' malloc arenas)
     workdir = _WORKDIR.value
     # A config mistake or a refused resume raises ValueError naming the key, here or inside train(): run_main
     # prints it in one line, as it does a full disk or a NonFiniteLossError.
