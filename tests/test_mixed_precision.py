@@ -65,7 +65,7 @@ SOFTMAXES = {
     "ds_moe_dense_moa": {"ffn/ds_moe.py:DSMoEFFN.scores", "nn/moa.py:MixtureOfAttention.scores"},
 }
 ROUTER_MATMULS = {"moe/layer.py:_body", "ffn/ds_moe.py:DSMoEFFN.scores", "nn/moa.py:MixtureOfAttention.scores",
-                  "ffn/peer.py:PEERFFN.queries", "ffn/peer.py:PEERFFN.route"}
+                  "ffn/peer.py:query_moments", "ffn/peer.py:_project", "ffn/peer.py:_half_scores"}
 ATTENTION_SCORES = "nn/attention.py:dot_product_attention"
 LM_HEAD = "nn/layers.py:Dense.__call__"  # the untied head: bfloat16 operands, float32 logits (out_dtype)
 FLOAT32_OPS = ("exp", "log", "log1p", "logistic", "reduce_max", "rsqrt", "argmax", "top_k")
