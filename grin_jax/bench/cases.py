@@ -273,7 +273,8 @@ def router_groups(sizes: Sizes, key) -> list[Group]:
 
 def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
     """grin_tiny vs dense_tiny: one whole optimizer step (forward, backward, AdamW) on a synthetic batch of
-    train.batch_size x sizes.train_seq_len tokens; and transformers' PhimoeForCausalLM (the tool a user would
+    train.batch_size x sizes.train_seq_len tokens, jitted with the state donated and carried from call to call, as
+    the trainer runs it; and transformers' PhimoeForCausalLM (the tool a user would
     otherwise pick: eager PyTorch, AdamW) with the same shape and the same batch (hf_config_from_model_config of
     grin_tiny), when torch and transformers are installed (the test extra). The PhiMoE row's 'x dense' is its time
     over grin_tiny's: above 1, grin-jax's step is faster.
@@ -307,10 +308,10 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
             tokens = jax.random.randint(k_in, (batch_size, seq_len + 1), 0, experiment.model.vocab_size)
             batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                      "loss_mask": jnp.ones((batch_size, seq_len), jnp.float32)}
-            step = jax.jit(trainer.make_train_step(graphdef, tx))
+            step = _DonatedStep(trainer.make_train_step(graphdef, tx), state)  # as the trainer runs it
             shape = {"batch": batch_size, "seq_len": seq_len, "tokens": batch_size * seq_len}
             flops = train_step_flops(experiment.model, _params.count_params(experiment.model), batch_size, seq_len)
-            variants.append(Variant(f"train_step/{name}", step, (state, batch), flops,
+            variants.append(Variant(f"train_step/{name}", step, (batch,), flops,
                                     baseline=None if name == "dense_tiny" else "train_step/dense_tiny",
                                     meta={"case": "train_step", "mode": "train_step", "load": "router",
                                           "backend": getattr(config.model, "moe_backend", "-") if name == "grin_tiny"
