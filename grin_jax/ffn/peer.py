@@ -232,6 +232,10 @@ def _check_halves(s1: jax.Array, s2: jax.Array) -> int:
     n = s1.shape[-1]
     if s2.shape[-1] != n:
         raise ValueError(f"product_key_topk: halves with {n} and {s2.shape[-1]} sub-keys")
+    return _check_num_keys(n)
+
+
+def _check_num_keys(n: int) -> int:
     if n * n > 2 ** 24:
         raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
                          "float32)")
@@ -246,10 +250,7 @@ def _kernel_retrieve(q1_PA: jax.Array, q2_PB: jax.Array, keys1_GnA: jax.Array, k
     group p % G): (flat ids [P, k] int32, their scores s1[i1] + s2[i2] [P, k] float32), no gradient."""
     from grin_jax.moe import cpu_kernel
     cpu_kernel.load()
-    n = keys1_GnA.shape[1]
-    if n * n > 2 ** 24:
-        raise ValueError(f"product_key_topk: {n}^2 experts; accepted are up to 4096^2 = 2^24 (flat ids exact in "
-                         "float32)")
+    _check_num_keys(keys1_GnA.shape[1])
     P = q1_PA.shape[0]
     out = (jax.ShapeDtypeStruct((P, k), jnp.int32), jax.ShapeDtypeStruct((P, k), jnp.float32))
     args = (jax.lax.stop_gradient(a) for a in (q1_PA, q2_PB, keys1_GnA, keys2_GnB))
