@@ -690,7 +690,7 @@ def keep_freed_buffers() -> bool:
     (mallopt: one malloc arena for all threads, buffers up to 1 GiB from it rather than fresh mmaps, no trimming).
     XLA:CPU allocates every step's temporaries anew, from its worker threads; by default each thread's arena hands
     freed pages back and the next step's buffers are page-faulted and zero-filled again (1.7 M page faults in 25
-    grin_tiny steps; with this 0.27 M, and the step ~17 % faster, at ~15 % more resident memory). Process-wide; it
+    grin_tiny steps; with this 0.27 M, at ~15 % more resident memory). Process-wide; it
     must run before the backend's threads exist (the CLIs call it first): True when applied, False when turned off
     ($GRIN_JAX_MALLOC=0), not on glibc, or too late (the backend already up: nothing is changed)."""
     if os.environ.get(MALLOC_ENV, "").strip().lower() in ("0", "off", "false", "no"):
