@@ -134,7 +134,8 @@ def test_segments_under_jit():
 # ------------------------------------------------------------------------------------------------ the CPU kernel
 def _masks(B, S, L):
     """Masks [B, S, L] the kernel must handle: causal, a sliding window, packed segments with padding, queries at
-    the end of a longer cache (S < L, a different window per row), and rows with no allowed key at all."""
+    the end of a longer cache (S < L, a different window per row), rows with no allowed key at all, and allowed
+    keys that are not one run (the kernel's general path; the others take its one-run path)."""
     rng = np.random.default_rng(0)
     q_idx = jnp.broadcast_to(jnp.arange(L - S, L), (B, S))
     k_idx = jnp.broadcast_to(jnp.arange(L), (B, L))
@@ -143,8 +144,11 @@ def _masks(B, S, L):
     seg = jnp.asarray(seg)
     empty = np.array(attention_mask(q_idx, k_idx, None))
     empty[0, ::7] = False                                              # rows with no allowed key
+    holes = np.array(attention_mask(q_idx, k_idx, None)) & (rng.random((B, S, L)) < 0.7)
+    holes[:, :, L - S] = True                                          # allowed keys not in one run
     return {"causal": attention_mask(q_idx, k_idx, None), "window": attention_mask(q_idx, k_idx, 9),
-            "segments": attention_mask(q_idx, k_idx, None, seg[:, L - S:], seg), "empty rows": jnp.asarray(empty)}
+            "segments": attention_mask(q_idx, k_idx, None, seg[:, L - S:], seg), "empty rows": jnp.asarray(empty),
+            "holes": jnp.asarray(holes)}
 
 
 @pytest.mark.parametrize("shape", [(2, 100, 100, 4, 2), (1, 70, 130, 2, 2), (3, 64, 64, 3, 1)])
@@ -188,3 +192,32 @@ def test_attention_backend_choice_and_errors():
         dot_product_attention(q, q, q, mask, backend="flash")
     assert "custom_call" in jax.jit(lambda q: dot_product_attention(q, q, q, mask)).lower(q).as_text()
     assert "custom_call" not in jax.jit(lambda q: dot_product_attention(q, q, q, mask, backend="xla")).lower(q).as_text()
+
+
+def test_rope_table_equals_the_direct_angles_and_leaves_no_transcendentals():
+    """rope_cos_sin with max_positions: the table lookup gives the direct computation's cos and sin (and float64's,
+    to float32's rounding of the angles), NaN past the table; a layer built with max_positions compiles without
+    sine or cosine (the direct path recomputes them inside the fusions), and both layers give the same output."""
+    from grin_jax.nn.attention import rope_cos_sin
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 512, size=(3, 40)), jnp.int32)
+    direct = rope_cos_sin(positions, 64, 10000.0)
+    table = rope_cos_sin(positions, 64, 10000.0, max_positions=512)
+    angles = np.asarray(positions, np.float64)[..., None] / 10000.0 ** (np.arange(0, 64, 2) / 64)
+    for got, want, fn in zip(table, direct, (np.cos, np.sin)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+        # float64 angles: float32 rounds angles up to 511 rad by ~3e-5
+        np.testing.assert_allclose(np.asarray(got), np.concatenate([fn(angles)] * 2, -1), rtol=0, atol=1e-4)
+    outside = rope_cos_sin(jnp.asarray([[511, 512]], jnp.int32), 64, 10000.0, max_positions=512)[0]
+    assert np.isfinite(np.asarray(outside[0, 0])).all() and np.isnan(np.asarray(outside[0, 1])).all()
+
+    x = _x(np.random.default_rng(1), 2, 16)
+    pos = _arange(2, 16)
+    layers = {m: Attention(D, H, G, K, max_positions=m, rngs=nnx.Rngs(0)) for m in (None, 64)}
+    outs, texts = {}, {}
+    for m, layer in layers.items():
+        fn = jax.jit(lambda x, p, layer=layer: layer(x, p)[0])
+        outs[m] = fn(x, pos)
+        texts[m] = fn.lower(x, pos).compile().as_text()
+    np.testing.assert_allclose(np.asarray(outs[64]), np.asarray(outs[None]), rtol=0, atol=1e-6)
+    assert " sine(" in texts[None] and " cosine(" in texts[None]  # the check can fail: the direct path has them
+    assert " sine(" not in texts[64] and " cosine(" not in texts[64]

@@ -174,3 +174,42 @@ def test_train_step_flops_and_tokens_per_second_lines():
                dict(base, name="moe/fwd", mode="fwd", shape={"tokens": 4096}, median_s=0.1)]
     table = format_table(records)
     assert "tokens/s train_step/grin_tiny: 10,240" in table and "tokens/s moe/fwd" not in table
+
+
+def test_main_job_loop_group_times_the_trainer_loop_against_a_phimoe_loop():
+    """The main-job loop group (grin_tiny:smoke): trainer.LoopSteps runs the trainer's own loop (its data pipeline,
+    a metrics record per step at log_every=1, finite losses), sizes.loop_steps steps per call; the PyTorch peer
+    trains PhiMoE on the same pipeline's batches (its loss falls from ~ln 256) and masks attention to each packed
+    document, as grin-jax does: a packed row's second document gets the logits it gets alone."""
+    import dataclasses
+
+    import torch
+
+    from grin_jax.bench import harness
+    from grin_jax.train import metrics
+
+    sizes = dataclasses.replace(cases.QUICK, train_step=True)
+    (group,) = cases.main_job_loop_groups(sizes, jax.random.key(0))
+    assert [v.name for v in group.variants] == ["peak_matmul", "loop/grin_tiny", "loop/transformers_phimoe"]
+    records = {r["name"]: r for r in harness.run_group(group, reps=2, log=lambda s: None)}
+    steps = 3 * sizes.loop_steps  # the warm-up call and two timed ones
+    loop = group.variants[1].fn
+    assert loop.step == steps
+    logged = metrics.read_jsonl(os.path.join(loop.run.workdir, "metrics.jsonl"))
+    assert [r["step"] for r in logged] == list(range(1, steps + 1))  # each call reads its last step
+    assert all(np.isfinite(r["train/loss"]) for r in logged)
+    peer = group.variants[2].fn.fn
+    assert len(peer.losses) == steps and np.isfinite(peer.losses).all() and peer.losses[0] > 4.0
+    assert records["loop/transformers_phimoe"]["baseline"] == "loop/grin_tiny"
+    assert records["loop/grin_tiny"]["shape"]["tokens"] == sizes.loop_steps * 4 * 32
+    assert "tokens/s loop/grin_tiny" in format_table(list(records.values()))
+
+    model = peer.model.eval()
+    ids = torch.randint(0, 256, (1, 12))
+    packed_positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=packed_positions, use_cache=False).logits[0, 5:]
+        alone = model(input_ids=ids[:, 5:], position_ids=packed_positions[:, 5:], use_cache=False).logits[0]
+        unmasked = model(input_ids=ids, use_cache=False).logits[0, 5:]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+    assert (packed - unmasked).abs().max() > 1e-3  # the check can fail: without the packing they differ

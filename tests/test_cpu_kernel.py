@@ -442,3 +442,35 @@ def test_scratch_bytes_formula():
     assert two - one == 4 * (512 * (512 + 2048 + 1024 + 2048) + 2 * (512 * 2048 + 1024 * 512) + 8192 * 512)
     assert cpu_kernel.scratch_bytes(8192, 2, 512, 1024, gated=False, threads=1) < one
     assert f"kChunkRows = {cpu_kernel.CHUNK_ROWS};" in cpu_kernel.SOURCE.read_text()
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_dense_ffn_on_the_kernel_equals_its_xla_matmuls(activation, monkeypatch, needs_kernel):
+    """The dense FFN kind runs on the kernel where backend 'auto' would (one CPU device, float32): its output and
+    every gradient equal the XLA matmuls' (the path it takes otherwise: bfloat16, a mesh, $GRIN_JAX_KERNEL=0), over
+    several of the kernel's token chunks; the compiled program holds the kernel's calls, the other none."""
+    from flax import nnx
+
+    from grin_jax.ffn import dense
+
+    layer = dense.DenseFFN(dense.DenseConfig(d_model=24, d_hidden=40, activation=activation), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 200, 24)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(3, 200, 24)), jnp.float32)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x)[0] * cot)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    assert dense.kernel_unavailable(activation, jnp.float32) is None
+    assert "bfloat16" in dense.kernel_unavailable(activation, jnp.bfloat16)
+    with_kernel = grad(params, x)
+    kernel_text = grad.lower(params, x).compile().as_text()
+    monkeypatch.setattr(dense, "kernel_unavailable", lambda *_: "off")
+    plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    with_xla = plain(params, x)
+    assert cpu_kernel.FWD_TARGET in kernel_text and cpu_kernel.BWD_TARGET in kernel_text
+    assert cpu_kernel.FWD_TARGET not in plain.lower(params, x).compile().as_text()
+    for got, want in zip(jax.tree.leaves(with_kernel), jax.tree.leaves(with_xla)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)

@@ -49,6 +49,7 @@ class Sizes:
     train_step: bool = True
     train_variant: str = ""       # configs/grin_tiny.py variant for the train-step case
     train_seq_len: int = 256      # the train-step case's sequence length (issue 13's shape: 16 x 256 tokens)
+    loop_steps: int = 10          # the main-job loop group: trainer steps per timed call
     peer_tokens: int = 4096       # the PEER layer against a GELU FFN of width 4 D (issue: h=4, k=8, d=128)
     peer_d_model: int = 128
     peer_heads: int = 4
@@ -72,7 +73,7 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(tokens=256, d_model=64, base_width=64, granularities=(), backend_tokens=((1, 64),),
               router_shapes=((8, 2),), loads=("skewed",), ablation=False, auto_variant=False, peak_n=256,
-              train_step=False, train_variant="smoke", peer_tokens=256, peer_d_model=32,
+              train_step=False, train_variant="smoke", loop_steps=2, peer_tokens=256, peer_d_model=32,
               peer_experts=(16 ** 2, 32 ** 2), stream_n=2 ** 16, ds_tokens=256, ds_d_model=64, ds_experts=8,
               ds_top_ks=(2, 1), ds_top_k=2, ds_model_layers=2, ds_model_heads=4, ds_model_vocab=256,
               ds_model_shapes=((2, 64),), ds_model_top_k=3, ds_model_kv_heads=2, ds_model_attention_experts=2)
@@ -271,6 +272,22 @@ def router_groups(sizes: Sizes, key) -> list[Group]:
     return groups
 
 
+def tiny_config(name: str, sizes: Sizes):
+    """configs/<name>.py (grin_tiny, dense_tiny) with sizes.train_variant, its data.seq_len set to
+    sizes.train_seq_len unless a variant is named (the smoke variant keeps its own)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(root, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(sizes.train_variant)
+    if not sizes.train_variant:
+        config.data.seq_len = sizes.train_seq_len
+    return config
+
+
 def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
     """grin_tiny vs dense_tiny: one whole optimizer step (forward, backward, AdamW) on a synthetic batch of
     train.batch_size x sizes.train_seq_len tokens, jitted with the state donated and carried from call to call, as
@@ -284,20 +301,11 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
     if not sizes.train_step:
         return [], "train-step case (grin_tiny vs dense_tiny) skipped: not part of --quick (pass --train-step)"
     try:
-        import importlib.util
-        import os
-
         from grin_jax import params as _params
         from grin_jax.train import optim, trainer
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         variants = [peak_variant(sizes.peak_n, key)]
         for name in ("dense_tiny", "grin_tiny"):
-            spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(root, "configs", f"{name}.py"))
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            config = module.get_config(sizes.train_variant)
-            if not sizes.train_variant:
-                config.data.seq_len = sizes.train_seq_len
+            config = tiny_config(name, sizes)
             experiment = trainer.resolve(config, check_mesh=False)
             tc = config.train
             tx, _ = optim.make_optimizer(learning_rate=tc.learning_rate, warmup_steps=tc.warmup_steps,
@@ -321,10 +329,44 @@ def train_step_group(sizes: Sizes, key) -> tuple[list[Group], str | None]:
         note = "whole optimizer step, synthetic tokens"
         note += ("; transformers_phimoe x dense = its time / grin_tiny's (> 1: grin-jax faster)" if peer
                  else f"; PhiMoE peer skipped: {missing}")
-        return [Group(f"train step grin_tiny vs dense_tiny vs transformers PhiMoE B={shape['batch']} "
-                      f"S={shape['seq_len']}{' (smoke)' if sizes.train_variant else ''}", variants, note=note)], None
+        groups = [Group(f"train step grin_tiny vs dense_tiny vs transformers PhiMoE B={shape['batch']} "
+                        f"S={shape['seq_len']}{' (smoke)' if sizes.train_variant else ''}", variants, note=note)]
+        return groups + main_job_loop_groups(sizes, key), None
     except Exception as error:  # noqa: BLE001 - reported, not hidden
         return [], f"train-step case skipped: {type(error).__name__}: {error}"
+
+
+def main_job_loop_groups(sizes: Sizes, key) -> list[Group]:
+    """The main job as a user runs it (`python -m grin_jax.train --config=configs/grin_tiny.py
+    --config.data.seq_len=256`): trainer.LoopSteps, sizes.loop_steps steps of the trainer's own loop per call (the
+    data pipeline's batches, the step, the previous step's metrics read and checked, metrics.jsonl), against
+    transformers' PhimoeForCausalLM trained on the same config's data pipeline with a plain PyTorch loop
+    (phimoe_loop_variant), interleaved, with the group's matmul peak."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from grin_jax import params as _params
+    from grin_jax.train import trainer
+    config = tiny_config("grin_tiny", sizes)
+    workdir = tempfile.mkdtemp(prefix="grin_jax_bench_loop_")
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+    loop = trainer.LoopSteps(config, workdir, sizes.loop_steps)
+    atexit.register(loop.close)
+    batch_size, seq_len, steps = config.train.batch_size, config.data.seq_len, sizes.loop_steps
+    model_config = loop.run.experiment.model
+    flops = steps * train_step_flops(model_config, _params.count_params(model_config), batch_size, seq_len)
+    shape = {"batch": batch_size, "seq_len": seq_len, "steps": steps, "tokens": steps * batch_size * seq_len}
+    variants = [peak_variant(sizes.peak_n, key),
+                Variant("loop/grin_tiny", loop, (), flops,
+                        meta={"case": "main_job_loop", "mode": "train_step", "load": "router",
+                              "backend": "grin_jax.train loop", "shape": shape})]
+    peer, missing = phimoe_loop_variant(config, steps, flops)
+    note = (f"the main job's loop, {steps} steps per call on its data pipeline"
+            + ("; transformers_phimoe x dense = its time / grin_tiny's (> 1: grin-jax faster)" if peer
+               else f"; PhiMoE peer skipped: {missing}"))
+    return [Group(f"main-job loop grin_tiny vs transformers PhiMoE B={batch_size} S={seq_len}"
+                  f"{' (smoke)' if sizes.train_variant else ''}", variants + peer, note=note)]
 
 
 def train_step_flops(model_config, counts: dict, batch: int, seq_len: int) -> float:
@@ -338,26 +380,35 @@ def train_step_flops(model_config, counts: dict, batch: int, seq_len: int) -> fl
     return float(dense + attention)
 
 
-def phimoe_train_step_variant(model_config, tokens, learning_rate: float,
-                              flops: float = 0.0) -> tuple[list[Variant], str | None]:
-    """transformers' PhimoeForCausalLM built from `model_config` (convert.hf.hf_config_from_model_config: the same
-    shapes, router and jitter), one AdamW step (loss, backward, step, zero_grad) on the same tokens, torch threads =
-    the machine's cores. ([variant], None), or ([], why) without torch / transformers (the test extra)."""
-    try:
-        import os
+def _phimoe(model_config, learning_rate: float):
+    """(transformers' PhimoeForCausalLM built from `model_config` (convert.hf.hf_config_from_model_config: the same
+    shapes, router and jitter) in train mode, its torch AdamW, the backend's description); torch threads = the
+    machine's cores. ImportError without torch / transformers (the test extra)."""
+    import os
 
-        import numpy as np
-        import torch
-        import transformers
+    import torch
+    import transformers
 
-        from grin_jax.convert import hf
-    except ImportError as error:
-        return [], f"{error} (pip install -e '.[test]')"
+    from grin_jax.convert import hf
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model = transformers.PhimoeForCausalLM(transformers.PhimoeConfig(**hf.hf_config_from_model_config(model_config)))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    backend = (f"torch {torch.__version__}, transformers {transformers.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    return model, opt, backend
+
+
+def phimoe_train_step_variant(model_config, tokens, learning_rate: float,
+                              flops: float = 0.0) -> tuple[list[Variant], str | None]:
+    """transformers' PhimoeForCausalLM built from `model_config` (`_phimoe`), one AdamW step (loss, backward, step,
+    zero_grad) on the same tokens. ([variant], None), or ([], why) without torch / transformers (the test extra)."""
+    try:
+        import torch
+        model, opt, backend = _phimoe(model_config, learning_rate)
+    except ImportError as error:
+        return [], f"{error} (pip install -e '.[test]')"
     ids = torch.from_numpy(np.asarray(tokens[:, :-1], np.int64))
 
     def call():
@@ -368,10 +419,46 @@ def phimoe_train_step_variant(model_config, tokens, learning_rate: float,
     call.model = model  # for inspection (tests)
     batch, seq = ids.shape
     return [Variant("train_step/transformers_phimoe", _TorchCall(call), (), flops, baseline="train_step/grin_tiny",
-                    meta={"case": "train_step_peer", "mode": "train_step", "load": "router",
-                          "backend": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                                     f"{torch.get_num_threads()} threads",
+                    meta={"case": "train_step_peer", "mode": "train_step", "load": "router", "backend": backend,
                           "shape": {"batch": batch, "seq_len": seq, "tokens": batch * seq}})], None
+
+
+def phimoe_loop_variant(config, steps: int, flops: float = 0.0) -> tuple[list[Variant], str | None]:
+    """The PyTorch loop a user would write around transformers' PhimoeForCausalLM (`_phimoe` of the config's model),
+    `steps` steps per call on a fresh iterator of the same data pipeline (data.make_dataset of config.data, the same
+    batch size and seed): the batch to tensors, forward with the documents' position ids (transformers then masks
+    attention to each packed document, as grin-jax's data.document_attention does), cross-entropy over the
+    loss-masked targets, backward, AdamW step, the loss read. ([variant], None), or ([], why) without torch /
+    transformers."""
+    try:
+        import torch
+        from grin_jax import data as _data
+        from grin_jax.train import trainer
+        model, opt, backend = _phimoe(trainer.resolve(config, check_mesh=False).model, config.train.learning_rate)
+    except ImportError as error:
+        return [], f"{error} (pip install -e '.[test]')"
+    batches, _ = _data.make_dataset(config.data, batch_size=config.train.batch_size, seed=config.train.seed)
+    losses = []
+
+    def call():
+        for _ in range(steps):
+            batch = {k: torch.from_numpy(np.asarray(v)) for k, v in next(batches).items()}
+            targets = torch.where(batch["loss_mask"] > 0, batch["targets"].long(), -100)
+            logits = model(input_ids=batch["inputs"].long(), position_ids=batch["positions"].long(),
+                           use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                                     ignore_index=-100)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+
+    call.model, call.losses = model, losses  # for inspection (tests)
+    batch_size, seq_len = config.train.batch_size, config.data.seq_len
+    return [Variant("loop/transformers_phimoe", _TorchCall(call), (), flops, baseline="loop/grin_tiny",
+                    meta={"case": "main_job_loop_peer", "mode": "train_step", "load": "router", "backend": backend,
+                          "shape": {"batch": batch_size, "seq_len": seq_len, "steps": steps,
+                                    "tokens": steps * batch_size * seq_len}})], None
 
 
 # ------------------------------------------------------------------------------------------------ PEER

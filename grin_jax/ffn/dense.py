@@ -49,6 +49,13 @@ class DenseConfig:
         return {}
 
 
+def kernel_unavailable(activation: str, dtype) -> str | None:
+    """None when the dense FFN runs on the CPU expert kernel (cpu_kernel.auto_unavailable, and an activation the
+    kernel has), else why it runs as XLA matmuls. $GRIN_JAX_KERNEL=0 turns the kernel off."""
+    from grin_jax.moe import cpu_kernel
+    return cpu_kernel.supports(activation, dtype) or cpu_kernel.auto_unavailable(dtype)
+
+
 @register_ffn("dense")
 class DenseFFN(nnx.Module):
     Config = DenseConfig
@@ -58,6 +65,7 @@ class DenseFFN(nnx.Module):
         del norm, norm_eps
         d_model, d_hidden = config.d_model, config.d_hidden
         self.act = _experts.get_activation(config.activation)
+        self.activation = config.activation
         self.w_up = param(normal_init(rngs.params(), (d_model, d_hidden), param_dtype, d_model ** -0.5),
                           ("embed", "mlp"))
         self.w_gate = (param(normal_init(rngs.params(), (d_model, d_hidden), param_dtype, d_model ** -0.5),
@@ -71,10 +79,24 @@ class DenseFFN(nnx.Module):
         # [B, S, D] -> [T, D] first: XLA:CPU runs the backward of a 3-D x 2-D matmul (weight gradient contracting
         # two axes) ~2x slower than that of the 2-D one.
         x = x_BSD.reshape(-1, x_BSD.shape[-1]).astype(self.dtype)
+        if kernel_unavailable(self.activation, self.dtype) is None:
+            y = self._kernel(x)
+            return y.reshape(x_BSD.shape[:-1] + y.shape[-1:]), {"losses": {}, "metrics": {}}
         up = x @ self.w_up[...].astype(self.dtype)
         h = self.act.fn(x @ self.w_gate[...].astype(self.dtype)) * up if self.act.gated else self.act.fn(up)
         y = h @ self.w_down[...].astype(self.dtype)
         return y.reshape(x_BSD.shape[:-1] + y.shape[-1:]), {"losses": {}, "metrics": {}}
+
+    def _kernel(self, x_TD: jax.Array) -> jax.Array:
+        """The FFN on the C++ expert kernel as one expert that every token takes with weight 1: blocks of tokens
+        through gate/up, activation and down in cache, the [T, F] hidden never written (the backward recomputes
+        it from the saved pre-activations)."""
+        from grin_jax.moe import cpu_kernel
+        weights = {name: getattr(self, name)[...][None].astype(x_TD.dtype) for name in ("w_up", "w_down", "w_gate")
+                   if getattr(self, name) is not None}
+        T = x_TD.shape[0]
+        return cpu_kernel.kernel_expert_mlp(weights, x_TD, jnp.zeros((T, 1), jnp.int32),
+                                            jnp.ones((T, 1), jnp.float32), activation=self.activation)
 
     @staticmethod
     def param_counts(config: DenseConfig) -> dict:

@@ -454,16 +454,9 @@ def kernel_unavailable(config: "PEERConfig", dtype) -> str | None:
     compute dtype, the expert type, a mesh of more than one device (the kernel is one device's; XLA partitions the
     take-then-einsum) or the kernel not building here."""
     from grin_jax.moe import cpu_kernel
-    if jax.default_backend() != "cpu":
-        return f"the platform is {jax.default_backend()}, the kernel is CPU-only"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"the compute dtype is {jnp.dtype(dtype).name}, the kernel computes in float32"
     if config.expert_type != "singleton":
         return "expert_type='value' has no kernel"
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty and mesh.size > 1:
-        return f"a mesh of {mesh.size} devices"
-    return cpu_kernel.ensure_built()
+    return cpu_kernel.auto_unavailable(dtype)
 
 
 # ------------------------------------------------------------------------------------------------ metrics

@@ -59,9 +59,8 @@ class DecoderLM(nnx.Module):
             layers.append(DecoderBlock(
                 d_model=c.d_model, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
                 norm=c.norm, norm_eps=c.norm_eps, rope_theta=c.rope_theta, sliding_window=c.sliding_window,
-                attention_bias=c.attention_bias, ffn_kind=kind, ffn_config=ffn_config, moa=c.moa, param_dtype=pdt,
-                dtype=dt,
-                activation_dtype=adt, rngs=rngs))
+                attention_bias=c.attention_bias, ffn_kind=kind, ffn_config=ffn_config, moa=c.moa,
+                max_positions=c.max_seq_len, param_dtype=pdt, dtype=dt, activation_dtype=adt, rngs=rngs))
         self.layers = nnx.List(layers)
         self.final_norm = make_norm(c.norm, c.d_model, eps=c.norm_eps, param_dtype=pdt, dtype=dt)
         if c.tie_embeddings:

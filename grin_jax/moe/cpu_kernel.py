@@ -269,6 +269,20 @@ def load() -> None:
 CHUNK_ROWS = 512  # kChunkRows in csrc/expert_mlp.cc
 
 
+def auto_unavailable(dtype) -> str | None:
+    """None when a layer's backend 'auto' runs it on this library (the attention, the dense FFN, PEER), else the
+    reason it does not: the platform, the compute dtype, a mesh of more than one device (the custom calls are one
+    device's; XLA partitions the plain path) or the library not building here ($GRIN_JAX_KERNEL=0 included)."""
+    if jax.default_backend() != "cpu":
+        return f"the platform is {jax.default_backend()}, the kernel is CPU-only"
+    if jnp.dtype(dtype) != jnp.float32:
+        return f"the compute dtype is {jnp.dtype(dtype).name}, the kernel computes in float32"
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is not None and not mesh.empty and mesh.size > 1:
+        return f"a mesh of {mesh.size} devices"
+    return ensure_built()
+
+
 def num_threads() -> int:
     """OpenMP threads the kernel uses: $OMP_NUM_THREADS, else the CPUs this process may run on."""
     value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()

@@ -34,12 +34,33 @@ from flax import nnx
 from grin_jax.nn.layers import Dense
 
 
-def rope_cos_sin(positions_BS: jax.Array, head_dim: int, theta: float):
-    """cos, sin: [B, S, K] (float32) for integer positions."""
+ROPE_TABLE_MAX_ENTRIES = 1 << 20  # the largest RoPE table kept as a constant: positions x head_dim / 2 (4 MiB each)
+
+
+def _rope_angles(positions: jax.Array, head_dim: int, theta: float) -> jax.Array:
+    """[..., head_dim / 2] float32: position x inverse frequency."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs_BSk = positions_BS.astype(jnp.float32)[..., None] * inv_freq
-    emb_BSK = jnp.concatenate([freqs_BSk, freqs_BSk], axis=-1)
-    return jnp.cos(emb_BSK), jnp.sin(emb_BSK)
+    return positions.astype(jnp.float32)[..., None] * inv_freq
+
+
+def rope_cos_sin(positions_BS: jax.Array, head_dim: int, theta: float, max_positions: int | None = None):
+    """cos, sin: [B, S, K] (float32) for integer positions.
+
+    With `max_positions` (the model's max_seq_len) and a table of at most ROPE_TABLE_MAX_ENTRIES entries, cos and
+    sin are computed once, when the function is traced, for the positions 0 .. max_positions - 1 (the same float32
+    arithmetic), and looked up: XLA:CPU otherwise evaluates them (scalar libm calls) inside every fusion that
+    reads them, again per head, layer and pass (6 % of the tiny configs' train step). A position outside the
+    table gives NaN, not a wrong angle."""
+    if max_positions is not None and max_positions * (head_dim // 2) <= ROPE_TABLE_MAX_ENTRIES:
+        with jax.ensure_compile_time_eval():
+            angles_Pk = _rope_angles(jnp.arange(max_positions), head_dim, theta)
+            cos_Pk, sin_Pk = jnp.cos(angles_Pk), jnp.sin(angles_Pk)
+        cos_BSk = jnp.take(cos_Pk, positions_BS, axis=0, mode="fill", fill_value=jnp.nan)
+        sin_BSk = jnp.take(sin_Pk, positions_BS, axis=0, mode="fill", fill_value=jnp.nan)
+    else:
+        angles_BSk = _rope_angles(positions_BS, head_dim, theta)
+        cos_BSk, sin_BSk = jnp.cos(angles_BSk), jnp.sin(angles_BSk)
+    return jnp.concatenate([cos_BSk, cos_BSk], axis=-1), jnp.concatenate([sin_BSk, sin_BSk], axis=-1)
 
 
 def rotate_half(x):
@@ -114,18 +135,11 @@ def dot_product_attention(q_BSHK, k_BLGK, v_BLGK, mask_BSL, *, dtype=jnp.float32
 
 
 def attention_kernel_unavailable(dtype) -> str | None:
-    """None when backend='auto' runs the attention on the CPU kernel, else the reason it does not: the platform, the
-    compute dtype, a mesh of more than one device (the custom call is one device's; XLA partitions the einsums), or
-    the kernel not building here ($GRIN_JAX_KERNEL=0 included)."""
+    """None when backend='auto' runs the attention on the CPU kernel, else the reason it does not
+    (cpu_kernel.auto_unavailable: the platform, the compute dtype, a mesh of more than one device, the kernel not
+    building here)."""
     from grin_jax.moe import cpu_kernel
-    if jax.default_backend() != "cpu":
-        return f"the platform is {jax.default_backend()}, the kernel is CPU-only"
-    if jnp.dtype(dtype) != jnp.float32:
-        return f"the compute dtype is {jnp.dtype(dtype).name}, the kernel computes in float32"
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is not None and not mesh.empty and mesh.size > 1:
-        return f"a mesh of {mesh.size} devices"
-    return cpu_kernel.ensure_built()
+    return cpu_kernel.auto_unavailable(dtype)
 
 
 def _attention_fwd_call(q_BGMK, k_BGLK, v_BGLK, mask_BSL, scale):
@@ -186,7 +200,7 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rope_theta: float = 10000.0, sliding_window: int | None = None, use_bias: bool = False,
-                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
+                 max_positions: int | None = None, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}")
         common = dict(use_bias=use_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
@@ -196,6 +210,7 @@ class Attention(nnx.Module):
         self.o = Dense((num_heads, head_dim), (d_model,), names=("heads", "kv", "embed"), **common)
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.max_positions = max_positions  # RoPE positions 0 .. max_positions - 1 from a table (rope_cos_sin)
         self.sliding_window = sliding_window
         self.dtype = dtype
 
@@ -216,7 +231,7 @@ class Attention(nnx.Module):
         q_BSHK = self.q(x_BSD)
         k_BSGK = self.k(x_BSD)
         v_BSGK = self.v(x_BSD)
-        cos, sin = rope_cos_sin(positions_BS, self.head_dim, self.rope_theta)
+        cos, sin = rope_cos_sin(positions_BS, self.head_dim, self.rope_theta, self.max_positions)
         q_BSHK = apply_rope(q_BSHK, cos, sin)
         k_BSGK = apply_rope(k_BSGK, cos, sin)
         new_cache = None

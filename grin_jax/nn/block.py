@@ -44,12 +44,12 @@ class DecoderBlock(nnx.Module):
 
     def __init__(self, *, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, norm: str,
                  norm_eps: float, rope_theta: float, sliding_window: int | None, attention_bias: bool,
-                 ffn_kind: str, ffn_config, moa=None, param_dtype=jnp.float32, dtype=jnp.float32,
-                 activation_dtype=jnp.float32, rngs: nnx.Rngs):
+                 ffn_kind: str, ffn_config, moa=None, max_positions: int | None = None, param_dtype=jnp.float32,
+                 dtype=jnp.float32, activation_dtype=jnp.float32, rngs: nnx.Rngs):
         norm_kw = dict(eps=norm_eps, param_dtype=param_dtype, dtype=dtype)
         self.input_norm = make_norm(norm, d_model, **norm_kw)
         attn_kw = dict(rope_theta=rope_theta, sliding_window=sliding_window, use_bias=attention_bias,
-                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+                       max_positions=max_positions, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         if moa is None:
             self.attn = Attention(d_model, num_heads, num_kv_heads, head_dim, **attn_kw)
         else:

@@ -136,8 +136,8 @@ class MixtureOfAttention(nnx.Module):
     aux. Parameters: module docstring."""
 
     def __init__(self, d_model: int, config: MoAConfig, head_dim: int, *, rope_theta: float = 10000.0,
-                 sliding_window: int | None = None, use_bias: bool = False, param_dtype=jnp.float32,
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 sliding_window: int | None = None, use_bias: bool = False, max_positions: int | None = None,
+                 param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
         c = config
         E, He, G = c.num_experts, c.heads_per_expert, c.num_kv_heads
         common = dict(use_bias=use_bias, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
@@ -151,6 +151,7 @@ class MixtureOfAttention(nnx.Module):
         self.o_bias = param(jnp.zeros((E, d_model), param_dtype), ("heads", "embed")) if use_bias else None
         self.head_dim = head_dim
         self.rope_theta = rope_theta
+        self.max_positions = max_positions  # as nn.attention.Attention's
         self.sliding_window = sliding_window
         self.dtype = dtype
 
@@ -189,7 +190,7 @@ class MixtureOfAttention(nnx.Module):
         B, S, D = x_BSD.shape
         E, He, G, Kd = c.num_experts, c.heads_per_expert, c.num_kv_heads, self.head_dim
         R = He // G
-        cos, sin = rope_cos_sin(positions_BS, Kd, self.rope_theta)
+        cos, sin = rope_cos_sin(positions_BS, Kd, self.rope_theta, self.max_positions)
         k_BLGK, v_BLGK, new_cache = self._keys_values(x_BSD, cos, sin, cache, cache_index)
         if cache is not None:
             k_idx_BL = jnp.broadcast_to(jnp.arange(k_BLGK.shape[1], dtype=jnp.int32), (B, k_BLGK.shape[1]))

@@ -614,13 +614,8 @@ def _loop(run: _Run, compiled: _Compiled, state, log: _StepLog):
     tc = run.tc
     step = run.start_step
     while step < tc.steps:
-        host = _device_batch(next(run.train_iter), run.document_attention)
-        position = run.train_iter.position()  # after this step's batch
-        batch = _sharding.global_batch(host, run.mesh, tc.batch_size)
-        dispatched_at = time.perf_counter()
-        state, metrics = compiled.train_step(state, batch)
+        state = _advance(run, compiled, state, log, step)
         step += 1
-        log.push(step, metrics, dispatched_at, position)  # reads step - 1's metrics while the device runs this step
         if _due(tc.eval_every, step, tc.steps):  # the last step's is the final evaluation (train.final_eval_batches)
             log.flush()
             log.write_eval(step, _evaluate(run, compiled, inference_variables(state), final=step == tc.steps))
@@ -629,6 +624,52 @@ def _loop(run: _Run, compiled: _Compiled, state, log: _StepLog):
             _save(run, compiled, state, step, log.loss_since_save())
     log.flush()
     return state, step
+
+
+def _advance(run: _Run, compiled: _Compiled, state, log: _StepLog, step: int):
+    """Step `step` + 1 of the loop: the next batch, the step dispatched, then step `step`'s metrics read (they are
+    ready or nearly: the host never waits for the step it has just queued). Returns the new state."""
+    host = _device_batch(next(run.train_iter), run.document_attention)
+    position = run.train_iter.position()  # after this step's batch
+    batch = _sharding.global_batch(host, run.mesh, run.tc.batch_size)
+    dispatched_at = time.perf_counter()
+    state, metrics = compiled.train_step(state, batch)
+    log.push(step + 1, metrics, dispatched_at, position)
+    return state
+
+
+class LoopSteps:
+    """The main job's loop, for timing it (grin_jax.bench): `config` set up in `workdir` and compiled as `train`
+    does (data pipeline, optimizer, metrics.jsonl), then each call trains `steps` more steps exactly as the loop
+    does (the next batch, the step dispatched, the previous step's metrics read and checked, a record every
+    train.log_every steps) and reads the last one, without evaluations or checkpoints. The harness's shape:
+    `lower().compile()` returns the callable itself."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, steps: int):
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.steps, config.train.progress = 2 ** 62, False  # never the last step: no final record or eval
+        self.steps = steps
+        self.run, self.state = _setup(resolve(config), workdir)
+        self.compiled = _compile(self.run, self.state)
+        self.writer = _metrics.MetricWriter(workdir) if self.run.primary else _NullWriter()
+        self.log = _StepLog(self.run, self.writer)
+        self.step = 0
+
+    def lower(self, *args):
+        return self
+
+    def compile(self, *args):
+        return self
+
+    def __call__(self, *args) -> None:
+        for _ in range(self.steps):
+            self.state = _advance(self.run, self.compiled, self.state, self.log, self.step)
+            self.step += 1
+        self.log.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+        self.run.checkpointer.close()
 
 
 def _param_counts(model_config) -> dict:

@@ -827,22 +827,23 @@ struct AttnShapes {
   int64_t B, G, M, L, K, S, R;
 };
 
-// Per (b, s): the first and one past the last allowed key (first = L, last = 0 when none).
-void allowed_ranges(const bool* mask, const AttnShapes& a, std::vector<int32_t>* first, std::vector<int32_t>* end) {
+// Per (b, s): the first and one past the last allowed key (first = L, last = 0 when none), and whether every key in
+// between is allowed (causal, sliding-window and packed-segment masks: block_probs then reads no mask).
+void allowed_ranges(const bool* mask, const AttnShapes& a, std::vector<int32_t>* first, std::vector<int32_t>* end,
+                    std::vector<uint8_t>* contiguous) {
   first->assign(a.B * a.S, static_cast<int32_t>(a.L));
   end->assign(a.B * a.S, 0);
+  contiguous->assign(a.B * a.S, 0);
 #pragma omp parallel for schedule(static)
   for (int64_t bs = 0; bs < a.B * a.S; ++bs) {
     const bool* row = mask + bs * a.L;
-    int32_t lo = static_cast<int32_t>(a.L), hi = 0;
-    for (int64_t l = 0; l < a.L; ++l) {
-      if (row[l]) {
-        lo = std::min(lo, static_cast<int32_t>(l));
-        hi = static_cast<int32_t>(l + 1);
-      }
-    }
-    (*first)[bs] = lo;
-    (*end)[bs] = hi;
+    const int64_t lo = std::find(row, row + a.L, true) - row;
+    if (lo == a.L) continue;
+    int64_t hi = a.L;
+    while (!row[hi - 1]) --hi;
+    (*first)[bs] = static_cast<int32_t>(lo);
+    (*end)[bs] = static_cast<int32_t>(hi);
+    (*contiguous)[bs] = std::count(row + lo, row + hi, true) == hi - lo;
   }
 }
 
@@ -865,12 +866,36 @@ inline void block_range(const AttnShapes& a, const std::vector<int32_t>& first, 
 
 // The probabilities of a block in place: sc [rows, W] holds the unscaled scores q . k of keys lo .. lo + W; with
 // lse_in (backward) P = exp(scale s - lse), else the softmax (lse_out written). Masked entries 0; a row with no
-// allowed key 1/L. Every loop is branch-free over j (vectorised, libmvec's expf).
-void block_probs(const bool* mask, const AttnShapes& a, int64_t b, int64_t s0, int64_t rows, int64_t lo, int64_t W,
-                 float scale, float* sc, const float* lse_in, float* lse_out) {
+// allowed key 1/L. A row whose allowed keys are one run [first, end) (`contiguous`) is computed on that run alone,
+// without reading the mask; other rows branch-free over j (vectorised, libmvec's expf). Both give the same bits:
+// the masked entries add exact zeros to the sum in the same order.
+void block_probs(const bool* mask, const AttnShapes& a, const std::vector<int32_t>& first,
+                 const std::vector<int32_t>& end, const std::vector<uint8_t>& contiguous, int64_t b, int64_t s0,
+                 int64_t rows, int64_t lo, int64_t W, float scale, float* sc, const float* lse_in, float* lse_out) {
   for (int64_t i = 0; i < rows; ++i) {
-    const bool* allowed = mask + (b * a.S + s0 + i) * a.L + lo;
+    const int64_t bs = b * a.S + s0 + i;
     float* row = sc + i * W;
+    if (contiguous[bs]) {
+      const int64_t f = first[bs] - lo, e = end[bs] - lo;
+      std::fill(row, row + f, 0.0f);
+      std::fill(row + e, row + W, 0.0f);
+      float peak = -INFINITY;
+      for (int64_t j = f; j < e; ++j) {
+        row[j] *= scale;
+        peak = row[j] > peak ? row[j] : peak;
+      }
+      const float shift = lse_in ? lse_in[i] : peak;
+#pragma omp simd
+      for (int64_t j = f; j < e; ++j) row[j] = expf(row[j] - shift);
+      if (lse_in) continue;
+      float total = 0.0f;
+      for (int64_t j = f; j < e; ++j) total += row[j];
+      const float inv = 1.0f / total;
+      for (int64_t j = f; j < e; ++j) row[j] *= inv;
+      lse_out[i] = peak + logf(total);
+      continue;
+    }
+    const bool* allowed = mask + bs * a.L + lo;
     float peak = -INFINITY;
     int32_t count = 0;
     for (int64_t j = 0; j < W; ++j) {
@@ -921,7 +946,8 @@ ffi::Error AttentionFwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   AttnShapes a;
   if (auto err = attn_shapes(q, k, v, mask, &a); err.failure()) return err;
   std::vector<int32_t> first, end;
-  allowed_ranges(mask.typed_data(), a, &first, &end);
+  std::vector<uint8_t> contiguous;
+  allowed_ranges(mask.typed_data(), a, &first, &end, &contiguous);
   const int64_t blocks = (a.S + kAttnRows - 1) / kAttnRows;  // per head
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
@@ -939,7 +965,7 @@ ffi::Error AttentionFwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
       const float* kc = kp + (bg * a.L + lo) * a.K;
       const float* vc = vp + (bg * a.L + lo) * a.K;
       gemm(false, true, rows, W, a.K, qp + m0 * a.K, a.K, kc, a.K, sc, W);
-      block_probs(mask.typed_data(), a, b, s0, rows, lo, W, scale, sc, nullptr, lp + m0);
+      block_probs(mask.typed_data(), a, first, end, contiguous, b, s0, rows, lo, W, scale, sc, nullptr, lp + m0);
       gemm(false, false, rows, a.K, W, sc, W, vc, a.K, op + m0 * a.K, a.K);
     }
   }
@@ -953,7 +979,8 @@ ffi::Error AttentionBwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
   AttnShapes a;
   if (auto err = attn_shapes(q, k, v, mask, &a); err.failure()) return err;
   std::vector<int32_t> first, end;
-  allowed_ranges(mask.typed_data(), a, &first, &end);
+  std::vector<uint8_t> contiguous;
+  allowed_ranges(mask.typed_data(), a, &first, &end, &contiguous);
   const int64_t blocks = (a.S + kAttnRows - 1) / kAttnRows;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = out.typed_data();
   const float *lp = lse.typed_data(), *gp = dout.typed_data();
@@ -979,7 +1006,7 @@ ffi::Error AttentionBwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::B
         const float* qb = qp + m0 * a.K;
         const float* gb = gp + m0 * a.K;
         gemm(false, true, rows, W, a.K, qb, a.K, kc, a.K, p, W);
-        block_probs(mask.typed_data(), a, b, s0, rows, lo, W, scale, p, lp + m0, nullptr);
+        block_probs(mask.typed_data(), a, first, end, contiguous, b, s0, rows, lo, W, scale, p, lp + m0, nullptr);
         gemm(false, true, rows, W, a.K, gb, a.K, vc, a.K, dp, W);  // dP = dO Vc^T
         for (int64_t i = 0; i < rows; ++i) {
           float d = 0.0f;
