@@ -43,6 +43,15 @@ def _rope_angles(positions: jax.Array, head_dim: int, theta: float) -> jax.Array
     return positions.astype(jnp.float32)[..., None] * inv_freq
 
 
+@functools.lru_cache(maxsize=32)
+def _rope_table(max_positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin [max_positions, head_dim / 2] of _rope_angles, computed now (also inside a trace) by JAX's own cos
+    and sin, once per process and shape."""
+    with jax.ensure_compile_time_eval():
+        angles_Pk = _rope_angles(jnp.arange(max_positions), head_dim, theta)
+        return np.asarray(jnp.cos(angles_Pk)), np.asarray(jnp.sin(angles_Pk))
+
+
 def rope_cos_sin(positions_BS: jax.Array, head_dim: int, theta: float, max_positions: int | None = None):
     """cos, sin: [B, S, K] (float32) for integer positions.
 
@@ -52,9 +61,7 @@ def rope_cos_sin(positions_BS: jax.Array, head_dim: int, theta: float, max_posit
     reads them, again per head, layer and pass (6 % of the tiny configs' train step). A position outside the
     table gives NaN, not a wrong angle."""
     if max_positions is not None and max_positions * (head_dim // 2) <= ROPE_TABLE_MAX_ENTRIES:
-        with jax.ensure_compile_time_eval():
-            angles_Pk = _rope_angles(jnp.arange(max_positions), head_dim, theta)
-            cos_Pk, sin_Pk = jnp.cos(angles_Pk), jnp.sin(angles_Pk)
+        cos_Pk, sin_Pk = _rope_table(max_positions, head_dim, float(theta))
         cos_BSk = jnp.take(cos_Pk, positions_BS, axis=0, mode="fill", fill_value=jnp.nan)
         sin_BSk = jnp.take(sin_Pk, positions_BS, axis=0, mode="fill", fill_value=jnp.nan)
     else:
