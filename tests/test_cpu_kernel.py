@@ -446,9 +446,10 @@ def test_scratch_bytes_formula():
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_dense_ffn_on_the_kernel_equals_its_xla_matmuls(activation, monkeypatch, needs_kernel):
-    """The dense FFN kind runs on the kernel where backend 'auto' would (one CPU device, float32): its output and
-    every gradient equal the XLA matmuls' (the path it takes otherwise: bfloat16, a mesh, $GRIN_JAX_KERNEL=0), over
-    several of the kernel's token chunks; the compiled program holds the kernel's calls, the other none."""
+    """The dense FFN kind runs on the kernel where backend 'auto' would (one CPU device, float32) and the layer is
+    big enough: its output and every gradient equal the XLA matmuls' (the path it takes otherwise: small layers,
+    bfloat16, a mesh, $GRIN_JAX_KERNEL=0), over several of the kernel's token chunks; the compiled program holds
+    the kernel's calls, the other none."""
     from flax import nnx
 
     from grin_jax.ffn import dense
@@ -462,9 +463,13 @@ def test_dense_ffn_on_the_kernel_equals_its_xla_matmuls(activation, monkeypatch,
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x)[0] * cot)
 
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     assert dense.kernel_unavailable(activation, jnp.float32) is None
     assert "bfloat16" in dense.kernel_unavailable(activation, jnp.bfloat16)
+    assert "XLA's matmuls are faster" in dense.kernel_unavailable(activation, jnp.float32, 600, 40)
+    small = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    assert cpu_kernel.FWD_TARGET not in small  # 600 tokens x 40: below KERNEL_MIN_TOKENS_X_WIDTH
+    monkeypatch.setattr(dense, "KERNEL_MIN_TOKENS_X_WIDTH", 1)
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
     with_kernel = grad(params, x)
     kernel_text = grad.lower(params, x).compile().as_text()
     monkeypatch.setattr(dense, "kernel_unavailable", lambda *_: "off")

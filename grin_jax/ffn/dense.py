@@ -49,10 +49,19 @@ class DenseConfig:
         return {}
 
 
-def kernel_unavailable(activation: str, dtype) -> str | None:
-    """None when the dense FFN runs on the CPU expert kernel (cpu_kernel.auto_unavailable, and an activation the
-    kernel has), else why it runs as XLA matmuls. $GRIN_JAX_KERNEL=0 turns the kernel off."""
+# The dense FFN takes the kernel from tokens x width = 2^18 up: below, XLA's matmuls are faster (the kernel's fixed
+# cost per call; experiments/bench/dense_ffn_crossover.py).
+KERNEL_MIN_TOKENS_X_WIDTH = 1 << 18
+
+
+def kernel_unavailable(activation: str, dtype, tokens: int | None = None, d_hidden: int | None = None) -> str | None:
+    """None when the dense FFN runs on the CPU expert kernel (cpu_kernel.auto_unavailable, an activation the kernel
+    has, and tokens x d_hidden >= KERNEL_MIN_TOKENS_X_WIDTH when given), else why it runs as XLA matmuls.
+    $GRIN_JAX_KERNEL=0 turns the kernel off."""
     from grin_jax.moe import cpu_kernel
+    if tokens is not None and d_hidden is not None and tokens * d_hidden < KERNEL_MIN_TOKENS_X_WIDTH:
+        return (f"tokens x d_hidden = {tokens} x {d_hidden} < {KERNEL_MIN_TOKENS_X_WIDTH}: XLA's matmuls are faster "
+                "there")
     return cpu_kernel.supports(activation, dtype) or cpu_kernel.auto_unavailable(dtype)
 
 
@@ -79,7 +88,7 @@ class DenseFFN(nnx.Module):
         # [B, S, D] -> [T, D] first: XLA:CPU runs the backward of a 3-D x 2-D matmul (weight gradient contracting
         # two axes) ~2x slower than that of the 2-D one.
         x = x_BSD.reshape(-1, x_BSD.shape[-1]).astype(self.dtype)
-        if kernel_unavailable(self.activation, self.dtype) is None:
+        if kernel_unavailable(self.activation, self.dtype, x.shape[0], self.w_up.shape[-1]) is None:
             y = self._kernel(x)
             return y.reshape(x_BSD.shape[:-1] + y.shape[-1:]), {"losses": {}, "metrics": {}}
         up = x @ self.w_up[...].astype(self.dtype)
